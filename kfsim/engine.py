@@ -1,0 +1,89 @@
+"""How a software stack uses a GPU: achieved fractions of the datasheet, fixed cost per kernel, kernels per op.
+
+Every parameter is relative to the hardware (fractions of peak, microseconds per kernel, kernels per op), so an
+engine fitted on one GPU predicts another. `ideal` is the pure roofline: all fractions 1, no fixed cost.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import catalog
+from .loader import rng
+
+#: Op kinds whose kernel counts an engine scales (see ops.py for which op is which kind).
+OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Efficiency parameters of one software stack. All fractions are of the GPU profile's datasheet figures."""
+
+    name: str
+    description: str = ""
+    #: achieved fraction of HBM bandwidth while GEMMs stream weights
+    weight_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: achieved fraction of HBM bandwidth while attention reads the KV cache (with enough parallel work)
+    kv_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: achieved fraction of HBM bandwidth of norms, elementwise ops and Keyformer scoring
+    other_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: achieved fraction of the dense tensor peak in GEMMs (prefill, large batches)
+    gemm_compute_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: achieved fraction of the dense tensor peak in attention
+    attention_compute_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: fixed GPU time per kernel (launch, ramp-up and tail), microseconds
+    kernel_overhead_us: float = rng(0, default=0.0)
+    #: fixed time per decode step outside the layers (sampling, host sync, graph launch), microseconds
+    step_overhead_us: float = rng(0, default=0.0)
+    #: kernels launched per natural op of each kind (1 = one kernel per op; 0 = fused into a neighbour)
+    kernels_per_op: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in OP_KINDS})
+    #: parallel work items (batch x KV heads x cache splits) attention needs to reach its bandwidth; 0 = always
+    attention_saturation_items: float = rng(0, default=0.0)
+    #: cached tokens per split of a split-K (flash-decoding) attention kernel; 0 = no split along the cache
+    attention_split_tokens: float = rng(0, default=0.0)
+    #: bytes Keyformer/H2O scoring moves relative to the fused minimum (fp32 score read + write per token and head)
+    keyformer_traffic_factor: float = rng(1, default=1.0)
+    #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
+    workspace_gb: float = rng(0, default=0.0)
+    #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)
+    power_fraction_of_tdp: float = rng(above=0, hi=1.0, default=1.0)
+    fitted_on: str = ""
+    source: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .errors import KfsimError
+
+        unknown = [k for k in self.kernels_per_op if k not in OP_KINDS]
+        if unknown:
+            raise KfsimError(f"engine {self.name}: unknown op kind {unknown[0]!r} in kernels_per_op; "
+                             f"allowed: {', '.join(OP_KINDS)}")
+        bad = {k: v for k, v in self.kernels_per_op.items() if v < 0}
+        if bad:
+            raise KfsimError(f"engine {self.name}: kernels_per_op must be >= 0, got {bad}")
+        full = {k: 1.0 for k in OP_KINDS}
+        full.update(self.kernels_per_op)
+        object.__setattr__(self, "kernels_per_op", full)
+
+    def to_yaml(self) -> str:
+        data = dataclasses.asdict(self)
+        return yaml.safe_dump(data, sort_keys=False, width=120)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+IDEAL = Engine(name="ideal", description="pure roofline: datasheet bandwidth and FLOP/s, no fixed cost")
+
+
+def get_engine(name_or_path: str) -> Engine:
+    """`ideal`, a shipped engine by name, or an engine YAML file (for instance one `kfsim calibrate` wrote)."""
+    if str(name_or_path) == "ideal":
+        return IDEAL
+    return catalog.resolve("engine", name_or_path, Engine)
+
+
+def engine_names() -> list[str]:
+    return ["ideal"] + [n for n in catalog.names("engine") if n != "ideal"]

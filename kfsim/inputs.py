@@ -1,0 +1,46 @@
+"""The four inputs of a prediction (hardware, workload, engine, policy) plus dtypes, resolved from names or files."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .engine import Engine, get_engine
+from .errors import KfsimError
+from .hardware import Hardware, get_hardware
+from .ops import Dtypes
+from .policy import DEFAULT_WINDOW, Policy, make_policy
+from .workload import Workload, get_workload
+
+DEFAULT_MODEL = "gpt-j-6b"
+DEFAULT_ENGINE = "default"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a prediction depends on besides batch and context, kept apart so each can change alone."""
+
+    hw: Hardware
+    workload: Workload
+    engine: Engine
+    policy: Policy
+    dtypes: Dtypes
+
+    def with_policy(self, policy: Policy) -> "Setup":
+        return dataclasses.replace(self, policy=policy)
+
+
+def _one_of(name, file, flag_name, file_flag, default=None):
+    if name and file:
+        raise KfsimError(f"give either --{flag_name} or --{file_flag}, not both")
+    if not (name or file or default):
+        raise KfsimError(f"give --{flag_name} NAME (see `kfsim list {flag_name}s`) or --{file_flag} FILE")
+    return name or file or default
+
+
+def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DEFAULT_ENGINE, policy=None,
+               kv_ratio=1.0, window=DEFAULT_WINDOW, weight_dtype=None, kv_dtype=None) -> Setup:
+    """Resolve names, files and flags into a Setup; every bad value is a one-line KfsimError."""
+    hw = get_hardware(_one_of(gpu, hw_file, "gpu", "hw"))
+    w = get_workload(_one_of(model, workload_file, "model", "workload", DEFAULT_MODEL))
+    return Setup(hw, w, get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
+                 Dtypes.of(w, weight_dtype, kv_dtype))

@@ -1,0 +1,139 @@
+"""One entry point for predictions: decode step, prefill and whole request, vectorised over batch and context.
+
+`predict(...)` returns a dict of numpy arrays (one element per configuration) whose keys are the `--json` fields.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import memory
+from .errors import KfsimError
+from .inputs import Setup
+from .ops import attended_tokens, decode_ops, prefill_ops
+from .policy import Policy
+from .roofline import StepTime, bound_of, op_times
+
+
+def _check_positive_ints(**arrays) -> None:
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.size and (np.any(a < 1) or np.any(a != np.floor(a))):
+            bad = a[(a < 1) | (a != np.floor(a))].flat[0]
+            raise KfsimError(f"{name} {bad:g} is out of range; allowed: a whole number >= 1")
+
+
+def step_time(s: Setup, batch, cached) -> StepTime:
+    """Time of one decode step with `batch` sequences each attending to `cached` tokens."""
+    ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
+    batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
+    return op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
+                    fixed_s=s.engine.step_overhead_us * 1e-6)
+
+
+def prefill_time(s: Setup, batch, prompt) -> StepTime:
+    """Time to first token: the whole prompt through the model (compute-bound at long prompts)."""
+    ops = prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
+    return op_times(ops, s.hw, s.engine, s.dtypes.compute, fixed_s=s.engine.step_overhead_us * 1e-6)
+
+
+def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:
+    """Tokens attended at each of the gen-1 decode steps of a request (the first token comes from prefill).
+
+    The full cache grows by one token per step. A reducing policy fixes its budget at kv_ratio x prompt after
+    prefill and then evicts one token per new one (as the Keyformer authors' code does), so its cache stays flat.
+    """
+    contexts = prompt + np.arange(1, gen)
+    if s.policy.evicts:
+        budget = s.policy.budget(np.array(prompt))
+        cached = np.minimum(contexts, budget)
+        if s.workload.sliding_window:
+            cached = np.minimum(cached, s.workload.sliding_window)
+        return cached
+    return attended_tokens(s.workload, s.policy, contexts)
+
+
+def _step_fields(s: Setup, batch, seq) -> dict:
+    cached = attended_tokens(s.workload, s.policy, seq)
+    t = step_time(s, batch, cached)
+    ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
+    total = lambda attr: sum(getattr(o, attr) for o in ops)  # noqa: E731
+    weight, kv_read, kv_write, other = (total(a) for a in ("weight_bytes", "kv_read_bytes", "kv_write_bytes",
+                                                          "other_bytes"))
+    flops = total("flops")
+    moved = weight + kv_read + kv_write + other
+    B = np.asarray(batch, dtype=float) * np.ones_like(t.seconds)
+    mem = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, batch, cached)
+    power = s.hw.tdp_w * s.engine.power_fraction_of_tdp
+    return {
+        "step_ms": t.seconds * 1e3,
+        "tokens_per_s": B / t.seconds,
+        "cached_tokens": cached * np.ones_like(t.seconds),
+        "weight_bytes": weight,
+        "kv_bytes": kv_read + kv_write,
+        "kv_read_bytes": kv_read,
+        "kv_write_bytes": kv_write,
+        "other_bytes": other,
+        "flops": flops,
+        "arithmetic_intensity": flops / moved,
+        "ridge_point": np.full_like(t.seconds, s.hw.ridge_point(s.dtypes.compute)),
+        "achieved_bandwidth_gbps": moved / t.seconds / 1e9,
+        "weights_ms": t.weight_s * 1e3,
+        "kv_ms": t.kv_s * 1e3,
+        "other_memory_ms": t.other_mem_s * 1e3,
+        "compute_ms": t.compute_s * 1e3,
+        "overhead_ms": t.overhead_s * 1e3,
+        "kernels": np.full_like(t.seconds, t.kernels),
+        "bound": bound_of(t),
+        "memory_bytes": mem,
+        "memory_capacity_bytes": np.full_like(t.seconds, s.hw.memory_bytes),
+        "fits": mem <= s.hw.memory_bytes,
+        "max_batch": memory.max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine, cached) * np.ones_like(
+            t.seconds, dtype=np.int64),
+        "energy_per_token_j": power * t.seconds / B,
+    }
+
+
+def predict(s: Setup, batch, seq, prompt_len: int | None = None, gen_len: int | None = None) -> dict:
+    """Predict a decode step at context `seq` (arrays broadcast); with prompt and gen lengths, a whole request too.
+
+    `speedup_vs_full` compares with the same setup under the full cache.
+    """
+    _check_positive_ints(batch=batch, seq=seq)
+    out = _step_fields(s, batch, seq)
+    full = s.with_policy(Policy("full"))
+    full_step = step_time(full, batch, attended_tokens(s.workload, full.policy, seq)).seconds * 1e3
+    out["full_step_ms"] = full_step
+    out["speedup_vs_full"] = full_step / out["step_ms"]
+    if prompt_len is not None or gen_len is not None:
+        if prompt_len is None or gen_len is None:
+            raise KfsimError("a request needs both --prompt-len and --gen-len")
+        _check_positive_ints(**{"prompt-len": prompt_len, "gen-len": gen_len})
+        req = request(s, batch, int(prompt_len), int(gen_len))
+        req_full = request(full, batch, int(prompt_len), int(gen_len))
+        out.update(req)
+        out["request_speedup_vs_full"] = req_full["total_ms"] / req["total_ms"]
+    return out
+
+
+def request(s: Setup, batch, prompt: int, gen: int) -> dict:
+    """Time to first token, the whole request, and the peak memory of `batch` requests of prompt + gen tokens."""
+    B = np.asarray(batch, dtype=float)
+    ttft = prefill_time(s, B, prompt).seconds
+    cached = request_cached(s, prompt, gen)  # shape (gen-1,)
+    steps = step_time(s, B[..., None], cached).seconds if cached.size else np.zeros(B.shape + (0,))
+    decode = steps.sum(axis=-1)
+    total = ttft + decode
+    # prefill holds the whole prompt's KV before a reducing policy compacts it to its budget
+    prompt_cached = attended_tokens(s.workload, Policy("full"), np.array(prompt))
+    peak_cached = max(int(prompt_cached), int(cached.max()) if cached.size else 0)
+    peak = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, B, peak_cached)
+    return {
+        "prompt_len": np.full(B.shape, prompt),
+        "gen_len": np.full(B.shape, gen),
+        "ttft_ms": ttft * 1e3,
+        "decode_ms": decode * 1e3,
+        "total_ms": total * 1e3,
+        "request_tokens_per_s": B * gen / total,
+        "request_memory_bytes": peak,
+        "request_fits": peak <= s.hw.memory_bytes,
+    }

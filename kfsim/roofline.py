@@ -1,0 +1,89 @@
+"""Time of each op on a GPU: max(bytes / achieved bandwidth, FLOPs / achieved compute) + kernels x fixed cost.
+
+Sums give a decode step, prefill (time to first token) and a whole request. Time is also split by what bounds it:
+memory time goes to weights, KV or other bytes in proportion to their transfer times; compute time and fixed
+overhead are their own shares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import DType
+from .engine import Engine
+from .hardware import Hardware
+from .ops import Op
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Totals over the ops of one step (arrays of the broadcast shape), seconds and bytes."""
+
+    seconds: np.ndarray
+    weight_s: np.ndarray  # time attributed to streaming weights
+    kv_s: np.ndarray  # ... to reading and writing the KV cache
+    other_mem_s: np.ndarray  # ... to activations, scores and logits
+    compute_s: np.ndarray  # ... to ops whose FLOPs outlast their bytes
+    overhead_s: np.ndarray  # fixed per-kernel and per-step cost
+    kernels: float
+    per_op: dict[str, np.ndarray]  # op name -> seconds
+
+    @property
+    def memory_s(self):
+        return self.weight_s + self.kv_s + self.other_mem_s
+
+
+def attention_occupancy(engine: Engine, hw: Hardware, work_items) -> np.ndarray:
+    """Fraction of the KV bandwidth attention reaches with `work_items` parallel (batch x KV head x split) blocks."""
+    if engine.attention_saturation_items <= 0:
+        return np.ones_like(np.asarray(work_items, dtype=float))
+    return np.minimum(1.0, np.asarray(work_items, dtype=float) / engine.attention_saturation_items)
+
+
+def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
+             fixed_s: float = 0.0) -> StepTime:
+    """Price `ops` on `hw` under `engine`. `batch_heads` and `cached` (arrays) size attention's parallelism."""
+    bw = hw.bandwidth_bytes_per_s
+    tensor_peak = hw.peak_flops(compute)
+    vector_peak = hw.peak_dense_tflops["fp32"] * 1e12
+    occupancy = 1.0
+    if batch_heads is not None:
+        splits = np.ones_like(np.asarray(cached, dtype=float))
+        if engine.attention_split_tokens > 0:
+            # continuous, not ceil: a whole extra split per token would make time fall as context grows
+            splits = np.maximum(1.0, np.asarray(cached, dtype=float) / engine.attention_split_tokens)
+        occupancy = attention_occupancy(engine, hw, np.asarray(batch_heads, dtype=float) * splits)
+    zero = np.zeros(np.broadcast(*(o.flops for o in ops)).shape)
+    weight_s, kv_s, other_s, compute_s, overhead_s = (zero.copy() for _ in range(5))
+    per_op, kernels = {}, 0.0
+    for op in ops:
+        tw = op.weight_bytes / (bw * engine.weight_bandwidth_fraction)
+        tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
+        traffic = engine.keyformer_traffic_factor if op.kind == "keyformer" else 1.0
+        to = traffic * op.other_bytes / (bw * engine.other_bandwidth_fraction)
+        t_mem = tw + tk + to
+        if op.tensor:
+            frac = engine.attention_compute_fraction if op.kind == "attention" else engine.gemm_compute_fraction
+            t_flop = op.flops / (tensor_peak * frac)
+        else:
+            t_flop = op.flops / vector_peak
+        n_kernels = op.launches * engine.kernels_per_op[op.kind]
+        t_fixed = n_kernels * engine.kernel_overhead_us * 1e-6
+        memory_bound = t_mem >= t_flop
+        weight_s += np.where(memory_bound, tw, 0.0)
+        kv_s += np.where(memory_bound, tk, 0.0)
+        other_s += np.where(memory_bound, to, 0.0)
+        compute_s += np.where(memory_bound, 0.0, t_flop)
+        overhead_s += t_fixed
+        kernels += n_kernels
+        per_op[op.name] = np.maximum(t_mem, t_flop) + t_fixed
+    overhead_s += fixed_s
+    total = weight_s + kv_s + other_s + compute_s + overhead_s
+    return StepTime(total, weight_s, kv_s, other_s, compute_s, overhead_s, kernels, per_op)
+
+
+def bound_of(t: StepTime) -> np.ndarray:
+    """Which resource takes most of the step: 'memory', 'compute' or 'overhead'."""
+    parts = np.stack([t.memory_s, t.compute_s, t.overhead_s])
+    return np.array(["memory", "compute", "overhead"])[np.argmax(parts, axis=0)]

@@ -1,0 +1,92 @@
+"""The kfsim command: exit codes, one-line errors, JSON fields."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kfsim.cli import cli
+
+JSON_FIELDS = ["step_ms", "tokens_per_s", "weight_bytes", "kv_bytes", "flops", "memory_bytes", "fits", "bound",
+               "speedup_vs_full"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_issue_example():
+    r = run("predict", "--gpu", "a100", "--seq", "4096", "--kv-ratio", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "keyformer" in r.output and "tokens/s" in r.output and "ridge point" in r.output
+
+
+def test_json_fields():
+    r = run("predict", "--gpu", "h100", "--model", "llama-3-8b", "--batch", "8", "--seq", "2048", "--kv-ratio",
+            "0.5", "--engine", "ideal", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    for key in JSON_FIELDS:
+        assert key in out
+    assert out["policy"] == "keyformer" and out["fits"] is True and out["speedup_vs_full"] > 1
+
+
+def test_request_json():
+    r = run("predict", "--gpu", "h200", "--scenario", "summarization", "--kv-ratio", "0.5", "--json")
+    out = json.loads(r.output)
+    assert out["ttft_ms"] > 0 and out["total_ms"] > out["ttft_ms"] and out["seq"] == 1920 + 128 - 1
+
+
+def test_hw_and_workload_files(tmp_path):
+    from kfsim import catalog
+
+    r = run("predict", "--hw", str(catalog.shipped_files("gpu")["l4"]), "--workload",
+            str(catalog.shipped_files("model")["llama-2-7b"]), "--seq", "100", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["gpu"] == "l4"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "h10", "--seq", "5"], "unknown gpu 'h10' (did you mean 'h100'?)"),
+    (["--gpu", "h100", "--seq", "5", "--kv-ratio", "0"], "'--kv-ratio': 0 is out of range"),
+    (["--gpu", "h100", "--seq", "5", "--kv-ratio", "abc"], "'abc' is not a valid float"),
+    (["--gpu", "h100", "--seq", "-3"], "'--seq'"),
+    (["--gpu", "h100", "--seq", "5", "--policy", "h3o"], "'h3o' is not one of"),
+    (["--gpu", "h100", "--seq", "5", "--kv-dtype", "int3"], "unknown KV dtype 'int3'; allowed: fp32, bf16"),
+    (["--gpu", "h100", "--seq", "5", "--policy", "full", "--kv-ratio", "0.5"], "policy full keeps the whole cache"),
+    (["--gpu", "h100"], "give --seq N"),
+    (["--seq", "5"], "give --gpu NAME"),
+    (["--gpu", "h100", "--hw", "x.yaml", "--seq", "5"], "either --gpu or --hw"),
+    (["--gpu", "h100", "--seq", "5", "--engine", "fast"], "unknown engine 'fast'"),
+    (["--gpu", "h100", "--seq", "5", "--prompt-len", "10"], "needs both --prompt-len and --gen-len"),
+    (["--gpu", "h100", "--seq", "5", "--scenario", "poetry"], "has no scenario 'poetry'"),
+    (["--gpu", "h100", "--seq", "5", "--hw-file", "x"], "No such option '--hw-file'"),
+])
+def test_errors_are_one_line(args, message):
+    r = run("predict", *args)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert message in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nmemory_gb: [1,\n")
+    r = run("predict", "--hw", str(p), "--seq", "5")
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {p}: not valid YAML")
+
+
+@pytest.mark.parametrize("what, expect", [("gpus", "h100-sxm"), ("models", "llama-3-8b"), ("engines", "ideal")])
+def test_list(what, expect):
+    r = run("list", what)
+    assert r.exit_code == 0 and expect in r.output
+    r = run("list", what, "--json")
+    assert any(row["name"] == expect for row in json.loads(r.output))
+
+
+def test_help_explains_flags():
+    r = run("predict", "--help")
+    assert r.exit_code == 0
+    for flag in ("--gpu", "--seq", "--kv-ratio", "--policy", "--engine", "--kv-dtype", "--json"):
+        assert flag in r.output

@@ -1,0 +1,92 @@
+"""The model's answers on cases whose result follows from first principles."""
+import numpy as np
+import pytest
+
+from kfsim.errors import KfsimError
+from kfsim.predict import predict, request_cached
+
+
+def test_ideal_batch1_is_weights_over_bandwidth(setup_of):
+    s = setup_of(gpu="h100", model="gpt-j-6b")
+    out = predict(s, 1, 1)
+    # 5.844e9 streamed parameters x 2 bytes over 3.35 TB/s; KV and activations add < 0.2%
+    assert out["step_ms"] == pytest.approx(5_844_444_384 * 2 / 3.35e12 * 1e3, rel=2e-3)
+    assert out["bound"] == "memory"
+
+
+def test_keyformer_speedup_grows_with_context_and_batch(setup_of):
+    s = setup_of(gpu="a100", model="gpt-j-6b", policy="keyformer", kv_ratio=0.5)
+    sp = predict(s, np.array([1, 8, 64]), 8192)["speedup_vs_full"]
+    assert np.all(np.diff(sp) > 0) and sp[0] > 1
+    sp2 = predict(s, 8, np.array([512, 4096, 32768]))["speedup_vs_full"]
+    assert np.all(np.diff(sp2) > 0)
+    # at a KV-dominated point the ideal speedup approaches 1 / kv-ratio
+    big = predict(s, 64, 32768)
+    assert 1.8 < float(big["speedup_vs_full"]) < 2.0
+
+
+def test_large_batch_becomes_compute_bound(setup_of):
+    out = predict(setup_of(gpu="h100", model="llama-3-8b"), 4096, 16)
+    assert out["bound"] == "compute"
+
+
+def test_memory_fit_and_max_batch(setup_of):
+    s = setup_of(gpu="a100", model="gpt-j-6b")
+    out = predict(s, 1, 4096)
+    room = 80e9 - 6_050_882_784 * 2
+    per_seq = 4096 * 458_752 + 50400 * 4
+    assert int(out["max_batch"]) == int(room // per_seq)
+    assert predict(s, int(out["max_batch"]), 4096)["fits"]
+    assert not predict(s, int(out["max_batch"]) + 1, 4096)["fits"]
+    # keeping 20% of the cache lets about 5x the batch fit
+    kf = predict(setup_of(gpu="a100", model="gpt-j-6b", policy="keyformer", kv_ratio=0.2), 1, 4096)
+    assert 4.5 < kf["max_batch"] / out["max_batch"] < 5.01
+
+
+def test_request_cache_and_ttft(setup_of):
+    s = setup_of(gpu="h100", model="mpt-7b", policy="keyformer", kv_ratio=0.5)
+    cached = request_cached(s, 1000, 5)
+    assert list(cached) == [500] * 4  # budget fixed at half the prompt, one in one out
+    full = request_cached(s.with_policy(__import__("kfsim.policy").policy.Policy()), 1000, 5)
+    assert list(full) == [1001, 1002, 1003, 1004]
+    out = predict(s, 1, 1000, prompt_len=4096, gen_len=4096)
+    assert out["total_ms"] > out["ttft_ms"] > 0
+    assert out["request_speedup_vs_full"] > 1
+
+
+def test_long_prefill_is_compute_bound(setup_of):
+    from kfsim.predict import prefill_time
+    from kfsim.roofline import bound_of
+
+    t = prefill_time(setup_of(gpu="h100", model="llama-3-8b"), 1, 8192)
+    assert bound_of(t) == "compute"
+
+
+def test_sliding_window_caps_the_cache(setup_of):
+    s = setup_of(model="mistral-7b")
+    a, b = predict(s, 1, np.array([4096, 16384]))["kv_read_bytes"]
+    assert a == b
+
+
+def test_gqa_reads_fewer_kv_bytes(setup_of):
+    l3 = predict(setup_of(model="llama-3-8b"), 1, 8192)
+    l2 = predict(setup_of(model="llama-2-7b"), 1, 8192)
+    assert float(l2["kv_read_bytes"]) == pytest.approx(4 * float(l3["kv_read_bytes"]))
+
+
+def test_kv_dtype_halves_kv(setup_of):
+    bf = predict(setup_of(), 4, 4096)
+    f8 = predict(setup_of(kv_dtype="fp8"), 4, 4096)
+    i4 = predict(setup_of(kv_dtype="int4"), 4, 4096)
+    assert float(f8["kv_read_bytes"]) * 2 == float(bf["kv_read_bytes"]) == float(i4["kv_read_bytes"]) * 4
+
+
+def test_bad_values_are_user_errors(setup_of):
+    s = setup_of()
+    with pytest.raises(KfsimError, match="batch 0 is out of range"):
+        predict(s, 0, 10)
+    with pytest.raises(KfsimError, match="kv-ratio 1.5 is out of range"):
+        setup_of(policy="keyformer", kv_ratio=1.5)
+    with pytest.raises(KfsimError, match="no bf16 rate"):
+        predict(setup_of(gpu="v100"), 1, 10)
+    assert predict(setup_of(gpu="v100", weight_dtype="fp16"), 1, 10)["step_ms"] > 0

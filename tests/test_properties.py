@@ -1,0 +1,70 @@
+"""Properties every prediction must keep, whatever the inputs (hypothesis)."""
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kfsim.inputs import make_setup
+from kfsim.predict import predict
+
+GPUS = ["a100", "h100", "h200", "l4", "b200", "mi300x"]
+MODELS = ["gpt-j-6b", "llama-3-8b", "mpt-7b", "cerebras-gpt-111m", "mistral-7b"]
+ENGINES = ["ideal", "default"]
+POLICIES = [("full", 1.0), ("keyformer", 0.5), ("keyformer", 0.2), ("h2o", 0.3), ("window", 0.5)]
+
+config = st.fixed_dictionaries({
+    "gpu": st.sampled_from(GPUS), "model": st.sampled_from(MODELS), "engine": st.sampled_from(ENGINES),
+    "policy": st.sampled_from(POLICIES),
+})
+
+
+def setup(c):
+    kind, ratio = c["policy"]
+    return make_setup(gpu=c["gpu"], model=c["model"], engine=c["engine"], policy=kind, kv_ratio=ratio)
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=config, batch=st.integers(1, 512), seq=st.lists(st.integers(1, 200_000), min_size=2, max_size=30))
+def test_latency_never_falls_as_context_grows(c, batch, seq):
+    s = setup(c)
+    seq = np.sort(np.array(seq))
+    step = predict(s, batch, seq)["step_ms"]
+    assert np.all(np.diff(step) >= -1e-12 * step[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=config, seq=st.integers(1, 100_000), batch=st.lists(st.integers(1, 1024), min_size=2, max_size=30))
+def test_latency_never_falls_as_batch_grows(c, seq, batch):
+    s = setup(c)
+    batch = np.sort(np.array(batch))
+    step = predict(s, batch, seq)["step_ms"]
+    assert np.all(np.diff(step) >= -1e-12 * step[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=config, batch=st.integers(1, 256), seq=st.integers(1, 65_536), bw=st.floats(100, 20_000),
+       factor=st.floats(1.0, 10.0))
+def test_latency_never_rises_as_bandwidth_grows(c, batch, seq, bw, factor):
+    s = setup(c)
+    slow = dataclasses.replace(s, hw=dataclasses.replace(s.hw, hbm_bandwidth_gbps=bw))
+    fast = dataclasses.replace(s, hw=dataclasses.replace(s.hw, hbm_bandwidth_gbps=bw * factor))
+    assert predict(fast, batch, seq)["step_ms"] <= predict(slow, batch, seq)["step_ms"] * (1 + 1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(gpu=st.sampled_from(GPUS), model=st.sampled_from(MODELS), engine=st.sampled_from(ENGINES),
+       kind=st.sampled_from(["keyformer", "h2o", "window"]), batch=st.integers(1, 256), seq=st.integers(1, 65_536))
+def test_kv_ratio_one_is_the_full_cache(gpu, model, engine, kind, batch, seq):
+    full = predict(make_setup(gpu=gpu, model=model, engine=engine), batch, seq)
+    one = predict(make_setup(gpu=gpu, model=model, engine=engine, policy=kind, kv_ratio=1.0), batch, seq)
+    for key in ("step_ms", "kv_bytes", "flops", "memory_bytes"):
+        assert one[key] == full[key], key
+
+
+@settings(max_examples=40, deadline=None)
+@given(c=config, batch=st.integers(1, 64), seq=st.integers(1, 32_768))
+def test_breakdown_sums_to_step(c, batch, seq):
+    out = predict(setup(c), batch, seq)
+    parts = sum(out[k] for k in ("weights_ms", "kv_ms", "other_memory_ms", "compute_ms", "overhead_ms"))
+    assert np.isclose(parts, out["step_ms"], rtol=1e-9)
