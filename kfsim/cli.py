@@ -128,5 +128,84 @@ def list_cmd(what, as_json):
         click.echo(table(rows, header))
 
 
+@cli.command()
+@click.option("--model", default="gpt-j-6b", show_default=True, metavar="M[,M...]", help="Models to measure.")
+@click.option("--batch", default="1", show_default=True, metavar="LIST", help="Batch sizes, e.g. 1,8,32.")
+@click.option("--context", default="1024", show_default=True, metavar="LIST",
+              help="Context lengths at the decode step (tokens a full cache holds), e.g. 1024,4096.")
+@click.option("--kv-ratio", default="1", show_default=True, metavar="LIST",
+              help="KV budgets as fractions of the context; full runs at 1, the other policies below 1.")
+@click.option("--policy", default="full", show_default=True, metavar="LIST",
+              help="KV policies: full, keyformer, h2o, window.")
+@click.option("--window", type=float, default=0.3, show_default=True, callback=_ratio,
+              help="Recent window as a fraction of the budget.")
+@click.option("--steps", type=click.IntRange(min=5), default=50, show_default=True, help="Timed steps per point.")
+@click.option("--warmup", type=click.IntRange(min=1), default=10, show_default=True, help="Untimed steps first.")
+@click.option("--eager", is_flag=True, help="Launch kernels one by one instead of replaying a CUDA graph.")
+@click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
+              help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
+@click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
+@click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
+@click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
+def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, prefill_prompts, prefill_batch,
+            out, no_resume):
+    """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
+
+    \b
+    Example: kfsim measure --model gpt-j-6b,llama-3-8b --batch 1,8,32 --context 1024,4096
+             --kv-ratio 1,0.5,0.2 --policy full,keyformer --out results.csv
+    """
+    from .catalog import names
+    from .values import parse_list
+
+    models = parse_list(model, "model", choices=tuple(names("model")))
+    batches = parse_list(batch, "batch", int, lo=1)
+    contexts = parse_list(context, "context", int, lo=1)
+    ratios = parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
+    policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
+    prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
+    prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
+    try:
+        import torch
+    except ImportError:
+        raise KfsimError("kfsim measure needs torch: pip install -e '.[measure]'") from None
+    if not torch.cuda.is_available():
+        raise KfsimError("kfsim measure needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    from measure import campaign
+
+    points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
+    if not points:
+        raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
+    runner = campaign.Runner(steps=steps, warmup=warmup, graph=not eager, window=window)
+    click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
+    rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
+    from .fmt import table
+
+    click.echo(table([[r["model"], r["phase"], str(r["batch"]), str(r["context"]), r["policy"], f"{r['kv_ratio']:g}",
+                       f"{r['step_ms']:.3f}" if r["status"] == "ok" else r["status"]] for r in rows],
+                     ["model", "phase", "batch", "context", "policy", "kv_ratio", "step_ms"]) if rows else
+               "nothing new measured")
+
+
+@cli.command()
+@click.option("--out", required=True, metavar="FILE", help="CSV for the microbenchmark rows.")
+def microbench(out):
+    """HBM read/copy bandwidth, GEMM and skinny-GEMM rates, kernel launch cost, decode attention, on this GPU."""
+    try:
+        import torch
+    except ImportError:
+        raise KfsimError("kfsim microbench needs torch: pip install -e '.[measure]'") from None
+    if not torch.cuda.is_available():
+        raise KfsimError("kfsim microbench needs a CUDA GPU and none is visible")
+    from measure import microbench as mb
+    from .fmt import table
+
+    rows = mb.run_all(out, echo=lambda m: click.echo(m, err=True))
+    click.echo(table([[r["bench"], str(r.get("batch", "")), str(r.get("heads", "")), str(r.get("context", "")),
+                       f"{r['median_ms']:.4f}", str(r.get("gbps", "")), str(r.get("tflops", "")),
+                       str(r.get("us_per_kernel", ""))] for r in rows],
+                     ["bench", "batch", "heads", "context", "ms", "GB/s", "TFLOP/s", "us/kernel"]))
+
+
 def main():
     cli(prog_name="kfsim")

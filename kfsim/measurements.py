@@ -1,0 +1,83 @@
+"""The measurement-file schema shared by `kfsim measure`, `calibrate` and `validate`: one CSV row per measured point.
+
+Required: gpu (kfsim profile name), model, batch, context (tokens a full cache holds at that step; the prompt
+length for prefill rows), kv_ratio, policy, step_ms (median decode-step time; prefill time for prefill rows).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .errors import KfsimError
+
+REQUIRED = ("gpu", "model", "batch", "context", "kv_ratio", "policy", "step_ms")
+#: Optional columns, in the order `kfsim measure` writes them.
+OPTIONAL = (
+    "phase", "engine", "dtype", "kv_dtype", "window", "cached_tokens", "step_ms_p10", "step_ms_p90", "step_ms_min",
+    "n_steps", "warmup_s", "energy_j", "power_w", "sm_mhz", "mem_mhz", "temp_c", "mem_used_gb", "throttle",
+    "status", "error", "gpu_name", "driver", "cuda", "torch", "python", "timestamp",
+)
+COLUMNS = REQUIRED + OPTIONAL
+PHASES = ("decode", "prefill")
+
+
+def point_key(row: dict) -> tuple:
+    """What identifies a measured point (for resuming an interrupted campaign)."""
+    return tuple(str(row.get(k, "")) for k in ("gpu", "model", "phase", "engine", "batch", "context", "kv_ratio",
+                                               "policy"))
+
+
+def done_keys(path: str | Path) -> set[tuple]:
+    """Keys of the points already in `path` (ok or failed), so a resumed campaign skips them."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with path.open(newline="") as f:
+        return {point_key(r) for r in csv.DictReader(f)}
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """Append one row, writing the header first if the file is new; unknown keys are a bug in the caller."""
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"columns not in the schema: {sorted(unknown)}")
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+
+
+def read(path: str | Path, only_ok: bool = True):
+    """Read a measurement CSV into a pandas DataFrame, checking the required columns and their values."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise KfsimError(f"{path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise KfsimError(f"{path}: not a readable CSV file ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise KfsimError(f"{path}: missing required column(s) {', '.join(missing)}; required: {', '.join(REQUIRED)}")
+    if "status" in df.columns and only_ok:
+        df = df[df["status"].fillna("ok") == "ok"]
+    if "phase" not in df.columns:
+        df["phase"] = "decode"
+    df["phase"] = df["phase"].fillna("decode")
+    for col in ("batch", "context", "kv_ratio", "step_ms"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col][values.isna() | (values <= 0)]
+        if len(bad):
+            raise KfsimError(f"{path}: column {col} has a bad value {bad.iloc[0]!r} at row {bad.index[0] + 2}; "
+                             f"allowed: a positive number")
+        df[col] = values
+    bad_phase = df[~df["phase"].isin(PHASES)]
+    if len(bad_phase):
+        raise KfsimError(f"{path}: phase {bad_phase['phase'].iloc[0]!r} at row {bad_phase.index[0] + 2}; "
+                         f"allowed: {', '.join(PHASES)}")
+    return df.reset_index(drop=True)

@@ -1,0 +1,170 @@
+"""Measure a grid of decode (and prefill) points on the GPU and append one row per point to a measurement CSV.
+
+Each decode point is a steady-state step: the cache holds `context` tokens (or the policy's budget of them) and
+every timed step writes one new token and attends over the cache, so all timed steps cost what step `context`
+costs. Points are appended as they finish, so an interrupted campaign keeps its rows and resumes where it stopped;
+a point that does not fit in memory is recorded with status `oom` and the campaign goes on.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kfsim import measurements
+from kfsim.workload import get_workload
+
+from . import timing
+from .decoder import build
+from .env import environment
+from .kv_policies import make_cache
+from .nvml import Nvml
+
+ENERGY_WINDOW_S = 0.5  # NVML's energy counter updates about every 20-100 ms; a longer window averages that out
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    phase: str  # decode | prefill
+    batch: int
+    context: int  # decode: tokens a full cache holds; prefill: prompt length
+    kv_ratio: float
+    policy: str
+
+
+def grid(models, batches, contexts, kv_ratios, policies, prefill_prompts=(), prefill_batches=(1,)) -> list[Point]:
+    """Decode points (full only at kv-ratio 1; reducing policies only below 1), then prefill points."""
+    combos = [(p, r) for p in policies for r in kv_ratios if (p == "full") == (r >= 1)]
+    points = [Point(m, "decode", b, c, r, p) for m in models for (p, r) in combos for c in contexts for b in batches]
+    points += [Point(m, "prefill", b, c, r, p) for m in models for (p, r) in combos for c in prefill_prompts
+               for b in prefill_batches]
+    return points
+
+
+def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
+    """Memory the caches and the step's temporaries need (to skip points that cannot fit)."""
+    slots = context + 1 if policy == "full" or kv_ratio >= 1 else math.ceil(kv_ratio * context) + 1
+    kv = w.n_layers * 2 * batch * w.n_kv_heads * slots * w.head_dim * 2
+    state = 0 if policy == "full" else w.n_layers * batch * w.n_kv_heads * slots * (8 + 4)
+    temp = batch * w.n_heads * slots * 4 * 6 + batch * w.vocab_size * 4 * 2  # explicit logits, probs, noise; logits
+    return kv + state + temp
+
+
+class Runner:
+    """Holds the model of the current workload and measures points one by one."""
+
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, log=sys.stderr):
+        self.steps, self.warmup, self.graph, self.window = steps, warmup, graph, window
+        self.nvml = nvml or Nvml()
+        self.env = environment(self.nvml)
+        self.model_name, self.model = None, None
+        self.log = log
+
+    def _model(self, name):
+        if name != self.model_name:
+            self.model = None
+            torch.cuda.empty_cache()
+            self.model = build(get_workload(name))
+            self.model_name = name
+        return self.model
+
+    def measure(self, pt: Point) -> dict:
+        w = get_workload(pt.model)
+        row = {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
+               "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": "torch-graph" if self.graph else "torch-eager",
+               "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
+               "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            model = self._model(pt.model)
+            need = _cache_bytes(w, pt.policy, pt.batch, pt.context, pt.kv_ratio)
+            if pt.phase == "prefill":
+                need += pt.batch * pt.context * (w.d_model * 8 + w.ffn_dim * 6 + w.n_heads * 512 * 4 * 4)
+            free = torch.cuda.mem_get_info()[0]
+            if need > 0.92 * free:
+                return {**row, "status": "oom", "error": f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
+            with torch.inference_mode():
+                result = self._decode(model, w, pt) if pt.phase == "decode" else self._prefill(model, w, pt)
+            return {**row, **result, "status": "ok"}
+        except torch.OutOfMemoryError as exc:
+            return {**row, "status": "oom", "error": str(exc).splitlines()[0][:200]}
+        finally:
+            torch.cuda.empty_cache()
+
+    def _caches(self, w, pt, extra_slots=0):
+        return [make_cache(pt.policy, pt.batch, w.n_kv_heads, w.head_dim, pt.context, pt.kv_ratio, self.window,
+                           torch.bfloat16, "cuda", extra_slots) for _ in range(w.n_layers)]
+
+    def _decode(self, model, w, pt) -> dict:
+        caches = self._caches(w, pt)
+        for c in caches:
+            c.fill_random(pt.context)
+        tokens = torch.randint(0, w.vocab_size, (pt.batch,), device="cuda")
+        pos = torch.tensor(pt.context, device="cuda")
+        step = lambda: model.decode(tokens, pos, caches)  # noqa: E731
+        if self.graph:
+            g = timing.capture_graph(step)
+            step = g.replay
+        t = timing.time_steps(step, self.steps, self.warmup)
+        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].slots - 1}
+
+    def _prefill(self, model, w, pt) -> dict:
+        tokens = torch.randint(0, w.vocab_size, (pt.batch, pt.context), device="cuda")
+        caches = self._caches(w, pt)
+
+        def step():
+            for c in caches:  # each prefill starts from an empty cache
+                if hasattr(c, "length"):
+                    c.length = 0
+            model.prefill(tokens, caches)
+
+        t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
+        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].slots - 1}
+
+    @staticmethod
+    def _timing_fields(t: timing.Timing) -> dict:
+        return {"step_ms": round(t.median_ms, 5), "step_ms_p10": round(t.p10_ms, 5), "step_ms_p90": round(t.p90_ms, 5),
+                "step_ms_min": round(t.min_ms, 5), "n_steps": t.n, "warmup_s": round(t.warmup_s, 3)}
+
+    def _energy(self, step, median_ms) -> dict:
+        """Energy per step from NVML's total-energy counter over a window of back-to-back steps; clocks after it."""
+        e0 = self.nvml.energy_mj()
+        repeats = max(self.steps, math.ceil(ENERGY_WINDOW_S * 1e3 / max(median_ms, 1e-3)))
+        ms = timing.time_block(step, repeats)
+        e1 = self.nvml.energy_mj()
+        state = self.nvml.state()  # read right after the window, while clocks are still at load
+        out = {k: state.get(k) for k in ("sm_mhz", "mem_mhz", "temp_c", "mem_used_gb", "throttle")}
+        if e0 is not None and e1 is not None and e1 > e0:
+            out["energy_j"] = round((e1 - e0) / 1e3 / repeats, 6)
+            out["power_w"] = round((e1 - e0) / ms, 1)  # mJ per ms = W
+        else:
+            out["power_w"] = state.get("power_w")
+        return out
+
+
+def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = True, echo=print) -> list[dict]:
+    """Measure `points` (skipping those already in `out` when resuming), appending each row as it finishes."""
+    done = measurements.done_keys(out) if resume else set()
+    rows = []
+    for i, pt in enumerate(points, 1):
+        probe = {"gpu": runner.env["gpu"], "model": pt.model, "phase": pt.phase,
+                 "engine": "torch-graph" if runner.graph else "torch-eager", "batch": pt.batch,
+                 "context": pt.context, "kv_ratio": pt.kv_ratio, "policy": pt.policy}
+        if measurements.point_key(probe) in done:
+            echo(f"[{i}/{len(points)}] {_label(pt)}: already measured, skipped")
+            continue
+        row = runner.measure(pt)
+        measurements.append_row(out, row)
+        rows.append(row)
+        result = f"{row['step_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
+        echo(f"[{i}/{len(points)}] {_label(pt)}: {result}")
+    return rows
+
+
+def _label(pt: Point) -> str:
+    pol = "full" if pt.policy == "full" else f"{pt.policy} r={pt.kv_ratio:g}"
+    return f"{pt.model} {pt.phase} B={pt.batch} C={pt.context} {pol}"

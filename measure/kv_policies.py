@@ -1,0 +1,220 @@
+"""KV caches that physically hold what the policy keeps: full, Keyformer, H2O and a recent window.
+
+Every cache is a set of preallocated tensors of fixed shape (so a decode step can be captured in a CUDA graph):
+K, V [batch, kv_heads, slots, head_dim]. The full cache's slots are the context; an evicting cache has
+budget + 1 slots: the budget of kept tokens plus the slot the next token is written into. Each decode step writes
+the new token's K and V into the free slot, attends over all slots, updates the per-token score, and picks the
+next free slot (the evicted token) per sequence and KV head. Nothing is masked and then read anyway: a step reads
+budget + 1 tokens, not the context.
+
+Keyformer (Adnan et al., MLSys 2024; ../shared/reference/keyformer.md): score += softmax((logits + Gumbel) / tau),
+tau rising linearly from tau_init; the recent window and the new token are never evicted; at the prompt the
+budget is filled with the window plus the top-scoring others.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: Keyformer authors' temperature schedule (d-matrix-ai/keyformer-llm run scripts): tau_init 1 -> tau_end 2.
+TAU_INIT, TAU_END = 1.0, 2.0
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """-log(-log U), U uniform in (0, 1): the standard Gumbel distribution."""
+    u = torch.rand_like(like, dtype=torch.float32).clamp_(1e-10, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def split_heads_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, kv_heads, H // kv_heads * T, D]: the query heads sharing one KV head, side by side."""
+    B, H, T, D = q.shape
+    return q.reshape(B, kv_heads, (H // kv_heads) * T, D)
+
+
+class FullCache:
+    """The whole context: `capacity` slots, attention through torch's fused SDPA."""
+
+    kind = "full"
+
+    def __init__(self, batch, kv_heads, capacity, head_dim, dtype, device):
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # tokens held
+        self.steady = False  # steady state: every step rewrites the last slot, so shapes and cost stay fixed
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def fill_random(self, tokens: int) -> None:
+        """Hold `tokens` random tokens plus one slot for the step's new token (timing does not depend on values)."""
+        self.k[:, :, : tokens + 1].normal_()
+        self.v[:, :, : tokens + 1].normal_()
+        self.length, self.steady = tokens, True
+
+    def prefill(self, q, k, v, bias=None):
+        P = k.shape[2]
+        self.k[:, :, :P] = k
+        self.v[:, :, :P] = v
+        self.length = P
+        return _sdpa(q, k, v, bias, causal=True)
+
+    def decode(self, q, k, v, pos: int, bias_fn=None):
+        """q [B, H, 1, D]; k, v [B, kv_heads, 1, D]. Writes the token at slot `length`, attends over length + 1."""
+        n = self.length
+        self.k[:, :, n : n + 1] = k
+        self.v[:, :, n : n + 1] = v
+        keys, values = self.k[:, :, : n + 1], self.v[:, :, : n + 1]
+        bias = bias_fn(torch.arange(n + 1, device=q.device), pos) if bias_fn else None
+        out = _sdpa(q, keys, values, bias, causal=False)
+        if not self.steady:
+            self.length = n + 1
+        return out
+
+
+def _sdpa(q, k, v, bias, causal):
+    """Fused attention; GQA by broadcasting KV heads inside the kernel (no copies)."""
+    gqa = q.shape[1] != k.shape[1]
+    if bias is not None and causal:
+        P = q.shape[2]
+        mask = torch.full((P, k.shape[2]), float("-inf"), device=q.device, dtype=q.dtype).triu_(1 + k.shape[2] - P)
+        bias = bias.to(q.dtype) + mask
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=gqa)
+
+
+class EvictingCache:
+    """A budget of kept tokens plus one free slot. `kind`: keyformer | h2o | window.
+
+    State per sequence and KV head: `pos` (token position in each slot, -1 = empty), `score` (fp32 accumulated
+    score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer deterministic.
+    """
+
+    def __init__(self, kind, batch, kv_heads, budget, window, head_dim, dtype, device, tau_delta=0.01):
+        assert kind in ("keyformer", "h2o", "window")
+        self.kind = kind
+        self.budget = int(budget)
+        self.window = max(1, int(window))  # tokens of the recent window (the new token is always in it)
+        slots = self.budget + 1
+        self.k = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.long, device=device)
+        self.score = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
+        self.free = torch.zeros(batch, kv_heads, 1, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.float32, device=device)  # decode steps so far (for tau)
+        self.tau_delta = tau_delta
+        self.noise = gumbel_noise
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def fill_random(self, tokens: int) -> None:
+        """Steady state for timing: budget tokens held (chosen from a context of `tokens`), one slot free."""
+        self.k.normal_()
+        self.v.normal_()
+        B, H, S = self.pos.shape
+        kept = torch.arange(tokens - self.budget, tokens, device=self.pos.device)
+        self.pos[:, :, : self.budget] = kept
+        self.pos[:, :, self.budget] = -1
+        self.score.uniform_()
+        self.free.fill_(self.budget)
+
+    # ---- prompt ----
+    def prefill(self, q, k, v, bias=None, chunk=512):
+        """Causal attention over the prompt, then keep the window + the top-scoring others (per sequence and head)."""
+        out = _sdpa(q, k, v, bias, causal=True)
+        B, Hkv, P, D = k.shape
+        if P <= self.budget:  # everything fits: keep all, free slot after them
+            self.k[:, :, :P], self.v[:, :, :P] = k, v
+            self.pos[:, :, :P] = torch.arange(P, device=k.device)
+            self.score[:, :, :P] = self._prompt_scores(q, k, bias, chunk) if self.kind != "window" else 0
+            self.free.fill_(P)
+            return out
+        positions = torch.arange(P, device=k.device).expand(B, Hkv, P)
+        if self.kind == "window":
+            keep = positions[:, :, P - self.budget :]
+            scores = torch.zeros(B, Hkv, self.budget, device=k.device)
+        else:
+            s = self._prompt_scores(q, k, bias, chunk)
+            w = min(self.window, self.budget)
+            ranked = s.masked_fill(positions >= P - w, float("inf"))  # window tokens rank first
+            keep = ranked.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+            scores = s.gather(-1, keep)
+        idx = keep.unsqueeze(-1).expand(-1, -1, -1, D)
+        self.k[:, :, : self.budget] = k.gather(2, idx)
+        self.v[:, :, : self.budget] = v.gather(2, idx)
+        self.pos[:, :, : self.budget] = keep
+        self.pos[:, :, self.budget] = -1
+        self.score[:, :, : self.budget] = scores
+        self.score[:, :, self.budget] = 0
+        self.free.fill_(self.budget)
+        return out
+
+    def _prompt_scores(self, q, k, bias, chunk):
+        """Sum over prompt queries (and the query heads of each KV head) of softmax((logits + noise) / tau_init)."""
+        B, Hkv, P, D = k.shape
+        H = q.shape[1]
+        G = H // Hkv
+        total = torch.zeros(B, Hkv, P, device=k.device, dtype=torch.float32)
+        kf = k.float()
+        for start in range(0, P, chunk):
+            stop = min(P, start + chunk)
+            qc = q[:, :, start:stop].float().reshape(B, Hkv, G, stop - start, D)
+            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scale
+            if bias is not None:
+                logits = logits + bias[:, start:stop].float().reshape(1, Hkv, G, stop - start, P)
+            causal = torch.arange(P, device=k.device)[None, :] > torch.arange(start, stop, device=k.device)[:, None]
+            logits = logits.masked_fill(causal, float("-inf"))
+            total += self._score_probs(logits, TAU_INIT).sum(dim=(2, 3))
+        return total
+
+    def _score_probs(self, logits, tau):
+        if self.kind == "keyformer":
+            return torch.softmax((logits + self.noise(logits)) / tau, dim=-1)
+        return torch.softmax(logits, dim=-1)  # h2o: plain accumulated attention
+
+    # ---- one decode step ----
+    def decode(self, q, k, v, pos: int | torch.Tensor, bias_fn=None):
+        """Write the new token into the free slot, attend over all slots, score, choose the next slot to free."""
+        B, Hkv, S, D = self.k.shape
+        H = q.shape[1]
+        G = H // Hkv
+        idx = self.free.unsqueeze(-1).expand(B, Hkv, 1, D)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        pos_t = torch.as_tensor(pos, device=self.pos.device)
+        self.pos.scatter_(2, self.free, pos_t.expand(B, Hkv, 1).long())
+        self.score.scatter_(2, self.free, 0.0)
+        qg = split_heads_gqa(q, Hkv)  # [B, Hkv, G, D]
+        logits = torch.matmul(qg, self.k.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, S]
+        if bias_fn is not None:
+            logits = logits + bias_fn(self.pos, pos_t).reshape(B, Hkv, G, S)
+        empty = (self.pos < 0).unsqueeze(2)
+        logits = logits.masked_fill(empty, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.matmul(probs.to(self.v.dtype), self.v).reshape(B, H, 1, D)
+        if self.kind == "window":
+            rank = self.pos.float()  # evict the oldest
+        else:
+            tau = TAU_INIT + self.step * self.tau_delta
+            f = probs if self.kind == "h2o" else self._score_probs(logits, tau)
+            self.score += f.sum(dim=2)
+            rank = self.score
+        protected = self.pos > pos_t - self.window  # recent window, new token included
+        rank = rank.masked_fill(protected, float("inf")).masked_fill(self.pos < 0, float("-inf"))
+        self.free.copy_(rank.argmin(dim=-1, keepdim=True))
+        self.step += 1
+        return out
+
+
+def make_cache(policy, batch, kv_heads, head_dim, context, kv_ratio, window, dtype, device, extra_slots=0):
+    """The cache a policy needs for `context` tokens (steady state) plus `extra_slots` for generating beyond it."""
+    if policy == "full" or kv_ratio >= 1:
+        return FullCache(batch, kv_heads, context + 1 + extra_slots, head_dim, dtype, device)
+    budget = max(1, math.ceil(kv_ratio * context - 1e-9))
+    return EvictingCache(policy, batch, kv_heads, budget, round(window * budget), head_dim, dtype, device)

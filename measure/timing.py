@@ -1,0 +1,69 @@
+"""Time GPU work with CUDA events: warm-up first, one event pair per step, medians and percentiles over many steps."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    std_ms: float
+    n: int
+    warmup_s: float  # wall time of the warm-up (includes any compilation or graph capture that ran in it)
+
+    @classmethod
+    def of(cls, samples: list[float], warmup_s: float) -> "Timing":
+        s = sorted(samples)
+        q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]  # noqa: E731
+        return cls(statistics.median(s), q(0.1), q(0.9), s[0], statistics.pstdev(s), len(s), warmup_s)
+
+
+def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10) -> Timing:
+    """Run `warmup` untimed steps, then time each of `steps` steps with its own pair of CUDA events."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    for i in range(steps):
+        starts[i].record()
+        step()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return Timing.of([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup_s)
+
+
+def time_block(step: Callable[[], object], repeats: int) -> float:
+    """Milliseconds for `repeats` back-to-back steps between one pair of events (for energy windows)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def capture_graph(step: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """Capture `step` in a CUDA graph after warm-up on a side stream (as torch's documentation prescribes)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return graph

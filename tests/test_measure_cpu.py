@@ -1,0 +1,209 @@
+"""measure/ on the CPU: the decoder for every family, Keyformer's selection against a plain reference, resuming."""
+import dataclasses
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kfsim import measurements  # noqa: E402
+from kfsim.workload import get_workload  # noqa: E402
+from measure import campaign  # noqa: E402
+from measure.decoder import build  # noqa: E402
+from measure.kv_policies import TAU_INIT, EvictingCache, FullCache, make_cache  # noqa: E402
+
+
+def tiny(name):
+    """The real architecture of `name`, shrunk so it runs in milliseconds on a CPU."""
+    w = get_workload(name)
+    heads, kv = (4, 2) if w.n_kv_heads < w.n_heads else (4, 4)
+    return dataclasses.replace(w, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=kv, head_dim=16, ffn_dim=96,
+                               vocab_size=101, max_context=64, rotary_dim=8 if w.family == "gptj" else None)
+
+
+FAMILIES = ["gpt-j-6b", "cerebras-gpt-111m", "mpt-7b", "llama-3-8b"]
+
+
+def generate(model, w, caches, prompt, steps):
+    logits = [model.prefill(prompt, caches)]
+    token = logits[-1].argmax(-1)
+    for i in range(steps):
+        logits.append(model.decode(token, prompt.shape[1] + i, caches))
+        token = logits[-1].argmax(-1)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("kind", ["keyformer", "h2o", "window"])
+def test_budget_of_everything_equals_full(name, kind):
+    """An evicting cache large enough to keep every token gives the full cache's logits (its own code path)."""
+    w = tiny(name)
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, w.vocab_size, (2, 12))
+    steps = 6
+    full = [FullCache(2, w.n_kv_heads, 32, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    evict = [EvictingCache(kind, 2, w.n_kv_heads, 12 + steps + 2, 3, w.head_dim, torch.float32, "cpu")
+             for _ in range(w.n_layers)]
+    with torch.no_grad():
+        a = generate(model, w, full, prompt, steps)
+        b = generate(model, w, evict, prompt, steps)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_reduced_cache_changes_logits():
+    """The check above can fail: a real budget does change the answer."""
+    w = tiny("llama-3-8b")
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, w.vocab_size, (1, 24))
+    full = [FullCache(1, w.n_kv_heads, 40, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    kf = [EvictingCache("keyformer", 1, w.n_kv_heads, 6, 2, w.head_dim, torch.float32, "cpu")
+          for _ in range(w.n_layers)]
+    with torch.no_grad():
+        assert not torch.allclose(generate(model, w, full, prompt, 3), generate(model, w, kf, prompt, 3), atol=1e-3)
+
+
+def planted(P=40, D=16, heavy=(3, 11, 25)):
+    """Keys: random small, except `heavy` tokens aligned with every query; returns q, k, v."""
+    torch.manual_seed(1)
+    q_dir = torch.randn(D)
+    q_dir /= q_dir.norm()
+    k = 0.1 * torch.randn(1, 1, P, D)
+    for h in heavy:
+        k[0, 0, h] = 6 * q_dir
+    q = (q_dir * 4).expand(1, 1, P, D).clone()
+    return q, k, torch.randn(1, 1, P, D), q_dir
+
+
+@pytest.mark.parametrize("kind", ["keyformer", "h2o"])
+def test_planted_heavy_tokens_are_kept(kind):
+    heavy = (3, 11, 25)
+    q, k, v, q_dir = planted(heavy=heavy)
+    cache = EvictingCache(kind, 1, 1, budget=8, window=4, head_dim=16, dtype=torch.float32, device="cpu")
+    cache.prefill(q, k, v)
+    kept = set(cache.pos[0, 0, :8].tolist())
+    assert set(heavy) <= kept and {36, 37, 38, 39} <= kept  # key tokens + recent window
+    for step in range(10):  # decoding keeps them: new tokens are light and age out of the window
+        cache.decode((q_dir * 4).view(1, 1, 1, 16), 0.1 * torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), 40 + step)
+    kept = set(cache.pos[0, 0].tolist())
+    assert set(heavy) <= kept
+    assert len(kept - {-1}) == cache.slots  # a full cache: budget + the newest token
+
+
+def test_window_keeps_most_recent():
+    q, k, v, _ = planted()
+    cache = EvictingCache("window", 1, 1, budget=8, window=8, head_dim=16, dtype=torch.float32, device="cpu")
+    cache.prefill(q, k, v)
+    assert sorted(cache.pos[0, 0, :8].tolist()) == list(range(32, 40))
+
+
+def reference_step(K, V, pos, score, free, q, k_new, v_new, t, noise, window, tau_delta, kind):
+    """A plain, loop-by-loop Keyformer decode step for one sequence and KV head (float64)."""
+    K, V, pos, score = K.clone(), V.clone(), list(pos), list(score)
+    K[free], V[free], pos[free], score[free] = k_new, v_new, t, 0.0
+    G, S = q.shape[0], K.shape[0]
+    outs = []
+    for g in range(G):
+        logits = [float(q[g] @ K[j]) / math.sqrt(K.shape[1]) if pos[j] >= 0 else -math.inf for j in range(S)]
+        m = max(logits)
+        e = [math.exp(x - m) for x in logits]
+        p = [x / sum(e) for x in e]
+        outs.append(sum(p[j] * V[j] for j in range(S)))
+        if kind == "keyformer":
+            tau = TAU_INIT + noise["step"] * tau_delta
+            z = [(logits[j] + float(noise["g"][g, j])) / tau if pos[j] >= 0 else -math.inf for j in range(S)]
+            mz = max(z)
+            ez = [math.exp(x - mz) for x in z]
+            f = [x / sum(ez) for x in ez]
+        else:
+            f = p
+        for j in range(S):
+            score[j] += f[j]
+    candidates = [j for j in range(S) if pos[j] >= 0 and not pos[j] > t - window]
+    empty = [j for j in range(S) if pos[j] < 0]
+    evict = empty[0] if empty else min(candidates, key=lambda j: score[j])
+    return torch.stack(outs), score, evict
+
+
+@pytest.mark.parametrize("kind", ["keyformer", "h2o"])
+def test_decode_matches_plain_reference(kind):
+    torch.manual_seed(3)
+    B, Hkv, G, D, budget, window = 2, 2, 3, 8, 10, 3
+    cache = EvictingCache(kind, B, Hkv, budget, window, D, torch.float64, "cpu", tau_delta=0.05)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.pos[:] = torch.stack([torch.randperm(30)[:budget + 1] for _ in range(B * Hkv)]).view(B, Hkv, -1)
+    cache.pos[..., 4] = -1  # one empty slot besides the free one in some heads
+    cache.score.uniform_()
+    cache.free[:] = torch.randint(0, budget + 1, (B, Hkv, 1))
+    cache.step.fill_(7)
+    t = 40
+    for _ in range(3):
+        q = torch.randn(B, Hkv * G, 1, D, dtype=torch.float64)
+        kn, vn = torch.randn(B, Hkv, 1, D, dtype=torch.float64), torch.randn(B, Hkv, 1, D, dtype=torch.float64)
+        g = torch.randn(B, Hkv, G, budget + 1, dtype=torch.float64)
+        cache.noise = lambda like, g=g: g.to(like.dtype)
+        expected = []
+        for b in range(B):
+            for h in range(Hkv):
+                expected.append(reference_step(cache.k[b, h], cache.v[b, h], cache.pos[b, h].tolist(),
+                                               cache.score[b, h].tolist(), int(cache.free[b, h]),
+                                               q[b, h * G:(h + 1) * G, 0], kn[b, h, 0], vn[b, h, 0], t,
+                                               {"g": g[b, h], "step": float(cache.step)}, window, 0.05, kind))
+        out = cache.decode(q, kn, vn, t)
+        for i, (o, score, evict) in enumerate(expected):
+            b, h = divmod(i, Hkv)
+            assert torch.allclose(out[b, h * G:(h + 1) * G, 0], o, atol=1e-5)  # logits are fp32
+            assert torch.allclose(cache.score[b, h].double(), torch.tensor(score, dtype=torch.float64), atol=1e-6)
+            assert int(cache.free[b, h]) == evict
+        t += 1
+
+
+def test_make_cache_sizes():
+    full = make_cache("full", 2, 4, 8, 100, 1.0, 0.3, torch.float32, "cpu")
+    kf = make_cache("keyformer", 2, 4, 8, 100, 0.2, 0.3, torch.float32, "cpu")
+    assert full.slots == 101 and kf.slots == 21 and kf.window == 6
+
+
+def test_grid_pairs_policies_and_ratios():
+    pts = campaign.grid(["gpt-j-6b"], [1, 8], [1024], [1, 0.5, 0.2], ["full", "keyformer"], prefill_prompts=[512])
+    decode = [(p.policy, p.kv_ratio) for p in pts if p.phase == "decode"]
+    assert sorted(set(decode)) == [("full", 1), ("keyformer", 0.2), ("keyformer", 0.5)]
+    assert len(pts) == 3 * 2 + 3
+
+
+def test_rows_append_and_resume(tmp_path):
+    out = tmp_path / "m.csv"
+    row = {"gpu": "h100-sxm", "model": "gpt-j-6b", "phase": "decode", "engine": "torch-graph", "batch": 1,
+           "context": 1024, "kv_ratio": 0.5, "policy": "keyformer", "step_ms": 7.5, "status": "ok"}
+    measurements.append_row(out, row)
+    measurements.append_row(out, {**row, "batch": 64, "status": "oom", "step_ms": None})
+    assert measurements.point_key(row) in measurements.done_keys(out)
+    df = measurements.read(out)
+    assert len(df) == 1 and df["step_ms"].iloc[0] == 7.5
+    with pytest.raises(ValueError):
+        measurements.append_row(out, {**row, "bogus": 1})
+
+
+def test_steady_state_step_keeps_shapes():
+    w = tiny("llama-3-8b")
+    model = build(w, dtype=torch.float32, device="cpu")
+    caches = [make_cache("keyformer", 2, w.n_kv_heads, w.head_dim, 50, 0.5, 0.3, torch.float32, "cpu")
+              for _ in range(w.n_layers)]
+    for c in caches:
+        c.fill_random(50)
+    tokens = torch.randint(0, w.vocab_size, (2,))
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model.decode(tokens, torch.tensor(50), caches)
+    assert logits.shape == (2, w.vocab_size) and torch.isfinite(logits).all()
+    assert caches[0].slots == 26
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_step_on_gpu():
+    runner = campaign.Runner(steps=5, warmup=2)
+    row = runner.measure(campaign.Point("cerebras-gpt-111m", "decode", 2, 256, 0.5, "keyformer"))
+    assert row["status"] == "ok" and row["step_ms"] > 0
