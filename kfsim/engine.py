@@ -42,10 +42,16 @@ class Engine:
     kernels_per_op: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in OP_KINDS})
     #: parallel work items (batch x KV heads x cache splits) attention needs to reach its bandwidth; 0 = always
     attention_saturation_items: float = rng(0, default=0.0)
-    #: cached tokens per split of a split-K (flash-decoding) attention kernel; 0 = no split along the cache
+    #: cached tokens per split of the full cache's split-K (flash-decoding) attention kernel; 0 = no split
     attention_split_tokens: float = rng(0, default=0.0)
-    #: bytes Keyformer/H2O scoring moves relative to the fused minimum (fp32 score read + write per token and head)
-    keyformer_traffic_factor: float = rng(1, default=1.0)
+    #: the same for the attention kernel an evicting cache (Keyformer, H2O, window) uses; 0 = no split
+    evicting_attention_split_tokens: float = rng(0, default=0.0)
+    #: fixed GPU time per kernel during prefill, microseconds (prefill usually runs eagerly, not from a graph)
+    prefill_kernel_overhead_us: float = rng(0, default=0.0)
+    #: passes over fp32 logits (per query head and cached token) an unfused Keyformer/H2O scorer makes; 0 = fused
+    keyformer_logit_passes: float = rng(0, default=0.0)
+    #: extra fixed time per attention kernel (its launch, split and combine latency), microseconds
+    attention_overhead_us: float = rng(0, default=0.0)
     #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)

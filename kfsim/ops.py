@@ -8,7 +8,8 @@ Conventions (hand-checked in tests/test_counts.py):
 - attention over k cached tokens, per query head: 2*k*head_dim FLOPs for q.K and as many for p.V, plus 5 per
   token for scale/mask/softmax; K and V are read once per KV head (GQA query heads share them);
 - activations are read and written once per op in the compute dtype;
-- Keyformer/H2O scoring keeps an fp32 score per cached token and KV head, read and written each step.
+- Keyformer/H2O scoring keeps an fp32 score per cached token and KV head, read and written each step; a scorer
+  not fused into attention also passes over fp32 logits per query head (`logit_pass_bytes` is one such pass).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class Op:
     weight_bytes: np.ndarray
     kv_read_bytes: np.ndarray
     kv_write_bytes: np.ndarray
-    other_bytes: np.ndarray  # activations, score buffers, logits
+    other_bytes: np.ndarray  # activations, score buffers
     tensor: bool  # True: runs on tensor cores (dtype peak); False: vector units (fp32 peak)
+    logit_pass_bytes: np.ndarray | float = 0.0  # one fp32 pass over materialised scoring logits (engine: passes)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ def _z(shape) -> np.ndarray:
     return np.zeros(shape)
 
 
-def _op(name, kind, launches, shape, *, flops=0.0, weight=0.0, kv_read=0.0, kv_write=0.0, other=0.0, tensor=False):
+def _op(name, kind, launches, shape, *, flops=0.0, weight=0.0, kv_read=0.0, kv_write=0.0, other=0.0, tensor=False,
+        logits=0.0):
     b = lambda x: np.broadcast_to(np.asarray(x, dtype=float), shape)  # noqa: E731
-    return Op(name, kind, float(launches), b(flops), b(weight), b(kv_read), b(kv_write), b(other), tensor)
+    return Op(name, kind, float(launches), b(flops), b(weight), b(kv_read), b(kv_write), b(other), tensor, b(logits))
 
 
 def attended_tokens(w: Workload, policy: Policy, context) -> np.ndarray:
@@ -113,10 +116,11 @@ def decode_ops(w: Workload, policy: Policy, dt: Dtypes, batch, cached) -> list[O
         other=L * B * 2 * q * ab, tensor=True))
     if policy.scored:
         per_logit = GUMBEL_FLOPS if policy.kind == "keyformer" else SOFTMAX_FLOPS
-        # fp32 accumulated score per cached token and KV head: read, update, write; then an arg-min over it
+        # fp32 accumulated score per cached token and KV head: read, update, write; then an arg-min over it.
+        # An unfused scorer also makes passes over fp32 logits per query head (the engine says how many).
         ops.append(_op(policy.kind + "_score", "keyformer", L, shape,
                        flops=L * B * k * (w.n_heads * per_logit + w.n_kv_heads),
-                       other=L * B * k * w.n_kv_heads * 2 * 4))
+                       other=L * B * k * w.n_kv_heads * 2 * 4, logits=L * B * k * w.n_heads * 4))
     gemm("o_proj", q, d, w.attn_bias)
     ffn_in = w.ffn_matrices - 1
     gemm("ffn_up", d, f, w.mlp_bias, count=ffn_in)
@@ -169,7 +173,7 @@ def prefill_ops(w: Workload, policy: Policy, dt: Dtypes, batch, prompt) -> list[
         # none), the Gumbel-softmax per logit, column sums into an fp32 score, and one top-k per KV head
         ops.append(_op(policy.kind + "_score", "keyformer", L, shape,
                        flops=L * w.n_heads * pairs * (2 * w.head_dim + GUMBEL_FLOPS),
-                       other=L * B * P * w.n_kv_heads * 3 * 4))
+                       other=L * B * P * w.n_kv_heads * 3 * 4, logits=L * w.n_heads * pairs * 4))
     ops.append(_op("elementwise", "elementwise", L * (4 if w.position == "rotary" else 2), shape,
                    flops=L * T * (2 * d + GELU_FLOPS * f), other=L * T * (6 * d + 2 * f) * ab))
     ops.append(_op("lm_head", "gemm", 1, shape, flops=2 * B * d * w.vocab_size, weight=w.lm_head_params * wb,

@@ -22,18 +22,19 @@ def _check_positive_ints(**arrays) -> None:
             raise KfsimError(f"{name} {bad:g} is out of range; allowed: a whole number >= 1")
 
 
-def step_time(s: Setup, batch, cached) -> StepTime:
-    """Time of one decode step with `batch` sequences each attending to `cached` tokens."""
-    ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
+def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
+    """Time of one decode step with `batch` sequences each attending to `cached` tokens (`ops` if precomputed)."""
+    ops = ops if ops is not None else decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
+    split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
     return op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                    fixed_s=s.engine.step_overhead_us * 1e-6)
+                    fixed_s=s.engine.step_overhead_us * 1e-6, split_tokens=split)
 
 
-def prefill_time(s: Setup, batch, prompt) -> StepTime:
+def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
     """Time to first token: the whole prompt through the model (compute-bound at long prompts)."""
-    ops = prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
-    return op_times(ops, s.hw, s.engine, s.dtypes.compute, fixed_s=s.engine.step_overhead_us * 1e-6)
+    ops = ops if ops is not None else prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
+    return op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us)
 
 
 def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:
@@ -54,11 +55,12 @@ def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:
 
 def _step_fields(s: Setup, batch, seq) -> dict:
     cached = attended_tokens(s.workload, s.policy, seq)
-    t = step_time(s, batch, cached)
     ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
+    t = step_time(s, batch, cached, ops)
     total = lambda attr: sum(getattr(o, attr) for o in ops)  # noqa: E731
     weight, kv_read, kv_write, other = (total(a) for a in ("weight_bytes", "kv_read_bytes", "kv_write_bytes",
                                                           "other_bytes"))
+    other = other + s.engine.keyformer_logit_passes * total("logit_pass_bytes")
     flops = total("flops")
     moved = weight + kv_read + kv_write + other
     B = np.asarray(batch, dtype=float) * np.ones_like(t.seconds)

@@ -42,17 +42,21 @@ def attention_occupancy(engine: Engine, hw: Hardware, work_items) -> np.ndarray:
 
 
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
-             fixed_s: float = 0.0) -> StepTime:
-    """Price `ops` on `hw` under `engine`. `batch_heads` and `cached` (arrays) size attention's parallelism."""
+             fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None) -> StepTime:
+    """Price `ops` on `hw` under `engine`.
+
+    `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
+    `kernel_us` overrides the engine's fixed cost per kernel (prefill uses its own).
+    """
     bw = hw.bandwidth_bytes_per_s
     tensor_peak = hw.peak_flops(compute)
     vector_peak = hw.peak_dense_tflops["fp32"] * 1e12
     occupancy = 1.0
     if batch_heads is not None:
         splits = np.ones_like(np.asarray(cached, dtype=float))
-        if engine.attention_split_tokens > 0:
+        if split_tokens > 0:
             # continuous, not ceil: a whole extra split per token would make time fall as context grows
-            splits = np.maximum(1.0, np.asarray(cached, dtype=float) / engine.attention_split_tokens)
+            splits = np.maximum(1.0, np.asarray(cached, dtype=float) / split_tokens)
         occupancy = attention_occupancy(engine, hw, np.asarray(batch_heads, dtype=float) * splits)
     zero = np.zeros(np.broadcast(*(o.flops for o in ops)).shape)
     weight_s, kv_s, other_s, compute_s, overhead_s = (zero.copy() for _ in range(5))
@@ -60,8 +64,8 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     for op in ops:
         tw = op.weight_bytes / (bw * engine.weight_bandwidth_fraction)
         tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
-        traffic = engine.keyformer_traffic_factor if op.kind == "keyformer" else 1.0
-        to = traffic * op.other_bytes / (bw * engine.other_bandwidth_fraction)
+        other = op.other_bytes + engine.keyformer_logit_passes * op.logit_pass_bytes
+        to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to
         if op.tensor:
             frac = engine.attention_compute_fraction if op.kind == "attention" else engine.gemm_compute_fraction
@@ -69,7 +73,9 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         else:
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * engine.kernels_per_op[op.kind]
-        t_fixed = n_kernels * engine.kernel_overhead_us * 1e-6
+        base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
+        per_kernel = base_us + (engine.attention_overhead_us if op.kind == "attention" else 0.0)
+        t_fixed = n_kernels * per_kernel * 1e-6
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)
         kv_s += np.where(memory_bound, tk, 0.0)

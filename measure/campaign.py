@@ -110,7 +110,7 @@ class Runner:
             g = timing.capture_graph(step)
             step = g.replay
         t = timing.time_steps(step, self.steps, self.warmup)
-        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].slots - 1}
+        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].cached_tokens}
 
     def _prefill(self, model, w, pt) -> dict:
         tokens = torch.randint(0, w.vocab_size, (pt.batch, pt.context), device="cuda")
@@ -123,7 +123,7 @@ class Runner:
             model.prefill(tokens, caches)
 
         t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
-        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].slots - 1}
+        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].cached_tokens}
 
     @staticmethod
     def _timing_fields(t: timing.Timing) -> dict:
@@ -133,7 +133,7 @@ class Runner:
     def _energy(self, step, median_ms) -> dict:
         """Energy per step from NVML's total-energy counter over a window of back-to-back steps; clocks after it."""
         e0 = self.nvml.energy_mj()
-        repeats = max(self.steps, math.ceil(ENERGY_WINDOW_S * 1e3 / max(median_ms, 1e-3)))
+        repeats = max(3, math.ceil(ENERGY_WINDOW_S * 1e3 / max(median_ms, 1e-3)))
         ms = timing.time_block(step, repeats)
         e1 = self.nvml.energy_mj()
         state = self.nvml.state()  # read right after the window, while clocks are still at load

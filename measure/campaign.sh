@@ -17,7 +17,7 @@ kf="python3 -m kfsim"
 # smoke: a tiny model through every code path (fails fast before the long grid)
 $kf measure --model cerebras-gpt-111m --batch 2 --context 512 --kv-ratio 1,0.5 --policy full,keyformer \
   --prefill 256 --steps 10 --out /tmp/smoke.csv || exit 1
-timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
+[ "${MICRO:-1}" = 1 ] && timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
 timeout "${DECODE_S:-420}" $kf measure --model gpt-j-6b,llama-3-8b --batch 1,4,16,64 --context 1024,4096,16384 \
   --kv-ratio 1,0.5,0.2 --policy full,keyformer --prefill 512,2048,8192 --steps 50 --out "$out/$gpu.csv"
 timeout "${EAGER_S:-90}" $kf measure --eager --model gpt-j-6b,llama-3-8b --batch 1,16 --context 1024,4096 \

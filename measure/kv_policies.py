@@ -49,6 +49,11 @@ class FullCache:
     def slots(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held before a step adds one: the context."""
+        return self.slots - 1
+
     def fill_random(self, tokens: int) -> None:
         """Hold `tokens` random tokens plus one slot for the step's new token (timing does not depend on values)."""
         self.k[:, :, : tokens + 1].normal_()
@@ -86,11 +91,19 @@ def _sdpa(q, k, v, bias, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=gqa)
 
 
-class EvictingCache:
-    """A budget of kept tokens plus one free slot. `kind`: keyformer | h2o | window.
+#: Slot counts are rounded up to a multiple of this, so the bf16 rows of logits and probabilities stay 16-byte
+#: aligned; an odd row length (budget + 1) sends cuBLAS to kernels several times slower (seen on H100: a budget
+#: of 2048 ran slower than one of 3277 before alignment).
+SLOT_ALIGN = 8
+EMPTY, PADDING = -1, -2  # `pos` of a slot that holds no token yet, and of an alignment slot never used
 
-    State per sequence and KV head: `pos` (token position in each slot, -1 = empty), `score` (fp32 accumulated
-    score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer deterministic.
+
+class EvictingCache:
+    """A budget of kept tokens plus one free slot (plus alignment padding). `kind`: keyformer | h2o | window.
+
+    State per sequence and KV head: `pos` (token position in each slot; EMPTY or PADDING), `score` (fp32
+    accumulated score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer
+    deterministic.
     """
 
     def __init__(self, kind, batch, kv_heads, budget, window, head_dim, dtype, device, tau_delta=0.01):
@@ -98,10 +111,12 @@ class EvictingCache:
         self.kind = kind
         self.budget = int(budget)
         self.window = max(1, int(window))  # tokens of the recent window (the new token is always in it)
-        slots = self.budget + 1
+        self.used = self.budget + 1  # slots that ever hold tokens
+        slots = -(-self.used // SLOT_ALIGN) * SLOT_ALIGN
         self.k = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((batch, kv_heads, slots), EMPTY, dtype=torch.long, device=device)
+        self.pos[:, :, self.used :] = PADDING
         self.score = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
         self.free = torch.zeros(batch, kv_heads, 1, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.float32, device=device)  # decode steps so far (for tau)
@@ -113,6 +128,11 @@ class EvictingCache:
     def slots(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held before a step adds one: the budget."""
+        return self.budget
+
     def fill_random(self, tokens: int) -> None:
         """Steady state for timing: budget tokens held (chosen from a context of `tokens`), one slot free."""
         self.k.normal_()
@@ -120,7 +140,7 @@ class EvictingCache:
         B, H, S = self.pos.shape
         kept = torch.arange(tokens - self.budget, tokens, device=self.pos.device)
         self.pos[:, :, : self.budget] = kept
-        self.pos[:, :, self.budget] = -1
+        self.pos[:, :, self.budget] = EMPTY
         self.score.uniform_()
         self.free.fill_(self.budget)
 
@@ -149,9 +169,9 @@ class EvictingCache:
         self.k[:, :, : self.budget] = k.gather(2, idx)
         self.v[:, :, : self.budget] = v.gather(2, idx)
         self.pos[:, :, : self.budget] = keep
-        self.pos[:, :, self.budget] = -1
+        self.pos[:, :, self.budget] = EMPTY
         self.score[:, :, : self.budget] = scores
-        self.score[:, :, self.budget] = 0
+        self.score[:, :, self.budget :] = 0
         self.free.fill_(self.budget)
         return out
 
@@ -205,8 +225,8 @@ class EvictingCache:
             f = probs if self.kind == "h2o" else self._score_probs(logits, tau)
             self.score += f.sum(dim=2)
             rank = self.score
-        protected = self.pos > pos_t - self.window  # recent window, new token included
-        rank = rank.masked_fill(protected, float("inf")).masked_fill(self.pos < 0, float("-inf"))
+        protected = (self.pos > pos_t - self.window) | (self.pos == PADDING)  # recent window, new token included
+        rank = rank.masked_fill(protected, float("inf")).masked_fill(self.pos == EMPTY, float("-inf"))
         self.free.copy_(rank.argmin(dim=-1, keepdim=True))
         self.step += 1
         return out

@@ -88,7 +88,7 @@ def test_planted_heavy_tokens_are_kept(kind):
         cache.decode((q_dir * 4).view(1, 1, 1, 16), 0.1 * torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), 40 + step)
     kept = set(cache.pos[0, 0].tolist())
     assert set(heavy) <= kept
-    assert len(kept - {-1}) == cache.slots  # a full cache: budget + the newest token
+    assert len(kept - {-1, -2}) == cache.used == 9  # a full cache: budget + the newest token
 
 
 def test_window_keeps_most_recent():
@@ -121,7 +121,7 @@ def reference_step(K, V, pos, score, free, q, k_new, v_new, t, noise, window, ta
         for j in range(S):
             score[j] += f[j]
     candidates = [j for j in range(S) if pos[j] >= 0 and not pos[j] > t - window]
-    empty = [j for j in range(S) if pos[j] < 0]
+    empty = [j for j in range(S) if pos[j] == -1]  # -2 marks alignment padding: never used
     evict = empty[0] if empty else min(candidates, key=lambda j: score[j])
     return torch.stack(outs), score, evict
 
@@ -133,16 +133,17 @@ def test_decode_matches_plain_reference(kind):
     cache = EvictingCache(kind, B, Hkv, budget, window, D, torch.float64, "cpu", tau_delta=0.05)
     cache.k.normal_()
     cache.v.normal_()
-    cache.pos[:] = torch.stack([torch.randperm(30)[:budget + 1] for _ in range(B * Hkv)]).view(B, Hkv, -1)
+    cache.pos[..., :cache.used] = torch.stack([torch.randperm(30)[:cache.used] for _ in range(B * Hkv)]).view(
+        B, Hkv, -1)
     cache.pos[..., 4] = -1  # one empty slot besides the free one in some heads
     cache.score.uniform_()
-    cache.free[:] = torch.randint(0, budget + 1, (B, Hkv, 1))
+    cache.free[:] = torch.randint(0, cache.used, (B, Hkv, 1))
     cache.step.fill_(7)
     t = 40
     for _ in range(3):
         q = torch.randn(B, Hkv * G, 1, D, dtype=torch.float64)
         kn, vn = torch.randn(B, Hkv, 1, D, dtype=torch.float64), torch.randn(B, Hkv, 1, D, dtype=torch.float64)
-        g = torch.randn(B, Hkv, G, budget + 1, dtype=torch.float64)
+        g = torch.randn(B, Hkv, G, cache.slots, dtype=torch.float64)
         cache.noise = lambda like, g=g: g.to(like.dtype)
         expected = []
         for b in range(B):
@@ -163,7 +164,8 @@ def test_decode_matches_plain_reference(kind):
 def test_make_cache_sizes():
     full = make_cache("full", 2, 4, 8, 100, 1.0, 0.3, torch.float32, "cpu")
     kf = make_cache("keyformer", 2, 4, 8, 100, 0.2, 0.3, torch.float32, "cpu")
-    assert full.slots == 101 and kf.slots == 21 and kf.window == 6
+    assert full.slots == 101 and kf.used == 21 and kf.slots == 24 and kf.window == 6
+    assert (kf.pos == -2).sum() == 2 * 4 * 3  # alignment slots, never used
 
 
 def test_grid_pairs_policies_and_ratios():
@@ -198,7 +200,7 @@ def test_steady_state_step_keeps_shapes():
         for _ in range(3):
             logits = model.decode(tokens, torch.tensor(50), caches)
     assert logits.shape == (2, w.vocab_size) and torch.isfinite(logits).all()
-    assert caches[0].slots == 26
+    assert caches[0].used == 26 and caches[0].slots == 32
 
 
 @pytest.mark.gpu

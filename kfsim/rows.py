@@ -1,0 +1,85 @@
+"""Measured rows grouped by configuration, with the engine-independent parts of their prediction precomputed.
+
+Calibration evaluates thousands of candidate engines over the same rows; the ops (FLOPs and bytes) of each row do
+not depend on the engine, so they are built once here and only priced per candidate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .errors import KfsimError
+from .hardware import get_hardware
+from .inputs import Setup
+from .ops import Dtypes, attended_tokens, decode_ops, prefill_ops
+from .policy import DEFAULT_WINDOW, make_policy
+from .predict import prefill_time, step_time
+from .workload import get_workload
+
+GROUP_KEYS = ["gpu", "model", "phase", "policy", "kv_ratio", "window"]
+
+
+@dataclass
+class Group:
+    """Rows sharing GPU, model, phase and policy: batch and context vary along arrays."""
+
+    setup: Setup
+    phase: str
+    batch: np.ndarray
+    context: np.ndarray
+    cached: np.ndarray
+    measured_ms: np.ndarray
+    index: np.ndarray  # row positions in the frame
+    ops: list
+
+    def predict_ms(self, engine: Engine) -> np.ndarray:
+        s = Setup(self.setup.hw, self.setup.workload, engine, self.setup.policy, self.setup.dtypes)
+        if self.phase == "prefill":
+            return prefill_time(s, self.batch, self.context, self.ops).seconds * 1e3
+        return step_time(s, self.batch, self.cached, self.ops).seconds * 1e3
+
+
+def group_rows(df, engine: Engine, where: str = "measurements") -> list[Group]:
+    """Resolve each row's GPU and model (user errors name the file and the value) and build the groups."""
+    df = df.copy()
+    if "window" not in df.columns:
+        df["window"] = DEFAULT_WINDOW
+    df["window"] = df["window"].fillna(DEFAULT_WINDOW)
+    groups = []
+    for key, g in df.groupby(GROUP_KEYS, sort=True):
+        gpu, model, phase, policy, ratio, window = key
+        try:
+            hw, w = get_hardware(str(gpu)), get_workload(str(model))
+        except KfsimError as exc:
+            raise KfsimError(f"{where}: {exc}") from None
+        kind = str(policy)
+        pol = make_policy(None if kind == "full" and ratio >= 1 else kind, float(ratio), float(window))
+        dtypes = Dtypes.of(w, _first(g, "dtype"), _first(g, "kv_dtype"))
+        setup = Setup(hw, w, engine, pol, dtypes)
+        batch = g["batch"].to_numpy(float)
+        context = g["context"].to_numpy(float)
+        if phase == "prefill":
+            cached = context
+            ops = prefill_ops(w, pol, dtypes, batch, context)
+        else:
+            cached = attended_tokens(w, pol, context.astype(np.int64)).astype(float)
+            ops = decode_ops(w, pol, dtypes, batch, cached)
+        groups.append(Group(setup, phase, batch, context, cached, g["step_ms"].to_numpy(float), g.index.to_numpy(),
+                            ops))
+    return groups
+
+
+def _first(g, col):
+    if col in g.columns and g[col].notna().any():
+        return str(g[col].dropna().iloc[0])
+    return None
+
+
+def predict_frame(df, engine: Engine, where: str = "measurements") -> np.ndarray:
+    """Predicted step_ms for every row of `df`, in row order."""
+    out = np.empty(len(df))
+    for grp in group_rows(df.reset_index(drop=True), engine, where):
+        out[grp.index] = grp.predict_ms(engine)
+    return out
