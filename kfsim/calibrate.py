@@ -17,25 +17,27 @@ from .rows import Group, group_rows
 
 #: engine parameter -> (lower bound, upper bound, starting value). "a.b" is key b of mapping field a.
 PARAMETERS = {
-    "weight_bandwidth_fraction": (0.2, 1.2, 0.85),
-    "kv_bandwidth_fraction": (0.2, 1.2, 0.85),
+    "weight_bandwidth_fraction": (0.2, 1.0, 0.85),
+    "kv_bandwidth_fraction": (0.2, 1.0, 0.85),
     "kernel_overhead_us": (0.0, 200.0, 3.0),
-    "attention_overhead_us": (0.0, 500.0, 5.0),
-    "step_overhead_us": (0.0, 20000.0, 20.0),
-    "kernels_per_op.elementwise": (0.0, 30.0, 1.0),
-    "kernels_per_op.keyformer": (0.0, 100.0, 10.0),
+    "layer_overhead_us": (0.0, 1000.0, 20.0),
+    "step_overhead_us": (0.0, 200.0, 20.0),  # graph launch, host sync: not per-layer work
+    "kernels_per_op.keyformer": (0.0, 100.0, 20.0),
     "keyformer_logit_passes": (0.0, 100.0, 5.0),
     "attention_saturation_items": (1.0, 20000.0, 200.0),
     "attention_split_tokens": (64.0, 1e6, 1024.0),
     "evicting_attention_split_tokens": (64.0, 1e6, 8192.0),
+}
+#: fitted on prefill rows, after the decode parameters
+PREFILL_PARAMETERS = {
     "gemm_compute_fraction": (0.05, 1.0, 0.6),
     "attention_compute_fraction": (0.02, 1.0, 0.3),
     "prefill_kernel_overhead_us": (0.0, 500.0, 5.0),
+    "keyformer_prefill_logit_passes": (0.0, 100.0, 5.0),
 }
 #: what each parameter needs in the rows to be identifiable
 NEEDS = {"kernels_per_op.keyformer": "scored", "keyformer_logit_passes": "scored",
-         "evicting_attention_split_tokens": "scored", "gemm_compute_fraction": "prefill",
-         "attention_compute_fraction": "prefill", "prefill_kernel_overhead_us": "prefill"}
+         "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored"}
 MIN_ROWS_PER_PARAMETER = 2
 
 
@@ -62,36 +64,120 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
     return dataclasses.replace(engine, **plain, **mapped)
 
 
-def choose_parameters(groups: list[Group]) -> list[str]:
-    scored = any(g.setup.policy.scored for g in groups)
-    prefill = any(g.phase == "prefill" for g in groups)
-    have = {"scored": scored, "prefill": prefill}
-    return [p for p in PARAMETERS if have.get(NEEDS.get(p, ""), True)]
+def choose_parameters(groups: list[Group], table: dict) -> list[str]:
+    """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy)."""
+    have = {"scored": any(g.setup.policy.scored for g in groups)}
+    return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
-def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements") -> Fit:
-    """Fit the engine parameters the rows of `df` can inform; deterministic for the same rows."""
+def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
-    groups = group_rows(df.reset_index(drop=True), start, where)
-    params = choose_parameters(groups)
+    params = choose_parameters(groups, table)
     n = sum(len(g.measured_ms) for g in groups)
     if n < MIN_ROWS_PER_PARAMETER * len(params):
-        raise KfsimError(f"{where}: {n} usable rows are too few to fit {len(params)} parameters "
+        raise KfsimError(f"{where}: {n} {what} rows are too few to fit {len(params)} parameters "
                          f"({', '.join(params)}); need at least {MIN_ROWS_PER_PARAMETER * len(params)}")
-    lo = np.array([PARAMETERS[p][0] for p in params])
-    hi = np.array([PARAMETERS[p][1] for p in params])
-    x0 = np.array([PARAMETERS[p][2] for p in params])
-    base = dataclasses.replace(start, name=name)
+    lo = np.array([table[p][0] for p in params])
+    hi = np.array([table[p][1] for p in params])
+    x0 = np.array([table[p][2] for p in params])
+    # scale-like parameters spanning decades (tokens per split, work items) are searched in log space
+    logs = (lo > 0) & (hi / np.where(lo > 0, lo, 1) >= 100)
+    to_x = lambda v: np.where(logs, np.log(np.where(logs, v, 1.0)), v)  # noqa: E731
+    from_x = lambda x: np.where(logs, np.exp(x), x)  # noqa: E731
 
     def residuals(x):
-        eng = _set(base, dict(zip(params, x)))
+        eng = _set(base, dict(zip(params, from_x(x))))
         return np.concatenate([np.log(g.predict_ms(eng) / g.measured_ms) for g in groups])
 
     with np.errstate(all="ignore"):
-        sol = least_squares(residuals, x0, bounds=(lo, hi), x_scale=np.maximum(np.abs(x0), 1e-2), method="trf",
-                            max_nfev=400)
+        sol = least_squares(residuals, to_x(x0), bounds=(to_x(lo), to_x(hi)),
+                            x_scale=np.where(logs, 1.0, np.maximum(np.abs(x0), 1e-2)), method="trf", max_nfev=1000)
+    sol.x = from_x(sol.x)
     values = dict(zip(params, (float(v) for v in sol.x)))
-    engine = _set(base, values)
-    ape = 100 * np.abs(np.expm1(residuals(sol.x)))
-    return Fit(engine, values, ape, n)
+    return _set(base, values), values
+
+
+def ceilings(micro, hw) -> dict[str, float]:
+    """Upper bounds from microbenchmarks on the same GPU: no decode GEMM streams weights faster than the skinny
+    GEMM benchmark did, and no attention reads KV faster than the best SDPA decode benchmark (as fractions)."""
+    out = {}
+    skinny = micro[micro["bench"] == "skinny_gemm"]
+    if len(skinny):
+        out["weight_bandwidth_fraction"] = float(skinny["gbps"].max()) / hw.hbm_bandwidth_gbps
+    sdpa = micro[micro["bench"] == "sdpa_decode"]
+    if len(sdpa):
+        out["kv_bandwidth_fraction"] = float(sdpa["gbps"].max()) / hw.hbm_bandwidth_gbps
+    return out
+
+
+def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
+        bounds: dict[str, float] | None = None) -> Fit:
+    """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
+
+    `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU).
+    """
+    groups = group_rows(df.reset_index(drop=True), start, where)
+    decode = [g for g in groups if g.phase == "decode"]
+    prefill = [g for g in groups if g.phase == "prefill"]
+    if not decode:
+        raise KfsimError(f"{where}: no decode rows (phase decode); calibration needs them")
+    table = dict(PARAMETERS)
+    for p, cap in (bounds or {}).items():
+        lo, hi, x0 = table[p]
+        table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
+    engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode")
+    if prefill:
+        engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")
+        fitted.update(more)
+    engine, more = _power_and_workspace(df.reset_index(drop=True), groups, engine)
+    fitted.update(more)
+    ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
+    return Fit(engine, fitted, ape, len(ape))
+
+
+def _power_and_workspace(df, groups: list[Group], engine: Engine) -> tuple[Engine, dict]:
+    """Board power as a fraction of TDP (median over decode rows with NVML power), and the memory held beyond
+    weights, KV and scores (median of NVML's memory used minus kfsim's footprint), where the rows carry them."""
+    from . import memory
+
+    power, spare = [], []
+    for g in groups:
+        if g.phase != "decode":
+            continue
+        rows = df.loc[g.index]
+        if "power_w" in rows:
+            power += list(rows["power_w"].dropna() / g.setup.hw.tdp_w)
+        if "mem_used_gb" in rows:
+            s = g.setup
+            held = memory.footprint(s.workload, s.policy, s.dtypes, dataclasses.replace(engine, workspace_gb=0.0),
+                                    g.batch, g.cached)
+            spare += list(rows["mem_used_gb"].to_numpy(float) - held / 1e9)
+    values = {}
+    if power:
+        values["power_fraction_of_tdp"] = float(np.clip(np.median(power), 0.01, 1.0))
+    spare = [x for x in spare if np.isfinite(x)]
+    if spare:
+        values["workspace_gb"] = float(max(0.0, np.median(spare)))
+    return dataclasses.replace(engine, **values), values
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+def rounded(engine: Engine, **fields) -> Engine:
+    """The engine with every number at 4 significant digits (readable files; same file for the same fit)."""
+    plain = {f.name: _round(getattr(engine, f.name)) for f in dataclasses.fields(engine)
+             if isinstance(getattr(engine, f.name), float)}
+    kernels = {k: _round(v) for k, v in engine.kernels_per_op.items()}
+    return dataclasses.replace(engine, **plain, kernels_per_op=kernels, **fields)
+
+
+def bounds_of(param: str, caps: dict[str, float]) -> str:
+    """The range a parameter was fitted in, as text ('median of rows' for those read straight off the rows)."""
+    table = {**PARAMETERS, **PREFILL_PARAMETERS}
+    if param not in table:
+        return "median of the rows"
+    lo, hi, _ = table[param]
+    return f"{lo:g} .. {min(hi, caps.get(param, hi)):.4g}"

@@ -207,5 +207,118 @@ def microbench(out):
                      ["bench", "batch", "heads", "context", "ms", "GB/s", "TFLOP/s", "us/kernel"]))
 
 
+_MEASURED_ENGINE = click.option("--measured-engine", metavar="NAME",
+                                help="Use only rows whose `engine` column is NAME (e.g. torch-graph).")
+_PHASE = click.option("--phase", type=click.Choice(["all", "decode", "prefill"]), default="all", show_default=True,
+                      help="Which rows to use.")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="MEAS.csv [MORE.csv ...]")
+@click.option("--out", required=True, metavar="ENGINE.yaml", help="Where to write the fitted engine.")
+@click.option("--name", metavar="NAME", help="The engine's name. [default: the --out file's stem]")
+@click.option("--microbench", "micro", multiple=True, metavar="FILE",
+              help="Microbenchmark CSV from the same GPU (repeatable): caps the bandwidth fractions at what the "
+                   "skinny-GEMM and SDPA benchmarks reached.")
+@_MEASURED_ENGINE
+@_PHASE
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
+def calibrate(files, out, name, micro, measured_engine, phase, as_json):
+    """Fit an engine (efficiency parameters) to measured decode and prefill times.
+
+    \b
+    Example: kfsim calibrate measure/data/h100-sxm.csv --measured-engine torch-graph
+             --microbench measure/data/h100-sxm-microbench.csv --out my-engine.yaml
+    """
+    import json
+    from pathlib import Path
+
+    from . import calibrate as cal
+    from .fmt import table
+    from .hardware import get_hardware
+    from .measurements import load
+    from .validate import metrics
+
+    df = load(files, measured_engine, phase)
+    bounds = {}
+    for m in micro:
+        import pandas as pd
+
+        try:
+            mb = pd.read_csv(m)
+            gpu = str(mb["gpu"].dropna().iloc[0])
+        except (OSError, KeyError, IndexError, pd.errors.ParserError) as exc:
+            raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` ({exc})") from None
+        for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
+            bounds[k] = min(v, bounds.get(k, v))
+    name = name or Path(out).stem
+    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds)
+    gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
+    counts = df["phase"].value_counts().to_dict()
+    described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    eng = cal.rounded(f.engine, fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
+                      description=f"fitted by kfsim calibrate on {', '.join(files)}",
+                      source={"fit": f"kfsim calibrate {' '.join(files)}"
+                                     + "".join(f" --microbench {m}" for m in micro)
+                                     + (f" --measured-engine {measured_engine}" if measured_engine else ""),
+                              "in_sample_mape_pct": f"{f.mape:.2f}",
+                              "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()) or "none"})
+    eng.write(out)
+    m = metrics(f.ape)
+    if as_json:
+        click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in f.fitted}}))
+        return
+    click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {gpus}; in-sample MAPE {m['mape']:.2f}%, "
+               f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
+    rows = [[k, f"{getattr_path(eng, k):.4g}", f"{cal.bounds_of(k, bounds)}"] for k in f.fitted]
+    click.echo(table(rows, ["parameter", "value", "allowed range"]))
+    click.echo(f"wrote {out}  (use: kfsim predict --engine {out} ...)")
+
+
+def getattr_path(obj, dotted):
+    field, _, key = dotted.partition(".")
+    value = getattr(obj, field)
+    return value[key] if key else value
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="MEAS.csv [MORE.csv ...]")
+@click.option("--engine", required=True, metavar="NAME|FILE", help="Engine to predict with (`ideal`, shipped, file).")
+@click.option("--out", metavar="DIR", help="Write report.md, rows.csv and PNG figures into DIR.")
+@click.option("--title", metavar="TEXT", help="Title of the report. [default: from the files and engine]")
+@_MEASURED_ENGINE
+@_PHASE
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON (percent).")
+def validate(files, engine, out, title, measured_engine, phase, as_json):
+    """Compare predictions with measurements: error metrics by model and policy, plots, a Markdown report.
+
+    \b
+    Example: kfsim validate measure/data/h200.csv --measured-engine torch-graph --engine default
+             --out reports/h200-default
+    """
+    import json
+
+    from . import validate as val
+    from .engine import get_engine
+    from .fmt import table
+    from .measurements import load
+
+    eng = get_engine(engine)
+    df = load(files, measured_engine, phase)
+    cmp = val.compare(df, eng, ", ".join(files))
+    m = val.metrics(cmp["error_pct"])
+    groups = val.by_group(cmp)
+    if out:
+        title = title or f"kfsim validation: engine {eng.name} on {', '.join(files)}"
+        val.write_report(cmp, eng, out, title, list(files))
+    if as_json:
+        click.echo(json.dumps({**m, "engine": eng.name, "by_group": groups.to_dict(orient="records")}))
+        return
+    click.echo(table([[str(v) for v in r] for r in groups.itertuples(index=False)], list(groups.columns)))
+    click.echo(f"\nall {m['n']} rows: MAPE {m['mape']:.2f}%, median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
+    if out:
+        click.echo(f"wrote {out}/report.md, rows.csv and figures")
+
+
 def main():
     cli(prog_name="kfsim")

@@ -50,8 +50,11 @@ class Engine:
     prefill_kernel_overhead_us: float = rng(0, default=0.0)
     #: passes over fp32 logits (per query head and cached token) an unfused Keyformer/H2O scorer makes; 0 = fused
     keyformer_logit_passes: float = rng(0, default=0.0)
-    #: extra fixed time per attention kernel (its launch, split and combine latency), microseconds
-    attention_overhead_us: float = rng(0, default=0.0)
+    #: the same for prefill's scoring over the prompt (logits of every prompt query); 0 = fused
+    keyformer_prefill_logit_passes: float = rng(0, default=0.0)
+    #: fixed time per layer per decode step beyond the ops' kernels (cache writes, casts, copies, the pieces of
+    #: rotary), microseconds
+    layer_overhead_us: float = rng(0, default=0.0)
     #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)

@@ -44,3 +44,12 @@ def table(rows: list[list[str]], header: list[str] | None = None) -> str:
         if header and j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(df) -> str:
+    """A pandas DataFrame as a GitHub Markdown table (numbers as printed by pandas)."""
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join("" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |"
+            for row in df.itertuples(index=False)]
+    return "\n".join([head, rule] + body)

@@ -81,3 +81,35 @@ def read(path: str | Path, only_ok: bool = True):
         raise KfsimError(f"{path}: phase {bad_phase['phase'].iloc[0]!r} at row {bad_phase.index[0] + 2}; "
                          f"allowed: {', '.join(PHASES)}")
     return df.reset_index(drop=True)
+
+
+def load(paths, measured_engine: str | None = None, phase: str = "all"):
+    """Read and concatenate measurement files, keeping one measured engine and the chosen phase.
+
+    Files holding several engines (for instance torch-graph and torch-eager rows) need `measured_engine`.
+    """
+    import pandas as pd
+
+    frames = []
+    for p in paths:
+        df = read(p)
+        df["source"] = str(p)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    if "engine" in df.columns:
+        engines = sorted(df["engine"].dropna().astype(str).unique())
+        if measured_engine is not None:
+            if measured_engine not in engines:
+                raise KfsimError(f"no rows of measured engine {measured_engine!r}; the files hold: "
+                                 f"{', '.join(engines) or 'none'}")
+            df = df[df["engine"] == measured_engine]
+        elif len(engines) > 1:
+            raise KfsimError(f"the files hold rows of several engines ({', '.join(engines)}); "
+                             f"choose one with --measured-engine")
+    elif measured_engine is not None:
+        raise KfsimError(f"--measured-engine {measured_engine} given but the files have no engine column")
+    if phase != "all":
+        df = df[df["phase"] == phase]
+    if df.empty:
+        raise KfsimError(f"no usable rows in {', '.join(map(str, paths))} (phase {phase}, status ok)")
+    return df.reset_index(drop=True)

@@ -27,14 +27,16 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     ops = ops if ops is not None else decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
+    fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     return op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                    fixed_s=s.engine.step_overhead_us * 1e-6, split_tokens=split)
+                    fixed_s=fixed_us * 1e-6, split_tokens=split)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
     """Time to first token: the whole prompt through the model (compute-bound at long prompts)."""
     ops = ops if ops is not None else prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
-    return op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us)
+    return op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us,
+                    logit_passes=s.engine.keyformer_prefill_logit_passes)
 
 
 def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:

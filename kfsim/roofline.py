@@ -42,12 +42,14 @@ def attention_occupancy(engine: Engine, hw: Hardware, work_items) -> np.ndarray:
 
 
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
-             fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None) -> StepTime:
+             fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None,
+             logit_passes: float | None = None) -> StepTime:
     """Price `ops` on `hw` under `engine`.
 
     `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
-    `kernel_us` overrides the engine's fixed cost per kernel (prefill uses its own).
+    `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own).
     """
+    passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
     bw = hw.bandwidth_bytes_per_s
     tensor_peak = hw.peak_flops(compute)
     vector_peak = hw.peak_dense_tflops["fp32"] * 1e12
@@ -64,7 +66,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     for op in ops:
         tw = op.weight_bytes / (bw * engine.weight_bandwidth_fraction)
         tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
-        other = op.other_bytes + engine.keyformer_logit_passes * op.logit_pass_bytes
+        other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to
         if op.tensor:
@@ -74,8 +76,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * engine.kernels_per_op[op.kind]
         base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
-        per_kernel = base_us + (engine.attention_overhead_us if op.kind == "attention" else 0.0)
-        t_fixed = n_kernels * per_kernel * 1e-6
+        t_fixed = n_kernels * base_us * 1e-6
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)
         kv_s += np.where(memory_bound, tk, 0.0)

@@ -66,8 +66,8 @@ def group_rows(df, engine: Engine, where: str = "measurements") -> list[Group]:
         else:
             cached = attended_tokens(w, pol, context.astype(np.int64)).astype(float)
             ops = decode_ops(w, pol, dtypes, batch, cached)
-        groups.append(Group(setup, phase, batch, context, cached, g["step_ms"].to_numpy(float), g.index.to_numpy(),
-                            ops))
+        measured = g["step_ms"].to_numpy(float) if "step_ms" in g else np.full(len(g), np.nan)
+        groups.append(Group(setup, phase, batch, context, cached, measured, g.index.to_numpy(), ops))
     return groups
 
 

@@ -1,0 +1,128 @@
+"""Calibration recovers a known engine from synthetic measurements; bad files get one-line errors; validate works."""
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kfsim import calibrate, measurements
+from kfsim.cli import cli
+from kfsim.engine import IDEAL, get_engine
+from kfsim.errors import KfsimError
+from kfsim.rows import predict_frame
+
+TRUE = dataclasses.replace(
+    IDEAL, name="true", weight_bandwidth_fraction=0.8, kv_bandwidth_fraction=0.7, kernel_overhead_us=2.0,
+    layer_overhead_us=40.0, step_overhead_us=50.0, kernels_per_op={"keyformer": 20.0}, keyformer_logit_passes=10.0,
+    attention_saturation_items=64.0, attention_split_tokens=512.0, evicting_attention_split_tokens=4096.0,
+    gemm_compute_fraction=0.6, attention_compute_fraction=0.4, prefill_kernel_overhead_us=6.0,
+    keyformer_prefill_logit_passes=8.0)
+
+
+def synthetic(engine=TRUE, gpu="h100-sxm"):
+    rows = []
+    for model in ("gpt-j-6b", "llama-3-8b"):
+        for policy, ratio in (("full", 1.0), ("keyformer", 0.5), ("keyformer", 0.2)):
+            for b in (1, 4, 16, 64):
+                for c in (1024, 4096, 16384):
+                    rows.append(dict(gpu=gpu, model=model, batch=b, context=c, kv_ratio=ratio, policy=policy,
+                                     phase="decode"))
+            for p in (512, 2048, 8192):
+                rows.append(dict(gpu=gpu, model=model, batch=1, context=p, kv_ratio=ratio, policy=policy,
+                                 phase="prefill"))
+    df = pd.DataFrame(rows)
+    df["step_ms"] = predict_frame(df, engine)
+    return df
+
+
+def test_recovers_a_known_engine():
+    df = synthetic()
+    f = calibrate.fit(df, "recovered")
+    assert f.mape < 0.5
+    assert f.engine.weight_bandwidth_fraction == pytest.approx(0.8, rel=0.05)
+    assert f.engine.kv_bandwidth_fraction == pytest.approx(0.7, rel=0.05)
+    assert f.engine.gemm_compute_fraction == pytest.approx(0.6, rel=0.1)
+    # and it predicts another GPU about as the true engine does (fixed costs and bandwidth trade off a little)
+    other = synthetic(gpu="h200")
+    err = np.abs(predict_frame(other, f.engine) / other["step_ms"] - 1)
+    assert err.mean() < 0.02 and err.max() < 0.06
+
+
+def test_fit_is_deterministic():
+    df = synthetic()
+    assert calibrate.fit(df, "a").fitted == calibrate.fit(df, "a").fitted
+
+
+def test_too_few_rows():
+    df = synthetic().head(5)
+    with pytest.raises(KfsimError, match="too few to fit"):
+        calibrate.fit(df, "x")
+
+
+def test_ceilings_cap_fractions():
+    micro = pd.DataFrame({"bench": ["skinny_gemm", "sdpa_decode"], "gbps": [2680.0, 3015.0]})
+    from kfsim.hardware import get_hardware
+
+    caps = calibrate.ceilings(micro, get_hardware("h100"))
+    assert caps == pytest.approx({"weight_bandwidth_fraction": 0.8, "kv_bandwidth_fraction": 0.9})
+    f = calibrate.fit(synthetic(dataclasses.replace(TRUE, weight_bandwidth_fraction=0.95)), "c", bounds=caps)
+    assert f.engine.weight_bandwidth_fraction <= 0.8 + 1e-9
+
+
+def write(tmp_path, df, name="m.csv"):
+    p = tmp_path / name
+    df.to_csv(p, index=False)
+    return str(p)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.drop(columns=["step_ms"]), "missing required column(s) step_ms"),
+    (lambda d: d.assign(gpu="h300"), "unknown gpu 'h300'"),
+    (lambda d: d.assign(model="gpt-k"), "unknown model 'gpt-k'"),
+    (lambda d: d.assign(batch="x"), "column batch has a bad value 'x'"),
+    (lambda d: d.assign(phase="train"), "phase 'train'"),
+    (lambda d: d.head(4), "too few to fit"),
+])
+def test_calibrate_refuses_bad_files(tmp_path, edit, message):
+    p = write(tmp_path, edit(synthetic()))
+    r = run("calibrate", p, "--out", str(tmp_path / "e.yaml"))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_calibrate_then_validate_cli(tmp_path):
+    p = write(tmp_path, synthetic())
+    out = tmp_path / "fitted.yaml"
+    r = run("calibrate", p, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "in-sample MAPE" in r.output and get_engine(str(out)).name == "fitted"
+    r = run("validate", p, "--engine", str(out), "--json", "--out", str(tmp_path / "rep"))
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert {"mape", "median_ape", "max_ape", "n"} <= set(m) and m["n"] == 90 and m["mape"] < 1
+    for f in ("report.md", "rows.csv", "predicted_vs_measured.png", "error_vs_context.png", "error_vs_batch.png"):
+        assert (tmp_path / "rep" / f).exists()
+    r = run("predict", "--gpu", "h200", "--seq", "4096", "--engine", str(out), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["engine"] == "fitted"
+
+
+def test_several_measured_engines_need_a_choice(tmp_path):
+    df = synthetic()
+    df["engine"] = ["torch-graph", "torch-eager"] * (len(df) // 2)
+    p = write(tmp_path, df)
+    r = run("validate", p, "--engine", "ideal")
+    assert r.exit_code == 2 and "choose one with --measured-engine" in r.output
+    assert run("validate", p, "--engine", "ideal", "--measured-engine", "torch-graph").exit_code == 0
+
+
+def test_shipped_default_engine_matches_committed_data():
+    """The shipped engine predicts the committed H100 measurements it was fitted on (regression guard)."""
+    df = measurements.load(["measure/data/h100-sxm.csv"], "torch-graph", "decode")
+    err = predict_frame(df, get_engine("default")) / df["step_ms"] - 1
+    assert np.mean(np.abs(err)) < 0.05
