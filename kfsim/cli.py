@@ -43,6 +43,15 @@ def cli():
     """
 
 
+def _need(command: str, *modules: str) -> None:
+    """A one-line error naming the extra to install when an optional package is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KfsimError(f"kfsim {command} needs {', '.join(missing)}: pip install -e '.[analysis]'")
+
+
 def _ratio(ctx, param, value):
     if value is not None and not (0 < value <= 1):
         raise click.BadParameter(f"{value:g} is out of range; allowed: 0 < value <= 1")
@@ -230,6 +239,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, as_json):
     Example: kfsim calibrate measure/data/h100-sxm.csv --measured-engine torch-graph
              --microbench measure/data/h100-sxm-microbench.csv --out my-engine.yaml
     """
+    _need("calibrate", "pandas", "scipy")
     import json
     from pathlib import Path
 
@@ -296,6 +306,7 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     Example: kfsim validate measure/data/h200.csv --measured-engine torch-graph --engine default
              --out reports/h200-default
     """
+    _need("validate", "pandas", "matplotlib")
     import json
 
     from . import validate as val
