@@ -331,5 +331,122 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
         click.echo(f"wrote {out}/report.md, rows.csv and figures")
 
 
+@cli.command()
+@click.option("--gpu", "gpus", default="h100-sxm", show_default=True, metavar="LIST", help="GPUs, e.g. a100,h100,h200.")
+@click.option("--model", "models", default="gpt-j-6b", show_default=True, metavar="LIST", help="Models.")
+@click.option("--batch", default="1", show_default=True, metavar="LIST|RANGE", help="Batches: 1,8,32 or 1:64:1.")
+@click.option("--seq", required=True, metavar="LIST|RANGE", help="Contexts: 1024,4096 or 256:16384:256 (inclusive).")
+@click.option("--kv-ratio", default="1", show_default=True, metavar="LIST", help="KV budgets (fractions of context).")
+@click.option("--policy", default="keyformer", show_default=True, metavar="LIST",
+              help="Policies for kv-ratio < 1 (kv-ratio 1 is always the full cache).")
+@click.option("--kv-dtype", default="", metavar="LIST", help="KV dtypes. [default: each model's]")
+@click.option("--engine", default="default", show_default=True, metavar="LIST", help="Engines (names or files).")
+@click.option("--window", type=float, default=0.3, show_default=True, callback=_ratio,
+              help="Recent window as a fraction of the budget.")
+@click.option("--out", metavar="FILE", help="Write every point to FILE (.csv or .parquet).")
+def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, out):
+    """Predict the cross product of the lists in one vectorised pass.
+
+    \b
+    Example: kfsim sweep --gpu a100,h100,h200 --model llama-3-8b --batch 1:64:1 --seq 256:16384:256
+             --kv-ratio 1,0.5,0.2 --out sweep.parquet
+    """
+    _need("sweep", "pandas")
+    from . import sweep as sw
+    from .fmt import table
+    from .values import parse_list
+
+    lists = dict(
+        gpus=parse_list(gpus, "gpu", str), models=parse_list(models, "model", str),
+        batches=parse_list(batch, "batch", int, lo=1), seqs=parse_list(seq, "seq", int, lo=1),
+        kv_ratios=parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1),
+        policies=parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window")),
+        kv_dtypes=parse_list(kv_dtype, "kv-dtype", str) if kv_dtype else [None],
+        engines=parse_list(engine, "engine", str))
+    progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))
+    df = sw.sweep(window=window, on_progress=progress, **lists)
+    progress.close()
+    if out:
+        sw.write(df, out)
+        click.echo(f"wrote {len(df):,} points to {out}")
+        return
+    cols = ["gpu", "model", "policy", "kv_ratio", "batch", "seq", "step_ms", "tokens_per_s", "fits"]
+    shown = df[cols].head(40)
+    click.echo(table([[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in shown.itertuples(index=False)],
+                     cols))
+    if len(df) > len(shown):
+        click.echo(f"... {len(df) - len(shown):,} more points; write them all with --out FILE.csv")
+
+
+@cli.command()
+@click.option("--model", default="gpt-j-6b", show_default=True, metavar="NAME", help="Model to serve.")
+@click.option("--prompt-len", type=click.IntRange(min=1), required=True, metavar="P", help="Prompt tokens per request.")
+@click.option("--gen-len", type=click.IntRange(min=1), required=True, metavar="G", help="Generated tokens per request.")
+@click.option("--target-tokens-per-s", type=click.FloatRange(min=0, min_open=True), required=True, metavar="T",
+              help="Generated tokens per second the whole deployment must serve.")
+@click.option("--max-step-ms", type=click.FloatRange(min=0, min_open=True), metavar="L",
+              help="Latency bound on every decode step (time between tokens), ms.")
+@click.option("--gpus", default="a100,h100,h200", show_default=True, metavar="LIST", help="GPU types to consider.")
+@click.option("--kv-ratio", default="1,0.5,0.2", show_default=True, metavar="LIST", help="KV budgets to consider.")
+@click.option("--policy", type=click.Choice(["keyformer", "h2o", "window"]), default="keyformer", show_default=True,
+              help="Policy used for kv-ratio < 1.")
+@click.option("--engine", default="default", show_default=True, metavar="NAME|FILE", help="Engine.")
+@click.option("--usd-per-hour", "prices", default="", metavar="GPU=PRICE,...",
+              help="Hourly price per GPU for cost per million tokens, e.g. h100=2.5,h200=3.2.")
+@click.option("--json", "as_json", is_flag=True, help="Print the options as JSON, best first.")
+def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_ratio, policy, engine, prices,
+         as_json):
+    """Which GPU, batch, KV budget and GPU count serve a token rate within a latency bound; the best first.
+
+    \b
+    Example: kfsim plan --model llama-3-8b --prompt-len 2048 --gen-len 256 --target-tokens-per-s 20000
+             --max-step-ms 50 --usd-per-hour h100=2.5,h200=3.2
+    """
+    import dataclasses
+    import json
+
+    from .fmt import table
+    from .hardware import get_hardware
+    from .inputs import make_setup
+    from .plan import plan as make_plan
+    from .values import parse_list
+
+    price = {}
+    for item in parse_list(prices, "usd-per-hour", str) if prices else []:
+        gpu, sep, value = item.partition("=")
+        if not sep:
+            raise KfsimError(f"--usd-per-hour: {item!r} must be GPU=PRICE, e.g. h100=2.5")
+        try:
+            price[get_hardware(gpu).name] = float(value)
+        except ValueError:
+            raise KfsimError(f"--usd-per-hour: price {value!r} for {gpu} is not a number") from None
+    setups = [make_setup(gpu=g, model=model, engine=engine, policy=None if r >= 1 else policy, kv_ratio=r)
+              for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)]
+    options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
+        return
+    best = options[0]
+    bound = f" within {max_step_ms:g} ms per step" if max_step_ms else ""
+    if not best.feasible:
+        click.echo(f"No option serves {model}{bound}: " + "; ".join(f"{o.gpu} kv-ratio {o.kv_ratio:g}: {o.why}"
+                                                                    for o in options))
+        return
+    cost = (f", ${best.usd_per_million_tokens:.3f} per million tokens" if best.usd_per_million_tokens is not None
+            else " (give --usd-per-hour to rank by cost)")
+    click.echo(f"Recommended: {best.gpus_needed} x {best.gpu}, {best.policy} kv-ratio {best.kv_ratio:g}, batch "
+               f"{best.batch} per GPU: {best.tokens_per_s_per_gpu:,.0f} generated tokens/s per GPU{cost}, "
+               f"{best.joules_per_token:.3f} J/token, step {best.step_ms:.1f} ms, TTFT {best.ttft_ms:,.0f} ms.")
+    click.echo(f"(model {model}, {prompt_len} + {gen_len} tokens per request, target "
+               f"{target_tokens_per_s:,.0f} tokens/s{bound}, engine {setups[0].engine.name})\n")
+    rows = [[o.gpu, o.policy, f"{o.kv_ratio:g}", str(o.batch) if o.feasible else "-",
+             str(o.gpus_needed) if o.feasible else "-", f"{o.tokens_per_s_per_gpu:,.0f}" if o.feasible else "-",
+             f"{o.step_ms:.1f}" if o.feasible else "-", f"{o.ttft_ms:,.0f}" if o.feasible else "-",
+             "-" if o.usd_per_million_tokens is None else f"{o.usd_per_million_tokens:.3f}",
+             f"{o.joules_per_token:.3f}" if o.feasible else "-", o.why] for o in options]
+    click.echo(table(rows, ["gpu", "policy", "kv_ratio", "batch", "gpus", "tok/s/gpu", "step_ms", "ttft_ms",
+                            "usd/Mtok", "J/token", "note"]))
+
+
 def main():
     cli(prog_name="kfsim")

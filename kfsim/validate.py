@@ -53,9 +53,12 @@ def plots(cmp, out_dir: Path, title: str) -> list[Path]:
     colours = dict(zip(sorted(cmp["model"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 
     def scatter(ax, x, y, g):
-        for (model, policy), s in g.groupby(["model", "policy"]):
-            ax.scatter(s[x], s[y], marker=markers.get(policy, "o"), color=colours[model], alpha=0.8, s=28,
-                       label=f"{model} {policy}")
+        """Filled markers for decode steps, hollow ones for prefills."""
+        for (phase, model, policy), s in g.groupby(["phase", "model", "policy"]):
+            hollow = phase == "prefill"
+            ax.scatter(s[x], s[y], marker=markers.get(policy, "o"), alpha=0.8, s=28,
+                       facecolors="none" if hollow else colours[model], edgecolors=colours[model],
+                       label=f"{model} {policy} {phase}")
 
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     scatter(ax, "step_ms", "predicted_ms", cmp)

@@ -16,6 +16,9 @@ def parse_list(text: str, flag: str, kind: Callable = int, lo: float | None = No
         part = part.strip()
         if not part:
             raise KfsimError(f"--{flag} {text!r} has an empty element; use a list like 1,8,32")
+        if kind is str and choices is None:
+            items.append(part)
+            continue
         if choices is not None:
             if part not in choices:
                 raise KfsimError(f"--{flag}: {part!r} is not allowed; allowed: {', '.join(choices)}")
