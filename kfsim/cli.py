@@ -448,5 +448,33 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
                             "usd/Mtok", "J/token", "note"]))
 
 
+@cli.command()
+@click.option("--model", default="gpt-j-6b", show_default=True, metavar="NAME", help="Model to report on.")
+@click.option("--gpus", default="a100,h100,h200", show_default=True, metavar="LIST",
+              help="GPUs; the first is used where a figure shows one GPU.")
+@click.option("--engine", default="default", show_default=True, metavar="NAME|FILE", help="Engine.")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Batch for figures that fix one.")
+@click.option("--seq", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Context for figures that fix one.")
+@click.option("--out", required=True, metavar="DIR", help="Folder for report.html, report.md and the PNG figures.")
+def report(model, gpus, engine, batch, seq, out):
+    """Write a self-contained HTML report (and Markdown) with capacity-planning figures.
+
+    \b
+    Example: kfsim report --model llama-3-8b --gpus h100,h200 --out reports/llama-3-8b/
+    """
+    _need("report", "matplotlib")
+    from .inputs import make_setup
+    from .report import build
+    from .values import parse_list
+
+    gpu_list = parse_list(gpus, "gpus", str)
+    for g in gpu_list:  # resolve every name first: a bad one is a one-line error before any figure is drawn
+        make_setup(gpu=g, model=model, engine=engine)
+    path = build(model, gpu_list, engine, out, batch, seq)
+    click.echo(f"wrote {path} and report.md with 6 figures")
+
+
 def main():
     cli(prog_name="kfsim")

@@ -1,0 +1,188 @@
+"""`kfsim report`: capacity-planning figures for one model on several GPUs, as PNGs with Markdown and a
+self-contained HTML page (figures embedded, so it opens with no network). One idea per figure; units on every axis."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from .inputs import make_setup
+from .ops import attended_tokens, decode_ops
+from .predict import predict, step_time
+
+CONTEXTS = np.unique(np.geomspace(256, 32768, 40).astype(int))
+BATCHES = np.unique(np.geomspace(1, 512, 30).astype(int))
+RATIOS = (1.0, 0.5, 0.2)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _setup(gpu, model, engine, ratio):
+    return make_setup(gpu=gpu, model=model, engine=engine, policy=None if ratio >= 1 else "keyformer",
+                      kv_ratio=ratio)
+
+
+def _label(ratio):
+    return "full cache" if ratio >= 1 else f"Keyformer kv-ratio {ratio:g}"
+
+
+def fig_roofline(ax, gpu, model, engine, batch, context):
+    """Each decode op at its arithmetic intensity and achieved FLOP/s, under the GPU's roofline."""
+    s = _setup(gpu, model, engine, 1.0)
+    peak = s.hw.peak_flops(s.dtypes.compute)
+    bw = s.hw.bandwidth_bytes_per_s
+    x = np.geomspace(0.05, 2e4, 200)
+    ax.plot(x, np.minimum(peak, x * bw) / 1e12, "k-", lw=1.2, label=f"{s.hw.name} roofline")
+    for ratio, marker in ((1.0, "o"), (0.2, "^")):
+        s = _setup(gpu, model, engine, ratio)
+        cached = attended_tokens(s.workload, s.policy, np.array(context))
+        t = step_time(s, batch, cached)
+        for op in decode_ops(s.workload, s.policy, s.dtypes, batch, cached):
+            moved = float(op.weight_bytes + op.kv_read_bytes + op.kv_write_bytes + op.other_bytes
+                          + s.engine.keyformer_logit_passes * op.logit_pass_bytes)
+            if moved <= 0 or float(op.flops) <= 0:
+                continue
+            ax.scatter(float(op.flops) / moved, float(op.flops) / float(t.per_op[op.name]) / 1e12, marker=marker,
+                       s=30, alpha=0.8, label=None)
+            if ratio == 1.0:
+                ax.annotate(op.name, (float(op.flops) / moved, float(op.flops) / float(t.per_op[op.name]) / 1e12),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([], [], marker="o", color="grey", label="op, full cache")
+    ax.scatter([], [], marker="^", color="grey", label="op, Keyformer 0.2")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte moved)",
+           ylabel="achieved TFLOP/s (engine " + s.engine.name + ")",
+           title=f"Decode ops of {model} on {s.hw.name}, batch {batch}, context {context:,}")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def fig_latency_vs_context(axes, gpu, model, engine, batch):
+    for ratio in RATIOS:
+        out = predict(_setup(gpu, model, engine, ratio), batch, CONTEXTS)
+        axes[0].plot(CONTEXTS, out["step_ms"], label=_label(ratio))
+        axes[1].plot(CONTEXTS, out["tokens_per_s"], label=_label(ratio))
+    axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode step (ms)",
+                title=f"{model} on {gpu}, batch {batch}: step latency")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="generated tokens/s",
+                title=f"{model} on {gpu}, batch {batch}: throughput")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
+def _colour(i):
+    return _plt().rcParams["axes.prop_cycle"].by_key()["color"][i % 10]
+
+
+def fig_max_batch(ax, gpus, model, engine):
+    """Colour = GPU, line style = KV budget."""
+    for i, gpu in enumerate(gpus):
+        for ratio, style in zip(RATIOS, ("-", "--", ":")):
+            out = predict(_setup(gpu, model, engine, ratio), 1, CONTEXTS)
+            ax.plot(CONTEXTS, out["max_batch"], style, color=_colour(i), label=f"{gpu}, {_label(ratio)}")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="largest batch that fits (sequences)",
+           title=f"{model}: sequences that fit in GPU memory")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+
+
+def fig_frontier(ax, gpus, model, engine, context):
+    """Colour = GPU, line style = KV budget; each line ends at the largest batch that fits."""
+    for i, gpu in enumerate(gpus):
+        for ratio, style in zip(RATIOS, ("-", "--", ":")):
+            out = predict(_setup(gpu, model, engine, ratio), BATCHES, context)
+            fits = out["fits"]
+            ax.plot(out["step_ms"][fits], out["tokens_per_s"][fits], style, marker=".", color=_colour(i),
+                    label=f"{gpu}, {_label(ratio)}")
+    ax.set(xscale="log", yscale="log", xlabel="decode step latency (ms), batch growing along each line",
+           ylabel="generated tokens/s per GPU", title=f"{model}, context {context:,}: throughput vs latency over batch")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+
+
+def fig_speedup(axes, gpu, model, engine):
+    for ratio in RATIOS[1:]:
+        s = _setup(gpu, model, engine, ratio)
+        for batch in (1, 16, 64):
+            out = predict(s, batch, CONTEXTS)
+            axes[0].plot(CONTEXTS, out["speedup_vs_full"], label=f"kv-ratio {ratio:g}, batch {batch}")
+        for context in (2048, 8192):
+            out = predict(s, BATCHES, context)
+            axes[1].plot(BATCHES, out["speedup_vs_full"], label=f"kv-ratio {ratio:g}, context {context:,}")
+    for ax, x in zip(axes, ("context (tokens)", "batch (sequences)")):
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel=x, ylabel="Keyformer speedup over full cache (x)",
+               title=f"{model} on {gpu}: speedup against {x.split()[0]}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+
+
+def fig_bytes(ax, gpu, model, engine, batch):
+    labels, weights, kv, other = [], [], [], []
+    for ratio in RATIOS:
+        for context in (1024, 4096, 16384):
+            out = predict(_setup(gpu, model, engine, ratio), batch, context)
+            labels.append(f"{context // 1024}k\n{'full' if ratio >= 1 else f'KF {ratio:g}'}")
+            weights.append(float(out["weight_bytes"]) / 1e9)
+            kv.append(float(out["kv_bytes"]) / 1e9)
+            other.append(float(out["other_bytes"]) / 1e9)
+    x = np.arange(len(labels))
+    ax.bar(x, weights, label="weights")
+    ax.bar(x, kv, bottom=weights, label="KV cache")
+    ax.bar(x, other, bottom=np.add(weights, kv), label="activations, scores, logits")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set(ylabel="bytes moved per decode step (GB)", xlabel="context and policy",
+           title=f"{model} on {gpu}, batch {batch}: where the bytes go")
+    ax.legend(fontsize=8)
+
+
+def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: int = 16,
+          context: int = 4096) -> Path:
+    """Write the figures, report.md and report.html into `out_dir`; returns the HTML path."""
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = gpus[0]
+    specs = [
+        ("roofline", "The roofline and each decode op", (7, 5), 1, lambda a: fig_roofline(a[0], main, model, engine,
+                                                                                           batch, context)),
+        ("latency_vs_context", "Step latency and tokens/s against context", (12, 4.2), 2,
+         lambda a: fig_latency_vs_context(a, main, model, engine, batch)),
+        ("max_batch", "Largest batch that fits", (7, 5), 1, lambda a: fig_max_batch(a[0], gpus, model, engine)),
+        ("frontier", "Throughput-latency frontier over batch", (7, 5), 1,
+         lambda a: fig_frontier(a[0], gpus, model, engine, context)),
+        ("speedup", "Keyformer speedup against context and batch", (12, 4.2), 2,
+         lambda a: fig_speedup(a, main, model, engine)),
+        ("bytes", "Where the bytes go", (8, 4.5), 1, lambda a: fig_bytes(a[0], main, model, engine, batch)),
+    ]
+    sections = []
+    for name, title, size, n, draw in specs:
+        fig, axes = plt.subplots(1, n, figsize=size)
+        draw(np.atleast_1d(axes))
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        sections.append((name, title, path))
+    intro = (f"kfsim report for {model} on {', '.join(gpus)} (engine {engine}); figures use batch {batch} and "
+             f"context {context:,} where one value is needed. Keyformer keeps kv-ratio x context tokens.")
+    md = [f"# {model}: capacity planning", "", intro, ""]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>kfsim: {html.escape(model)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}</style></head>"
+            f"<body><h1>{html.escape(model)}: capacity planning</h1><p>{html.escape(intro)}</p>"]
+    for name, title, path in sections:
+        md += [f"## {title}", "", f"![{title}]({path.name})", ""]
+        data = base64.b64encode(path.read_bytes()).decode()
+        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    page.append("</body></html>")
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text("\n".join(page))
+    return out / "report.html"
