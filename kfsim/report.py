@@ -89,7 +89,7 @@ def fig_max_batch(ax, gpus, model, engine):
             out = predict(_setup(gpu, model, engine, ratio), 1, CONTEXTS)
             ax.plot(CONTEXTS, out["max_batch"], style, color=_colour(i), label=f"{gpu}, {_label(ratio)}")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="largest batch that fits (sequences)",
-           title=f"{model}: sequences that fit in GPU memory")
+           title=f"{model}: sequences that fit in GPU memory\n(GPUs with equal memory draw on top of each other)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
 
