@@ -151,13 +151,16 @@ def list_cmd(what, as_json):
 @click.option("--steps", type=click.IntRange(min=5), default=50, show_default=True, help="Timed steps per point.")
 @click.option("--warmup", type=click.IntRange(min=1), default=10, show_default=True, help="Untimed steps first.")
 @click.option("--eager", is_flag=True, help="Launch kernels one by one instead of replaying a CUDA graph.")
+@click.option("--engine", "engine", type=click.Choice(["torch-graph", "compiled"]), default="torch-graph",
+              show_default=True, help="torch-graph: the plain decoder in a CUDA graph; compiled: torch.compile "
+              "glue + fused split-K Triton attention with Keyformer scoring, in a CUDA graph.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
-def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, prefill_prompts, prefill_batch,
-            out, no_resume):
+def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine, prefill_prompts,
+            prefill_batch, out, no_resume):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
     \b
@@ -185,7 +188,10 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
     if not points:
         raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
-    runner = campaign.Runner(steps=steps, warmup=warmup, graph=not eager, window=window)
+    if eager and engine != "torch-graph":
+        raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")
+    runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
+                             engine="torch-eager" if eager else engine)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
     rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
     from .fmt import table

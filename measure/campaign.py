@@ -58,8 +58,11 @@ def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
-    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, log=sys.stderr):
-        self.steps, self.warmup, self.graph, self.window = steps, warmup, graph, window
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, log=sys.stderr, engine=None):
+        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled."""
+        self.engine = engine or ("torch-graph" if graph else "torch-eager")
+        self.graph = self.engine != "torch-eager"
+        self.steps, self.warmup, self.window = steps, warmup, window
         self.nvml = nvml or Nvml()
         self.env = environment(self.nvml)
         self.model_name, self.model = None, None
@@ -67,16 +70,20 @@ class Runner:
 
     def _model(self, name):
         if name != self.model_name:
-            self.model = None
+            self.model = self.compiled = None
             torch.cuda.empty_cache()
             self.model = build(get_workload(name))
+            if self.engine == "compiled":
+                from .compiled import CompiledDecoder
+
+                self.compiled = CompiledDecoder(self.model)
             self.model_name = name
         return self.model
 
     def measure(self, pt: Point) -> dict:
         w = get_workload(pt.model)
         row = {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
-               "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": "torch-graph" if self.graph else "torch-eager",
+               "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine,
                "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         try:
@@ -105,7 +112,13 @@ class Runner:
             c.fill_random(pt.context)
         tokens = torch.randint(0, w.vocab_size, (pt.batch,), device="cuda")
         pos = torch.tensor(pt.context, device="cuda")
-        step = lambda: model.decode(tokens, pos, caches)  # noqa: E731
+        if self.engine == "compiled":
+            from .compiled import fuse_caches
+
+            caches = fuse_caches(caches, alibi=w.position == "alibi")
+            step = lambda: self.compiled.decode(tokens, pos, caches)  # noqa: E731
+        else:
+            step = lambda: model.decode(tokens, pos, caches)  # noqa: E731
         if self.graph:
             g = timing.capture_graph(step)
             step = g.replay
@@ -151,8 +164,8 @@ def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = Tru
     done = measurements.done_keys(out) if resume else set()
     rows = []
     for i, pt in enumerate(points, 1):
-        probe = {"gpu": runner.env["gpu"], "model": pt.model, "phase": pt.phase,
-                 "engine": "torch-graph" if runner.graph else "torch-eager", "batch": pt.batch,
+        probe = {"gpu": runner.env["gpu"], "model": pt.model, "phase": pt.phase, "engine": runner.engine,
+                 "batch": pt.batch,
                  "context": pt.context, "kv_ratio": pt.kv_ratio, "policy": pt.policy}
         if measurements.point_key(probe) in done:
             echo(f"[{i}/{len(points)}] {_label(pt)}: already measured, skipped")

@@ -209,3 +209,25 @@ def test_graph_step_on_gpu():
     runner = campaign.Runner(steps=5, warmup=2)
     row = runner.measure(campaign.Point("cerebras-gpt-111m", "decode", 2, 256, 0.5, "keyformer"))
     assert row["status"] == "ok" and row["step_ms"] > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compiled_glue_matches_decoder(name):
+    """The compiled engine's functional layer glue (run here uncompiled) gives the decoder's logits."""
+    from measure.compiled import CompiledDecoder
+
+    w = tiny(name)
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, w.vocab_size, (2, 10))
+    a = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    b = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    glue = CompiledDecoder(model, compile=False)
+    with torch.no_grad():
+        model.prefill(prompt, a)
+        model.prefill(prompt, b)
+        token = torch.tensor([3, 7])
+        for i in range(3):
+            la = model.decode(token, 10 + i, a)
+            lb = glue.decode(token, 10 + i, b)
+            assert torch.allclose(la, lb, atol=1e-5)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The fused-decoder benchmark on one GPU: kernel checks, then the grid with the compiled engine
+# (full cache also at every Keyformer budget, for the ideal reduced-cache step), then the table.
+# Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
+set -uo pipefail
+out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
+models=${2:-gpt-j-6b,llama-3-8b}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! python3 -c "import click, yaml, pynvml" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+gpu=$(python3 -c "from measure.env import environment; print(environment()['gpu'])") || exit 1
+python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -5 | tee "$out/$gpu-fused-tests.txt"
+kf="python3 -m kfsim"
+[ -f "measure/data/$gpu-microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
+micro=measure/data/$gpu-microbench.csv; [ -f "$micro" ] || micro=$out/$gpu-microbench.csv
+timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch 1,16,64 \
+  --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$gpu-compiled.csv"
+timeout "${KF_S:-200}" $kf measure --engine compiled --model "$models" --batch 1,16,64 --context 1024,4096,16384 \
+  --kv-ratio 0.5,0.2 --policy keyformer --steps 50 --out "$out/$gpu-compiled.csv"
+python3 -m measure.fused_table "$out/$gpu-compiled.csv" "$micro" | tee "$out/$gpu-fused-table.md" | tail -4
