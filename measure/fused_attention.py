@@ -38,7 +38,7 @@ def _split_kernel(Q, K, V, POS, LOGITS, NOISE, SEED, TAU, M, L, ACC, MZ, LZ,
                   S, n_valid, split_len, scale,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr,
-                  SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr):
+                  SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -67,14 +67,20 @@ def _split_kernel(Q, K, V, POS, LOGITS, NOISE, SEED, TAU, M, L, ACC, MZ, LZ,
         if HAS_POS:
             pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
             valid = valid & (pos >= 0)
-        x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
+            x = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
+        else:
+            x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(x - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
         if SCORE:
             offs = (b * H + heads)[:, None] * S + n[None, :]
@@ -200,7 +206,7 @@ class FusedDecoder:
             self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, SCORE=score, HAS_POS=pos is not None,
-            USE_NOISE=noise is not None)
+            USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
         _combine_kernel[(self.B * self.H,)](
             self.m, self.l, self.acc, self.mz if score else dummy, self.lz if score else dummy, out,
             self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT,
