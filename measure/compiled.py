@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
-from .fused_attention import FusedFullCache, FusedKeyformerCache
+from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState
 from .kv_policies import EvictingCache, FullCache
 
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -23,11 +23,12 @@ def fuse_caches(caches: list, split_tokens: int = 512, alibi: bool = False) -> l
     if alibi:
         return list(caches)
     out = []
-    for c in caches:
+    state = StepState(caches[0].k.device) if caches else None
+    for i, c in enumerate(caches):
         if isinstance(c, FullCache):
             out.append(FusedFullCache(c, split_tokens))
         elif isinstance(c, EvictingCache) and c.kind == "keyformer":
-            out.append(FusedKeyformerCache(c, split_tokens))
+            out.append(FusedKeyformerCache(c, split_tokens, state, first=i == 0, last=i == len(caches) - 1))
         else:
             out.append(c)
     return out

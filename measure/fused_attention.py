@@ -34,11 +34,23 @@ def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, POS, LOGITS, NOISE, SEED, TAU, M, L, ACC, MZ, LZ,
-                  S, n_valid, split_len, scale,
+def _free_slot(CANDV, CANDI, row, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The slot to write the new token into: the lowest-ranked candidate over the splits of the last step."""
+    s = tl.arange(0, BLOCK_S)
+    vals = tl.load(CANDV + row * NSPLIT + s, mask=s < NSPLIT, other=float("inf"))
+    idx = tl.load(CANDI + row * NSPLIT + s, mask=s < NSPLIT, other=2147483647)
+    v = tl.min(vals, 0)
+    first = tl.min(tl.where(vals == v, s, BLOCK_S), 0)
+    return tl.sum(tl.where(s == first, idx, 0), 0)
+
+
+@triton.jit
+def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, LOGITS, NOISE, M, L, ACC, MZ, LZ,
+                  S, n_valid, split_len, scale, tau_init, tau_delta,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr,
-                  SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr,
+                  IEEE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -55,17 +67,36 @@ def _split_kernel(Q, K, V, POS, LOGITS, NOISE, SEED, TAU, M, L, ACC, MZ, LZ,
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     mz = tl.full([BLOCK_G], float("-inf"), tl.float32)
     lz = tl.zeros([BLOCK_G], tl.float32)
+    # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
+    if HAS_POS:
+        new_slot = _free_slot(CANDV, CANDI, pid, NSPLIT, BLOCK_S)
+        cur = tl.load(CUR)
+    else:
+        new_slot = n_valid - 1
+    knew = tl.load(KNEW + pid * D + d)
+    vnew = tl.load(VNEW + pid * D + d)
+    if (new_slot >= start) & (new_slot < start + split_len):
+        tl.store(K + (kv_base + new_slot) * D + d, knew)
+        tl.store(V + (kv_base + new_slot) * D + d, vnew)
+        if HAS_POS:
+            tl.store(POS + kv_base + new_slot, cur)
+            tl.store(SCORE_BUF + kv_base + new_slot, 0.0)
     if SCORE:
-        seed = tl.load(SEED)
-        tau = tl.load(TAU)
+        step = tl.load(STEP)
+        seed = step.to(tl.int32)
+        tau = tau_init + step * tau_delta
     for i in range(0, BLOCKS):  # BLOCKS x BLOCK_N = split_len
         n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < n_valid
-        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
+        is_new = n == new_slot
+        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
+        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
+        k = tl.where(is_new[:, None], knew[None, :], k)
+        v = tl.where(is_new[:, None], vnew[None, :], v)
         valid = nmask
         if HAS_POS:
-            pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
+            pos = tl.load(POS + kv_base + n, mask=nmask & ~is_new, other=-1)
+            pos = tl.where(is_new, cur, pos)
             valid = valid & (pos >= 0)
         if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
             x = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
@@ -124,8 +155,8 @@ def _combine_kernel(M, L, ACC, MZ, LZ, OUT, LOGZ, D: tl.constexpr, NSPLIT: tl.co
 
 
 @triton.jit
-def _score_kernel(LOGITS, NOISE, SEED, TAU, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window,
-                  S, split_len, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window,
+                  S, split_len, tau_init, tau_delta, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -135,8 +166,9 @@ def _score_kernel(LOGITS, NOISE, SEED, TAU, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND
     gmask = g < G
     heads = hk * G + g
     logz = tl.load(LOGZ + b * H + heads, mask=gmask, other=0.0)
-    seed = tl.load(SEED)
-    tau = tl.load(TAU)
+    step = tl.load(STEP)
+    seed = step.to(tl.int32)
+    tau = tau_init + step * tau_delta
     cur_pos = tl.load(cur)
     kv_base = (b * HKV + hk) * S
     start = split * split_len
@@ -169,6 +201,15 @@ def _blocks(head_dim: int) -> int:
     return 32 if head_dim > 128 else 64
 
 
+class StepState:
+    """Per-step scalars shared by every layer's cache: the new token's position and the decode-step counter
+    (which sets Keyformer's temperature and the noise seed). The first layer sets `cur`, the last advances `step`."""
+
+    def __init__(self, device, step=0.0):
+        self.cur = torch.zeros((), dtype=torch.int64, device=device)
+        self.step = torch.full((), float(step), dtype=torch.float32, device=device)
+
+
 class FusedDecoder:
     """Buffers and launches for one layer shape; `splits` parts of the cache are read in parallel."""
 
@@ -180,6 +221,7 @@ class FusedDecoder:
         # enough splits to fill the GPU when batch x KV heads is small, none smaller than one block
         self.split_len = max(self.BLOCK_N, triton.cdiv(split_tokens, self.BLOCK_N) * self.BLOCK_N)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
+        self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
         f32 = dict(dtype=torch.float32, device=device)
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
         self.l = torch.empty_like(self.m)
@@ -193,56 +235,76 @@ class FusedDecoder:
             self.cand_idx = torch.empty(batch * kv_heads * self.NSPLIT, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
 
-    def attend(self, q, k_cache, v_cache, n_valid, pos=None, noise=None, seed=None, tau=None, out=None):
-        """q [B, H, D] -> [B, H, D]; attends slots [0, n_valid) (all with pos >= 0 when `pos` is given)."""
+    def set_free(self, free):
+        """Make the next step write into `free` [B, HKV] (as if the last step's candidates had chosen it)."""
+        self.cand_val.view(self.B, self.HKV, self.NSPLIT).fill_(float("inf"))
+        self.cand_val.view(self.B, self.HKV, self.NSPLIT)[..., 0] = float("-inf")
+        self.cand_idx.view(self.B, self.HKV, self.NSPLIT)[..., 0] = free.view(self.B, self.HKV).int()
+
+    def free(self):
+        """The slot the next step will write into, [B, HKV, 1] (int64), from the candidates."""
+        vals = self.cand_val.view(self.B, self.HKV, self.NSPLIT)
+        return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, vals.argmin(-1, keepdim=True)).long()
+
+    def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, pos=None, score_buf=None, state=None,
+               noise=None, tau_delta=0.0, out=None):
+        """q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]. Full cache (pos None): the new token goes to slot
+        n_valid - 1. Evicting cache: it goes to the slot the last step freed, with pos = state.cur, score 0."""
         out = torch.empty_like(q) if out is None else out
         dummy = self.m
         score = self.scoring and pos is not None
         grid = (self.B * self.HKV, self.NSPLIT)
         _split_kernel[grid](
-            q, k_cache, v_cache, pos if pos is not None else dummy, self.logits if score else dummy,
-            noise if noise is not None else dummy, seed if seed is not None else dummy,
-            tau if tau is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-            self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale,
+            q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
+            score_buf if score_buf is not None else dummy, self.cand_val if score else dummy,
+            self.cand_idx if score else dummy, state.step if state is not None else dummy,
+            state.cur if state is not None else dummy, self.logits if score else dummy,
+            noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
+            self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N,
-            NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, SCORE=score, HAS_POS=pos is not None,
-            USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
+            NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
         _combine_kernel[(self.B * self.H,)](
             self.m, self.l, self.acc, self.mz if score else dummy, self.lz if score else dummy, out,
-            self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT,
-            BLOCK_S=max(2, triton.next_power_of_2(self.NSPLIT)), SCORE=score)
+            self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S, SCORE=score)
         return out
 
-    def score(self, pos, score_buf, cur, window, noise=None, seed=None, tau=None):
-        """Add this step's Gumbel-softmax to `score_buf`; return the slot to free next, [B, HKV] (int64)."""
+    def score(self, pos, score_buf, state, window, noise=None, tau_delta=0.0):
+        """Add this step's Gumbel-softmax to `score_buf` and leave each split's eviction candidate."""
         grid = (self.B * self.HKV, self.NSPLIT)
         _score_kernel[grid](
-            self.logits, noise if noise is not None else self.m, seed, tau, self.logz, pos, score_buf,
-            self.cand_val, self.cand_idx, cur, window, self.S, self.split_len, H=self.H, HKV=self.HKV, G=self.G,
-            BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N, NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N,
-            USE_NOISE=noise is not None)
-        vals = self.cand_val.view(self.B, self.HKV, self.NSPLIT)
-        which = vals.argmin(dim=-1, keepdim=True)
-        return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, which).long()
+            self.logits, noise if noise is not None else self.m, state.step, self.logz, pos, score_buf,
+            self.cand_val, self.cand_idx, state.cur, window, self.S, self.split_len, TAU_INIT, tau_delta,
+            H=self.H, HKV=self.HKV, G=self.G, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N, NSPLIT=self.NSPLIT,
+            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None)
 
 
 class FusedKeyformerCache:
-    """The EvictingCache algorithm (keyformer only) run by the fused kernels; same state, same results."""
+    """The EvictingCache algorithm (keyformer only) run by the fused kernels on the same state tensors.
+
+    Three kernels per layer and step; `plain.free` and `plain.step` are brought up to date by `sync()`.
+    """
 
     kind = "keyformer"
 
-    def __init__(self, plain, split_tokens=512):
+    def __init__(self, plain, split_tokens=512, state=None, first=True, last=True):
         self.plain = plain  # an EvictingCache holding the state
-        B, HKV, S, D = plain.k.shape
         self.fused = None
         self.split_tokens = split_tokens
-        self.seed = torch.zeros((), dtype=torch.int32, device=plain.k.device)
-        self.tau = torch.full((), TAU_INIT, dtype=torch.float32, device=plain.k.device)
-        self.cur = torch.zeros((), dtype=torch.int64, device=plain.k.device)
+        self.state = state or StepState(plain.k.device)
+        self.first, self.last = first, last
         self.noise_tensor = None  # tests: [B, H, S] fp32 shared with the plain path
 
     def __getattr__(self, name):  # fill_random, prefill, slots, cached_tokens, ... come from the plain cache
         return getattr(self.plain, name)
+
+    def _start(self, q):
+        c = self.plain
+        B, HKV, S, D = c.k.shape
+        self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens)
+        self.fused.set_free(c.free)
+        if self.first:
+            self.state.step.copy_(c.step)
 
     def decode(self, q, k, v, pos, bias_fn=None):
         assert bias_fn is None, "the fused kernel has no ALiBi; use the plain cache for MPT"
@@ -250,24 +312,25 @@ class FusedKeyformerCache:
         B, HKV, S, D = c.k.shape
         H = q.shape[1]
         if self.fused is None:
-            self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens)
-        idx = c.free.unsqueeze(-1).expand(B, HKV, 1, D)
-        c.k.scatter_(2, idx, k)
-        c.v.scatter_(2, idx, v)
-        self.cur.copy_(torch.as_tensor(pos, device=c.pos.device))
-        c.pos.scatter_(2, c.free, self.cur.expand(B, HKV, 1))
-        c.score.scatter_(2, c.free, 0.0)
-        self.tau.copy_(TAU_INIT + c.step * c.tau_delta)
-        noise = self.noise_tensor
-        out = self.fused.attend(q.reshape(B, H, D).contiguous(), c.k, c.v, S, c.pos, noise, self.seed, self.tau)
-        c.free.copy_(self.fused.score(c.pos, c.score, self.cur, c.window, noise, self.seed, self.tau))
-        self.seed += 1
-        c.step += 1
+            self._start(q)
+        if self.first:
+            self.state.cur.copy_(torch.as_tensor(pos, device=c.pos.device))
+        out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, S,
+                                c.pos, c.score, self.state, self.noise_tensor, c.tau_delta)
+        self.fused.score(c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta)
+        if self.last:
+            self.state.step += 1
         return out.view(B, H, 1, D)
+
+    def sync(self):
+        """Write the next free slot and the step count back into the plain cache's tensors."""
+        self.plain.free.copy_(self.fused.free())
+        self.plain.step.copy_(self.state.step)
 
 
 class FusedFullCache:
-    """The full cache read by the split-K kernel (the baseline Keyformer is compared with)."""
+    """The full cache read by the split-K kernel (the baseline Keyformer is compared with); the new token's K and
+    V are written by the kernel itself."""
 
     def __init__(self, plain, split_tokens=512):
         self.plain, self.split_tokens, self.fused = plain, split_tokens, None
@@ -281,11 +344,9 @@ class FusedFullCache:
         B, HKV, S, D = c.k.shape
         H = q.shape[1]
         n = c.length
-        c.k[:, :, n : n + 1] = k
-        c.v[:, :, n : n + 1] = v
         if self.fused is None:
             self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False)
-        out = self.fused.attend(q.reshape(B, H, D).contiguous(), c.k, c.v, n + 1)
+        out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, n + 1)
         if not c.steady:
             c.length = n + 1
         return out.view(B, H, 1, D)

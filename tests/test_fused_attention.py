@@ -46,10 +46,13 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split):
         fused.noise_tensor = noise.contiguous().view(-1)
         a = plain.decode(q, k, v, t)
         b = fused.decode(q, k, v, t)
+        fused.sync()
         assert torch.allclose(a, b, atol=2e-4, rtol=2e-4)
         assert torch.allclose(plain.score, twin.score, atol=1e-4, rtol=1e-4)
         assert torch.equal(plain.free, twin.free)
         assert torch.equal(plain.pos, twin.pos)
+        assert torch.equal(plain.k, twin.k) and torch.equal(plain.v, twin.v)
+        assert float(plain.step) == float(twin.step)
         t += 1
 
 
