@@ -16,12 +16,15 @@ Noise is generated in-kernel from a seed (tl.rand) or, for tests, read from a te
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .kv_policies import EMPTY, PADDING, TAU_INIT
+from .kv_policies import TAU_INIT
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr,
                   BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, STATIC_LOOP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -85,7 +88,11 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         step = tl.load(STEP)
         seed = step.to(tl.int32)
         tau = tau_init + step * tau_delta
-    for i in range(0, BLOCKS):  # BLOCKS x BLOCK_N = split_len
+    if STATIC_LOOP:  # Triton's CPU interpreter needs a constant trip count (BLOCKS x BLOCK_N = split_len)
+        n_iter = BLOCKS
+    else:  # on the GPU, stop at the last valid token: no masked iterations past it
+        n_iter = tl.cdiv(tl.minimum(split_len, n_valid - start), BLOCK_N)
+    for i in range(0, n_iter):
         n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < n_valid
         is_new = n == new_slot
@@ -157,7 +164,8 @@ def _combine_kernel(M, L, ACC, MZ, LZ, OUT, LOGZ, D: tl.constexpr, NSPLIT: tl.co
 @triton.jit
 def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window,
                   S, split_len, tau_init, tau_delta, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr,
+                  STATIC_LOOP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -174,7 +182,11 @@ def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX,
     start = split * split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
-    for i in range(0, BLOCKS):
+    if STATIC_LOOP:
+        n_iter = BLOCKS
+    else:
+        n_iter = tl.cdiv(tl.minimum(split_len, S - start), BLOCK_N)
+    for i in range(0, n_iter):
         n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < S
         pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
@@ -263,7 +275,8 @@ class FusedDecoder:
             self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
-            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
+            STATIC_LOOP=INTERPRETED)
         _combine_kernel[(self.B * self.H,)](
             self.m, self.l, self.acc, self.mz if score else dummy, self.lz if score else dummy, out,
             self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S, SCORE=score)
@@ -276,7 +289,7 @@ class FusedDecoder:
             self.logits, noise if noise is not None else self.m, state.step, self.logz, pos, score_buf,
             self.cand_val, self.cand_idx, state.cur, window, self.S, self.split_len, TAU_INIT, tau_delta,
             H=self.H, HKV=self.HKV, G=self.G, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N, NSPLIT=self.NSPLIT,
-            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None)
+            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None, STATIC_LOOP=INTERPRETED)
 
 
 class FusedKeyformerCache:
