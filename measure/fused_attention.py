@@ -16,15 +16,12 @@ Noise is generated in-kernel from a seed (tl.rand) or, for tests, read from a te
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .kv_policies import TAU_INIT
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 
 @triton.jit
@@ -53,7 +50,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr,
                   BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr,
-                  IEEE: tl.constexpr, STATIC_LOOP: tl.constexpr):
+                  IEEE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -88,48 +85,48 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         step = tl.load(STEP)
         seed = step.to(tl.int32)
         tau = tau_init + step * tau_delta
-    if STATIC_LOOP:  # Triton's CPU interpreter needs a constant trip count (BLOCKS x BLOCK_N = split_len)
-        n_iter = BLOCKS
-    else:  # on the GPU, stop at the last valid token: no masked iterations past it
-        n_iter = tl.cdiv(tl.minimum(split_len, n_valid - start), BLOCK_N)
-    for i in range(0, n_iter):
-        n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < n_valid
-        is_new = n == new_slot
-        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
-        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
-        k = tl.where(is_new[:, None], knew[None, :], k)
-        v = tl.where(is_new[:, None], vnew[None, :], v)
-        valid = nmask
-        if HAS_POS:
-            pos = tl.load(POS + kv_base + n, mask=nmask & ~is_new, other=-1)
-            pos = tl.where(is_new, cur, pos)
-            valid = valid & (pos >= 0)
-        if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
-            x = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
-        else:
-            x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(x - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
-        if SCORE:
-            offs = (b * H + heads)[:, None] * S + n[None, :]
-            lmask = gmask[:, None] & nmask[None, :]
-            tl.store(LOGITS + offs, x, mask=lmask)
-            z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
-            z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
-            mz_new = tl.maximum(mz, tl.max(z, 1))
-            mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-            lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
-            mz = mz_new
+    # a constant trip count (BLOCKS x BLOCK_N = split_len; Triton's CPU interpreter needs one); blocks past the
+    # last valid token are skipped whole, so they cost no loads and no math
+    for i in range(0, BLOCKS):
+        n0 = start + i * BLOCK_N
+        if n0 < n_valid:
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < n_valid
+            is_new = n == new_slot
+            k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
+            v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
+            k = tl.where(is_new[:, None], knew[None, :], k)
+            v = tl.where(is_new[:, None], vnew[None, :], v)
+            valid = nmask
+            if HAS_POS:
+                pos = tl.load(POS + kv_base + n, mask=nmask & ~is_new, other=-1)
+                pos = tl.where(is_new, cur, pos)
+                valid = valid & (pos >= 0)
+            if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
+                x = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
+            else:
+                x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(x - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+            if SCORE:
+                offs = (b * H + heads)[:, None] * S + n[None, :]
+                lmask = gmask[:, None] & nmask[None, :]
+                tl.store(LOGITS + offs, x, mask=lmask)
+                z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
+                z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
+                mz_new = tl.maximum(mz, tl.max(z, 1))
+                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+                lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
+                mz = mz_new
     part = (b * H + heads) * NSPLIT + split
     tl.store(M + part, m_i, mask=gmask)
     tl.store(L + part, l_i, mask=gmask)
@@ -164,8 +161,7 @@ def _combine_kernel(M, L, ACC, MZ, LZ, OUT, LOGZ, D: tl.constexpr, NSPLIT: tl.co
 @triton.jit
 def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window,
                   S, split_len, tau_init, tau_delta, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr,
-                  STATIC_LOOP: tl.constexpr):
+                  BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -182,26 +178,24 @@ def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX,
     start = split * split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
-    if STATIC_LOOP:
-        n_iter = BLOCKS
-    else:
-        n_iter = tl.cdiv(tl.minimum(split_len, S - start), BLOCK_N)
-    for i in range(0, n_iter):
-        n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < S
-        pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
-        offs = (b * H + heads)[:, None] * S + n[None, :]
-        lmask = gmask[:, None] & nmask[None, :]
-        x = tl.load(LOGITS + offs, mask=lmask, other=float("-inf"))
-        z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
-        f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
-        score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
-        tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
-        protected = (pos > cur_pos - window) | (pos == -2) | (~nmask)
-        rank = tl.where(protected, float("inf"), tl.where(pos == -1, float("-inf"), score))
-        take = rank < best
-        best = tl.where(take, rank, best)
-        best_i = tl.where(take, n, best_i)
+    for i in range(0, BLOCKS):
+        n0 = start + i * BLOCK_N
+        if n0 < S:
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < S
+            pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
+            offs = (b * H + heads)[:, None] * S + n[None, :]
+            lmask = gmask[:, None] & nmask[None, :]
+            x = tl.load(LOGITS + offs, mask=lmask, other=float("-inf"))
+            z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
+            f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
+            score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
+            tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
+            protected = (pos > cur_pos - window) | (pos == -2) | (~nmask)
+            rank = tl.where(protected, float("inf"), tl.where(pos == -1, float("-inf"), score))
+            take = rank < best
+            best = tl.where(take, rank, best)
+            best_i = tl.where(take, n, best_i)
     v = tl.min(best, 0)
     # lowest index among the minima, as torch's argmin returns the first
     i = tl.min(tl.where(best == v, best_i, 2147483647), 0)
@@ -275,8 +269,7 @@ class FusedDecoder:
             self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
-            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
-            STATIC_LOOP=INTERPRETED)
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
         _combine_kernel[(self.B * self.H,)](
             self.m, self.l, self.acc, self.mz if score else dummy, self.lz if score else dummy, out,
             self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S, SCORE=score)
@@ -289,7 +282,7 @@ class FusedDecoder:
             self.logits, noise if noise is not None else self.m, state.step, self.logz, pos, score_buf,
             self.cand_val, self.cand_idx, state.cur, window, self.S, self.split_len, TAU_INIT, tau_delta,
             H=self.H, HKV=self.HKV, G=self.G, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N, NSPLIT=self.NSPLIT,
-            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None, STATIC_LOOP=INTERPRETED)
+            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None)
 
 
 class FusedKeyformerCache:
