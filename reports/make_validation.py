@@ -6,6 +6,8 @@ Steps (each through the `kfsim` command, so the reports show exactly what a user
 2. reports/h100-holdout/   fit on a random half of the H100 rows (seed 0), validate on the other half;
 3. reports/h100-to-h200/   the default engine (fitted on H100) predicting every H200 row;
 4. reports/baselines.md    the `ideal` roofline and llm-analysis (if installed) on the same rows;
+5. engines/compiled.yaml and reports/compiled-h100-holdout/, reports/compiled-h100-to-h200/: the same for the
+   compiled engine (torch.compile glue + fused Triton attention; measure/data/*-compiled.csv);
 then reports/validation-summary.json with every figure quoted in the README.
 """
 from __future__ import annotations
@@ -85,6 +87,50 @@ def summary_row(name: str, cmp: pd.DataFrame, col: str = "error_pct") -> dict:
     return row
 
 
+def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
+    """A mask choosing half of each phase's rows (so that both phases can be fitted)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(rows), dtype=bool)
+    for _, idx in rows.groupby("phase").groups.items():
+        idx = rng.permutation(np.asarray(idx))
+        mask[idx[: (len(idx) + 1) // 2]] = True
+    return mask
+
+
+def compiled_engine(micro: Path) -> list[dict]:
+    """Fit and check the engine of the compiled decoder (decode rows only) like the default one."""
+    h100, h200 = DATA / "h100-sxm-compiled.csv", DATA / "h200-compiled.csv"
+    kfsim("calibrate", rel(h100), "--measured-engine", "compiled", "--microbench", rel(micro), "--name", "compiled",
+          "--out", "engines/compiled.yaml")
+    hold = REPORTS / "compiled-h100-holdout"
+    hold.mkdir(parents=True, exist_ok=True)
+    rows = measurements.load([h100], "compiled")
+    mask = split_half(rows)
+    rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
+    rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
+    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "compiled-h100-half",
+          "--out", rel(hold / "engine.yaml"))
+    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
+          "--title", "Compiled engine: held-out half of the H100 rows")
+    kfsim("validate", rel(h200), "--measured-engine", "compiled", "--engine", "engines/compiled.yaml",
+          "--out", rel(REPORTS / "compiled-h100-to-h200"), "--title", "Compiled engine: H200 rows, fitted on H100")
+    out = []
+    for label, df, engine in (("compiled: H100 held-out half", measurements.load([hold / "test.csv"]),
+                               hold / "engine.yaml"),
+                              ("compiled: H200 (fitted on H100)", measurements.load([h200], "compiled"),
+                               ROOT / "engines" / "compiled.yaml")):
+        for name, eng in (("kfsim fitted engine", str(engine)), ("kfsim ideal roofline", "ideal")):
+            cmp = compare(df, get_engine(eng))
+            out.append({"rows": label, "predictor": name, **{k: v for k, v in summary_row(name, cmp).items()
+                                                             if k != "rows"}})
+        ours = compare(df, get_engine(str(engine)))
+        for (model, policy), g in ours.groupby(["model", "policy"]):
+            out.append({"rows": label, "predictor": f"kfsim fitted: {model} {policy} decode",
+                        "decode_mape": metrics(g["error_pct"])["mape"], "decode_max": metrics(g["error_pct"])["max_ape"],
+                        "decode_n": len(g)})
+    return out
+
+
 def main() -> None:
     h100, h200 = DATA / "h100-sxm.csv", DATA / "h200.csv"
     micro = DATA / "h100-sxm-microbench.csv"
@@ -95,11 +141,7 @@ def main() -> None:
     hold = REPORTS / "h100-holdout"
     hold.mkdir(parents=True, exist_ok=True)
     rows = measurements.load([h100], MEASURED)
-    rng = np.random.default_rng(0)  # half of each phase's rows, so both phases can be fitted
-    fit_mask = np.zeros(len(rows), dtype=bool)
-    for _, idx in rows.groupby("phase").groups.items():
-        idx = rng.permutation(np.asarray(idx))
-        fit_mask[idx[: (len(idx) + 1) // 2]] = True
+    fit_mask = split_half(rows)
     rows[fit_mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
     rows[~fit_mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
     kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "h100-half",
@@ -131,6 +173,7 @@ def main() -> None:
                 table.append({"rows": label, "predictor": f"kfsim fitted: {model} {policy} decode",
                               "decode_mape": metrics(g["error_pct"])["mape"],
                               "decode_max": metrics(g["error_pct"])["max_ape"], "decode_n": len(g)})
+    table += compiled_engine(micro)
     summary = pd.DataFrame(table)
     (REPORTS / "baselines.md").write_text(
         "# kfsim against baselines on the same measured rows\n\nMAPE and worst absolute error in percent; n rows. "
