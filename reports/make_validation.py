@@ -97,23 +97,31 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def compiled_engine(micro: Path) -> list[dict]:
-    """Fit and check the engine of the compiled decoder (decode rows only) like the default one."""
-    h100, h200 = DATA / "h100-sxm-compiled.csv", DATA / "h200-compiled.csv"
-    kfsim("calibrate", rel(h100), "--measured-engine", "compiled", "--microbench", rel(micro), "--name", "compiled",
-          "--out", "engines/compiled.yaml")
-    hold = REPORTS / "compiled-h100-holdout"
+def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path, hold: Path, cross: Path,
+                  what: str) -> None:
+    """Steps 1-3 for one measured engine: the shipped engine from every H100 row, a fit on a random half
+    validated on the other half, and the shipped engine validated on every H200 row."""
+    kfsim("calibrate", rel(h100), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
+          "--out", f"engines/{name}.yaml")
     hold.mkdir(parents=True, exist_ok=True)
-    rows = measurements.load([h100], "compiled")
+    rows = measurements.load([h100], measured)
     mask = split_half(rows)
     rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
     rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
-    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "compiled-h100-half",
+    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", f"{name}-h100-half",
           "--out", rel(hold / "engine.yaml"))
     kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
-          "--title", "Compiled engine: held-out half of the H100 rows")
-    kfsim("validate", rel(h200), "--measured-engine", "compiled", "--engine", "engines/compiled.yaml",
-          "--out", rel(REPORTS / "compiled-h100-to-h200"), "--title", "Compiled engine: H200 rows, fitted on H100")
+          "--title", f"{what}: held-out half of the H100 rows (engine fitted on the other half)")
+    kfsim("validate", rel(h200), "--measured-engine", measured, "--engine", f"engines/{name}.yaml",
+          "--out", rel(cross), "--title", f"{what}: H200 rows predicted by the engine fitted on H100")
+
+
+def compiled_engine(micro: Path) -> list[dict]:
+    """Fit and check the engine of the compiled decoder (decode rows only) like the default one."""
+    h100, h200 = DATA / "h100-sxm-compiled.csv", DATA / "h200-compiled.csv"
+    hold = REPORTS / "compiled-h100-holdout"
+    fit_and_check("compiled", "compiled", h100, h200, micro, hold, REPORTS / "compiled-h100-to-h200",
+                  "Compiled engine")
     out = []
     for label, df, engine in (("compiled: H100 held-out half", measurements.load([hold / "test.csv"]),
                                hold / "engine.yaml"),
@@ -134,24 +142,8 @@ def compiled_engine(micro: Path) -> list[dict]:
 def main() -> None:
     h100, h200 = DATA / "h100-sxm.csv", DATA / "h200.csv"
     micro = DATA / "h100-sxm-microbench.csv"
-    # 1. the shipped default engine
-    kfsim("calibrate", rel(h100), "--measured-engine", MEASURED, "--microbench", rel(micro),
-          "--name", "default", "--out", "engines/default.yaml")
-    # 2. random half of H100 rows
     hold = REPORTS / "h100-holdout"
-    hold.mkdir(parents=True, exist_ok=True)
-    rows = measurements.load([h100], MEASURED)
-    fit_mask = split_half(rows)
-    rows[fit_mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
-    rows[~fit_mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
-    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "h100-half",
-          "--out", rel(hold / "engine.yaml"))
-    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
-          "--title", "Held-out half of the H100 rows (engine fitted on the other half)")
-    # 3. H100 -> H200
-    cross = REPORTS / "h100-to-h200"
-    kfsim("validate", rel(h200), "--measured-engine", MEASURED, "--engine", "engines/default.yaml",
-          "--out", rel(cross), "--title", "H200 rows predicted by the engine fitted on H100")
+    fit_and_check(MEASURED, "default", h100, h200, micro, hold, REPORTS / "h100-to-h200", "Plain decoder")
     # 4. baselines on the same rows
     test = measurements.load([hold / "test.csv"])
     cross_rows = measurements.load([h200], MEASURED)
