@@ -264,7 +264,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, as_json):
             mb = pd.read_csv(m)
             gpu = str(mb["gpu"].dropna().iloc[0])
         except (OSError, KeyError, IndexError, pd.errors.ParserError) as exc:
-            raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` ({exc})") from None
+            raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` "
+                             f"({str(exc).strip().splitlines()[0]})") from None
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
     name = name or Path(out).stem

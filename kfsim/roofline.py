@@ -34,7 +34,7 @@ class StepTime:
         return self.weight_s + self.kv_s + self.other_mem_s
 
 
-def attention_occupancy(engine: Engine, hw: Hardware, work_items) -> np.ndarray:
+def attention_occupancy(engine: Engine, work_items) -> np.ndarray:
     """Fraction of the KV bandwidth attention reaches with `work_items` parallel (batch x KV head x split) blocks."""
     if engine.attention_saturation_items <= 0:
         return np.ones_like(np.asarray(work_items, dtype=float))
@@ -59,7 +59,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         if split_tokens > 0:
             # continuous, not ceil: a whole extra split per token would make time fall as context grows
             splits = np.maximum(1.0, np.asarray(cached, dtype=float) / split_tokens)
-        occupancy = attention_occupancy(engine, hw, np.asarray(batch_heads, dtype=float) * splits)
+        occupancy = attention_occupancy(engine, np.asarray(batch_heads, dtype=float) * splits)
     zero = np.zeros(np.broadcast(*(o.flops for o in ops)).shape)
     weight_s, kv_s, other_s, compute_s, overhead_s = (zero.copy() for _ in range(5))
     per_op, kernels = {}, 0.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +57,14 @@ def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
-    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, log=sys.stderr, engine=None):
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None):
         """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled."""
         self.engine = engine or ("torch-graph" if graph else "torch-eager")
         self.graph = self.engine != "torch-eager"
         self.steps, self.warmup, self.window = steps, warmup, window
         self.nvml = nvml or Nvml()
         self.env = environment(self.nvml)
-        self.model_name, self.model = None, None
-        self.log = log
+        self.model_name, self.model, self.compiled = None, None, None
 
     def _model(self, name):
         if name != self.model_name:

@@ -33,7 +33,6 @@ def hbm(gib: float = 4.0, steps: int = 30) -> list[dict]:
     read = timing.time_steps(lambda: x.sum(dtype=torch.float32), steps, 3)
     copy = timing.time_steps(lambda: y.copy_(x), steps, 3)
     rows = [_row("hbm_read", read, bytes_=x.numel() * 2), _row("hbm_copy", copy, bytes_=2 * x.numel() * 2)]
-    del x, y
     return rows
 
 
@@ -82,7 +81,6 @@ def attention(steps: int = 30) -> list[dict]:
             t = timing.time_steps(lambda: F.scaled_dot_product_attention(q, k, v), steps, 3)
             rows.append(_row("sdpa_decode", t, bytes_=kv_bytes, flops=4 * batch * heads * context * D, batch=batch,
                              heads=heads, context=context, head_dim=D))
-            del q, k, v
     return rows
 
 

@@ -1,7 +1,6 @@
 """kfsim plan: its choice meets the latency bound, the memory and the target rate."""
 import json
 
-import numpy as np
 from click.testing import CliRunner
 
 from kfsim.cli import cli
