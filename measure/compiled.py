@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
-from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState
 from .kv_policies import EvictingCache, FullCache
 
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -22,6 +21,8 @@ def fuse_caches(caches: list, split_tokens: int = 512, alibi: bool = False) -> l
     models, whose bias the kernels do not add, stay plain)."""
     if alibi:
         return list(caches)
+    from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
+
     out = []
     state = StepState(caches[0].k.device) if caches else None
     for i, c in enumerate(caches):
