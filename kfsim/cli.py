@@ -177,6 +177,10 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
     prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
     prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
+    if not any((p == "full") == (r >= 1) for p in policies for r in ratios):
+        raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
+    if eager and engine != "torch-graph":
+        raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")
     try:
         import torch
     except ImportError:
@@ -186,10 +190,6 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     from measure import campaign
 
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
-    if not points:
-        raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
-    if eager and engine != "torch-graph":
-        raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")
     runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
                              engine="torch-eager" if eager else engine)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)

@@ -90,3 +90,26 @@ def test_help_explains_flags():
     assert r.exit_code == 0
     for flag in ("--gpu", "--seq", "--kv-ratio", "--policy", "--engine", "--kv-dtype", "--json"):
         assert flag in r.output
+
+
+def test_measure_without_cuda_says_so_in_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    for args in (["measure", "--out", str(tmp_path / "m.csv")], ["microbench", "--out", str(tmp_path / "b.csv")]):
+        r = run(*args)
+        assert r.exit_code == 2 and r.output.startswith("Error: ") and "CUDA" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "1,x"], "--batch: 'x' is not a number"),
+    (["--model", "gpt-z"], "--model: 'gpt-z' is not allowed"),
+    (["--kv-ratio", "1.5"], "--kv-ratio: 1.5 is out of range"),
+    (["--policy", "full", "--kv-ratio", "0.5"], "no points to measure"),
+    (["--eager", "--engine", "compiled"], "does not combine with --engine compiled"),
+])
+def test_measure_bad_flags(tmp_path, args, message):
+    pytest.importorskip("torch")
+    r = run("measure", "--out", str(tmp_path / "m.csv"), *args)
+    assert r.exit_code == 2 and message in r.output, r.output
