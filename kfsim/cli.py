@@ -274,7 +274,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, as_json):
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     eng = cal.rounded(f.engine, fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
-                      description=f"fitted by kfsim calibrate on {', '.join(files)}",
+                      description=f"fitted by kfsim calibrate on {', '.join(files)}"
+                      + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline"),
                       source={"fit": f"kfsim calibrate {' '.join(files)}"
                                      + "".join(f" --microbench {m}" for m in micro)
                                      + (f" --measured-engine {measured_engine}" if measured_engine else ""),
