@@ -177,7 +177,9 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
     prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
     prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
-    if not any((p == "full") == (r >= 1) for p in policies for r in ratios):
+    from .policy import measured_pairs
+
+    if not measured_pairs(policies, ratios):
         raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
     if eager and engine != "torch-graph":
         raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")

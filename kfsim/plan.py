@@ -9,8 +9,7 @@ import numpy as np
 
 from . import memory
 from .inputs import Setup
-from .ops import attended_tokens
-from .predict import request, request_cached, step_time
+from .predict import request, request_cached, request_peak_cached, step_time
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,7 @@ def best_batch(s: Setup, prompt: int, gen: int, max_step_ms: float | None, batch
     """The batch with the most generated tokens/s per GPU whose request fits and whose slowest step meets the bound."""
     label = dict(gpu=s.hw.name, kv_ratio=s.policy.kv_ratio, policy=s.policy.kind if s.policy.evicts else "full")
     cached = request_cached(s, prompt, gen)
-    peak = max(int(attended_tokens(s.workload, type(s.policy)(), np.array(prompt))),
-               int(cached.max()) if cached.size else 0)
+    peak = request_peak_cached(s, prompt, cached)
     top = int(min(batch_cap, memory.max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine, peak)))
     if top < 1:
         return Option(**label, feasible=False, why="the weights and one request do not fit in memory")

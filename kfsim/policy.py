@@ -61,6 +61,11 @@ class Policy:
         return f"{self.kind} (kv-ratio {self.kv_ratio:g}, window {self.window:g} of budget)"
 
 
+def measured_pairs(policies, kv_ratios) -> list[tuple[str, float]]:
+    """(policy, kv-ratio) pairs that are distinct measurements: full only at 1, the others only below 1."""
+    return [(p, r) for p in policies for r in kv_ratios if (p == "full") == (r >= 1)]
+
+
 def make_policy(kind: str | None, kv_ratio: float, window: float = DEFAULT_WINDOW) -> Policy:
     """The policy the CLI means: keyformer when kv_ratio < 1 and none is named, else full."""
     if kind is None:

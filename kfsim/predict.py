@@ -55,6 +55,13 @@ def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:
     return attended_tokens(s.workload, s.policy, contexts)
 
 
+def request_peak_cached(s: Setup, prompt: int, cached: np.ndarray) -> int:
+    """Most tokens a request's cache holds: prefill keeps the whole prompt's KV before a reducing policy compacts
+    it to its budget; `cached` are the decode steps' tokens (request_cached)."""
+    prompt_cached = attended_tokens(s.workload, Policy("full"), np.array(prompt))
+    return max(int(prompt_cached), int(cached.max()) if cached.size else 0)
+
+
 def _step_fields(s: Setup, batch, seq) -> dict:
     cached = attended_tokens(s.workload, s.policy, seq)
     ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
@@ -127,10 +134,7 @@ def request(s: Setup, batch, prompt: int, gen: int) -> dict:
     steps = step_time(s, B[..., None], cached).seconds if cached.size else np.zeros(B.shape + (0,))
     decode = steps.sum(axis=-1)
     total = ttft + decode
-    # prefill holds the whole prompt's KV before a reducing policy compacts it to its budget
-    prompt_cached = attended_tokens(s.workload, Policy("full"), np.array(prompt))
-    peak_cached = max(int(prompt_cached), int(cached.max()) if cached.size else 0)
-    peak = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, B, peak_cached)
+    peak = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, B, request_peak_cached(s, prompt, cached))
     return {
         "prompt_len": np.full(B.shape, prompt),
         "gen_len": np.full(B.shape, gen),

@@ -50,6 +50,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own).
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
+    base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
     bw = hw.bandwidth_bytes_per_s
     tensor_peak = hw.peak_flops(compute)
     vector_peak = hw.peak_dense_tflops["fp32"] * 1e12
@@ -75,7 +76,6 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         else:
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * engine.kernels_per_op[op.kind]
-        base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
         t_fixed = n_kernels * base_us * 1e-6
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)

@@ -5,6 +5,7 @@ not depend on the engine, so they are built once here and only priced per candid
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ class Group:
     ops: list
 
     def predict_ms(self, engine: Engine) -> np.ndarray:
-        s = Setup(self.setup.hw, self.setup.workload, engine, self.setup.policy, self.setup.dtypes)
+        s = dataclasses.replace(self.setup, engine=engine)
         if self.phase == "prefill":
             return prefill_time(s, self.batch, self.context, self.ops).seconds * 1e3
         return step_time(s, self.batch, self.cached, self.ops).seconds * 1e3

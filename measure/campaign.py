@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kfsim import measurements
+from kfsim.policy import measured_pairs
 from kfsim.workload import get_workload
 
 from . import timing
@@ -38,7 +39,7 @@ class Point:
 
 def grid(models, batches, contexts, kv_ratios, policies, prefill_prompts=(), prefill_batches=(1,)) -> list[Point]:
     """Decode points (full only at kv-ratio 1; reducing policies only below 1), then prefill points."""
-    combos = [(p, r) for p in policies for r in kv_ratios if (p == "full") == (r >= 1)]
+    combos = measured_pairs(policies, kv_ratios)
     points = [Point(m, "decode", b, c, r, p) for m in models for (p, r) in combos for c in contexts for b in batches]
     points += [Point(m, "prefill", b, c, r, p) for m in models for (p, r) in combos for c in prefill_prompts
                for b in prefill_batches]

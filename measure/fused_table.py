@@ -16,7 +16,7 @@ from kfsim import measurements
 from kfsim.fmt import markdown_table
 from kfsim.inputs import make_setup
 from kfsim.predict import predict
-from kfsim.workload import get_workload
+from measure.summarize import decode_bytes
 
 
 def table(meas: str, micro: str, engine: str = "compiled") -> pd.DataFrame:
@@ -25,9 +25,8 @@ def table(meas: str, micro: str, engine: str = "compiled") -> pd.DataFrame:
     full = df[df.policy == "full"].set_index(["model", "batch", "context"])["step_ms"]
     rows = []
     for r in df.itertuples():
-        w = get_workload(r.model)
         cached = r.context if r.policy == "full" else math.ceil(r.kv_ratio * r.context - 1e-9)
-        moved = w.streamed_params * 2 + r.batch * cached * w.kv_bytes_per_token()
+        moved = decode_bytes(r.model, r.batch, cached)
         row = {"gpu": r.gpu, "model": r.model, "batch": r.batch, "context": r.context, "policy": r.policy,
                "kv_ratio": r.kv_ratio, "step_ms": round(r.step_ms, 3),
                "bw_fraction_of_ceiling": round(moved / (r.step_ms / 1e3) / 1e9 / ceiling, 3)}

@@ -12,6 +12,12 @@ from kfsim.fmt import markdown_table
 from kfsim.workload import get_workload
 
 
+def decode_bytes(model: str, batch, cached) -> float:
+    """Bytes a bf16 decode step must read at least: every streamed weight once, plus the KV of the cached tokens."""
+    w = get_workload(model)
+    return w.streamed_params * 2 + batch * cached * w.kv_bytes_per_token()
+
+
 def bandwidth_table(data: Path) -> pd.DataFrame:
     """Batch-1 full-cache decode: (weights streamed + KV read) / step time, against the hbm_read microbenchmark."""
     rows = []
@@ -20,8 +26,7 @@ def bandwidth_table(data: Path) -> pd.DataFrame:
         ceiling = float(pd.read_csv(micro).query("bench == 'hbm_read'")["gbps"].iloc[0])
         df = measurements.load([data / f"{gpu}.csv"], "torch-graph", "decode")
         for r in df[(df.policy == "full") & (df.batch == 1)].itertuples():
-            w = get_workload(r.model)
-            moved = w.streamed_params * 2 + r.context * w.kv_bytes_per_token()
+            moved = decode_bytes(r.model, 1, r.context)
             gbps = moved / (r.step_ms / 1e3) / 1e9
             rows.append({"gpu": gpu, "model": r.model, "context": r.context, "step_ms": r.step_ms,
                          "achieved_GBps": round(gbps), "read_ceiling_GBps": ceiling,

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from kfsim.fmt import markdown_table  # noqa: E402
 from kfsim.inputs import make_setup  # noqa: E402
+from kfsim.policy import Policy  # noqa: E402
 from kfsim.predict import predict  # noqa: E402
 from measure.summarize import speedup_table  # noqa: E402
 
@@ -33,7 +34,7 @@ def request_rows():
                 rows.append({"engine": engine, "prompt + generated": f"{n} + {n}", "batch": batch,
                              "paper": paper, "kfsim request speedup": round(float(out["request_speedup_vs_full"]), 2),
                              "kfsim last-step speedup": round(float(out["speedup_vs_full"]), 2),
-                             "fits (full cache)": bool(predict(s.with_policy(type(s.policy)()), batch, 2 * n - 1,
+                             "fits (full cache)": bool(predict(s.with_policy(Policy()), batch, 2 * n - 1,
                                                                prompt_len=n, gen_len=n)["request_fits"])})
     return pd.DataFrame(rows)
 
@@ -56,7 +57,7 @@ def _where(engine):
             if sp >= 2.1:
                 found = (batch, sp)
                 break
-        fits = found and bool(predict(s.with_policy(type(s.policy)()), found[0], 2 * n - 1, prompt_len=n,
+        fits = found and bool(predict(s.with_policy(Policy()), found[0], 2 * n - 1, prompt_len=n,
                                       gen_len=n)["request_fits"])
         rows.append({"engine": engine, "prompt + generated": f"{n} + {n}",
                      "smallest batch reaching 2.1x": found[0] if found else "none <= 128",
