@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused-decoder benchmark on one GPU: kernel checks, then the grid with the compiled engine
+# The fused-decoder benchmark on one GPU: kernel checks, the attention kernels alone, then the grid with the compiled engine
 # (full cache also at every Keyformer budget, for the ideal reduced-cache step), then the table.
 # Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
 set -uo pipefail
@@ -16,6 +16,10 @@ python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | ta
 kf="python3 -m kfsim"
 [ -f "measure/data/$gpu-microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
 micro=measure/data/$gpu-microbench.csv; [ -f "$micro" ] || micro=$out/$gpu-microbench.csv
+ceiling=$(python3 -c "import pandas as pd; print(pd.read_csv('$micro').query('bench == \"hbm_read\"').gbps.iloc[0])")
+# the attention kernels alone, full cache and Keyformer at the same cached tokens (the shipped configuration)
+timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" --out "$out/$gpu-attention.csv" \
+  | tee "$out/$gpu-attention.txt"
 timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch 1,16,64 \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$gpu-compiled.csv"
 timeout "${KF_S:-200}" $kf measure --engine compiled --model "$models" --batch 1,16,64 --context 1024,4096,16384 \

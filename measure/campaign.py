@@ -67,7 +67,7 @@ class Runner:
         self.env = environment(self.nvml)
         self.model_name, self.model, self.compiled = None, None, None
 
-    def _model(self, name):
+    def model_for(self, name):
         if name != self.model_name:
             self.model = self.compiled = None
             torch.cuda.empty_cache()
@@ -86,7 +86,7 @@ class Runner:
                "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         try:
-            model = self._model(pt.model)
+            model = self.model_for(pt.model)
             need = _cache_bytes(w, pt.policy, pt.batch, pt.context, pt.kv_ratio)
             if pt.phase == "prefill":
                 need += pt.batch * pt.context * (w.d_model * 8 + w.ffn_dim * 6 + w.n_heads * 512 * 4 * 4)
@@ -105,7 +105,9 @@ class Runner:
         return [make_cache(pt.policy, pt.batch, w.n_kv_heads, w.head_dim, pt.context, pt.kv_ratio, self.window,
                            torch.bfloat16, "cuda", extra_slots) for _ in range(w.n_layers)]
 
-    def _decode(self, model, w, pt) -> dict:
+    def decode_step(self, model, w, pt):
+        """(step, caches): a callable running one steady-state decode step of point `pt` (a graph replay when the
+        engine uses graphs), and the caches it reads."""
         caches = self._caches(w, pt)
         for c in caches:
             c.fill_random(pt.context)
@@ -121,6 +123,10 @@ class Runner:
         if self.graph:
             g = timing.capture_graph(step)
             step = g.replay
+        return step, caches
+
+    def _decode(self, model, w, pt) -> dict:
+        step, caches = self.decode_step(model, w, pt)
         t = timing.time_steps(step, self.steps, self.warmup)
         return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].cached_tokens}
 

@@ -16,7 +16,7 @@ from .kv_policies import EvictingCache, FullCache
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
-def fuse_caches(caches: list, split_tokens: int = 512, alibi: bool = False) -> list:
+def fuse_caches(caches: list, split_tokens: int | None = None, alibi: bool = False) -> list:
     """Wrap full and Keyformer caches so that their attention runs in the fused kernels (others, and ALiBi
     models, whose bias the kernels do not add, stay plain)."""
     if alibi:

@@ -1,17 +1,20 @@
 """Split-K (flash-decoding) decode attention in Triton, with Keyformer's scoring fused into the same pass.
 
 One decode step of one layer, for an evicting cache (budget + free slot, see kv_policies.EvictingCache):
-  A. `_split_kernel`   one program per (sequence, KV head, split of the cache): reads its K and V block once,
-                       computes the logits of the KV head's query heads, the attention partials (max, sum, P.V) and
-                       the Gumbel-softmax partials (max, sum of exp((logit + noise) / tau)); writes the fp32 logits.
-  B. `_combine_kernel` one program per (sequence, query head): merges the partials into the attention output and
-                       the Gumbel-softmax normaliser log Z.
-  C. `_score_kernel`   one program per (sequence, KV head, split): f = exp((logit + noise) / tau - log Z) summed over
-                       the query heads, added to the score; the split's lowest-ranked evictable slot.
-The arg-min over splits and the write of the next token into the freed slot are small torch ops around them.
-K and V are read once per step; the extra traffic is one fp32 logit per query head and token, written in A and
-read in C, and the score read and written once. The full cache uses A and B only (no scoring).
-Noise is generated in-kernel from a seed (tl.rand) or, for tests, read from a tensor shared with the plain path.
+  A. `_split_kernel`   one program per (sequence, KV head, split of the cache): writes the new token's K and V into
+                       the slot the last step freed, reads its K and V block once, computes the logits of the KV
+                       head's query heads, the attention partials (max, sum, P.V) and the Gumbel-softmax partials
+                       (max, sum of exp(z)), z = (logit + noise) / tau; writes z (fp32) for B.
+  B. `_finish_kernel`  one program per (sequence, KV head, split): merges the Gumbel partials into log Z, adds
+                       f = exp(z - log Z), summed over the query heads, to each token's score, and leaves the split's
+                       lowest-ranked evictable slot; the first split's program also merges the attention partials
+                       into the output. The next step's kernel A takes the arg-min over the splits' candidates.
+K and V are read once per step; the extra traffic is one fp32 z per query head and token (written in A, read in
+B), the score read and written once and the positions read twice: a few percent of the K and V bytes.
+The full cache runs A (without scoring) and `_combine_kernel`: the same two launches per layer.
+The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over, so a batch-1
+step reads the cache with every SM, as flash-decoding does. Noise is generated in A only, from a hash of the step
+and the element's offset, or, for tests, read from a tensor shared with the plain path.
 """
 from __future__ import annotations
 
@@ -26,11 +29,31 @@ from .kv_policies import TAU_INIT
 
 @triton.jit
 def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr):
+    """Standard Gumbel noise -log(-log U) per element: read from NOISE (tests), or U from an integer hash of the
+    element's offset and the step (a few integer ops: uniform and independent enough to break ties and explore,
+    which is all Keyformer asks of it; Philox costs more integer work than the attention itself here)."""
     if USE_NOISE:
         return tl.load(NOISE + offs)
-    u = tl.rand(seed, offs)
-    u = tl.minimum(tl.maximum(u, 1e-10), 1.0 - 1e-7)
+    # lowbias32-style mixing (xor-shift, multiply by odd constants); constants below 2^31 keep the math in uint32
+    h = offs.to(tl.uint32) ^ (seed.to(tl.uint32) * 0x27D4EB2D)
+    h = (h ^ (h >> 16)) * 0x7FEB352D
+    h = (h ^ (h >> 15)) * 0x2C1B3C6D
+    h = h ^ (h >> 16)
+    u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)  # 24 bits, strictly inside (0, 1)
     return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _noise_kernel(OUT, seed, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, _noise(OUT, seed, offs, False), mask=offs < n)
+
+
+def kernel_noise(n: int, step: int, device) -> torch.Tensor:
+    """The in-kernel Gumbel noise of elements 0..n-1 at decode step `step` (to test its distribution)."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    _noise_kernel[(triton.cdiv(n, 1024),)](out, step, n, BLOCK=1024)
+    return out
 
 
 @triton.jit
@@ -45,12 +68,32 @@ def _free_slot(CANDV, CANDI, row, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, LOGITS, NOISE, M, L, ACC, MZ, LZ,
+def _qk(q, k, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """Logits [BLOCK_G, BLOCK_N] of q [BLOCK_G, D] against k [BLOCK_N, D]."""
+    if USE_DOT:
+        if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
+            return tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32)
+        return tl.dot(q, tl.trans(k)).to(tl.float32)
+    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+
+
+@triton.jit
+def _pv(p, v, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """p [BLOCK_G, BLOCK_N] (fp32) times v [BLOCK_N, D] -> [BLOCK_G, D] fp32."""
+    if USE_DOT:
+        if IEEE:
+            return tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        return tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+
+
+@triton.jit
+def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ,
                   S, n_valid, split_len, scale, tau_init, tau_delta,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr,
-                  BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+                  BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
+                  USE_NOISE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -65,8 +108,12 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    mz = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    lz = tl.zeros([BLOCK_G], tl.float32)
+    # Keyformer's scoring runs on the GP (G rounded up to a power of two) real query-head rows, not the 16-row tile
+    gc = tl.arange(0, GP)
+    gcmask = gc < G
+    rows_c = b * H + hk * G + gc
+    mz = tl.full([GP], float("-inf"), tl.float32)
+    lz = tl.zeros([GP], tl.float32)
     # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
     if HAS_POS:
         new_slot = _free_slot(CANDV, CANDI, pid, NSPLIT, BLOCK_S)
@@ -92,37 +139,34 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if n0 < n_valid:
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < n_valid
+            # the loads do not wait for the free slot (the evicted token's row is read, then replaced in registers)
+            k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
             is_new = n == new_slot
-            k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
-            v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None] & ~is_new[:, None], other=0.0)
             k = tl.where(is_new[:, None], knew[None, :], k)
             v = tl.where(is_new[:, None], vnew[None, :], v)
             valid = nmask
             if HAS_POS:
-                pos = tl.load(POS + kv_base + n, mask=nmask & ~is_new, other=-1)
+                pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
                 pos = tl.where(is_new, cur, pos)
                 valid = valid & (pos >= 0)
-            if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
-                x = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
-            else:
-                x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            x = _qk(q, k, USE_DOT, IEEE) * scale
             x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(x - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE)
             m_i = m_new
             if SCORE:
-                offs = (b * H + heads)[:, None] * S + n[None, :]
-                lmask = gmask[:, None] & nmask[None, :]
-                tl.store(LOGITS + offs, x, mask=lmask)
-                z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
-                z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
+                # rows past G hold -inf, so the max over the tile's row groups picks out rows 0..GP-1
+                xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
+                offs = rows_c[:, None] * S + n[None, :]
+                lmask = gcmask[:, None] & nmask[None, :]
+                z = (xc + _noise(NOISE, seed, offs, USE_NOISE)) / tau
+                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
+                tl.store(Z + offs, z, mask=lmask)
                 mz_new = tl.maximum(mz, tl.max(z, 1))
                 mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
                 lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
@@ -132,14 +176,13 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     tl.store(L + part, l_i, mask=gmask)
     tl.store(ACC + part[:, None] * D + d[None, :], acc, mask=gmask[:, None])
     if SCORE:
-        tl.store(MZ + part, mz, mask=gmask)
-        tl.store(LZ + part, lz, mask=gmask)
+        tl.store(MZ + rows_c * NSPLIT + split, mz, mask=gcmask)
+        tl.store(LZ + rows_c * NSPLIT + split, lz, mask=gcmask)
 
 
 @triton.jit
-def _combine_kernel(M, L, ACC, MZ, LZ, OUT, LOGZ, D: tl.constexpr, NSPLIT: tl.constexpr,
-                    BLOCK_S: tl.constexpr, SCORE: tl.constexpr):
-    row = tl.program_id(0)  # b * H + h
+def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the splits' attention partials of one (sequence, query head) row into its output."""
     s = tl.arange(0, BLOCK_S)
     smask = s < NSPLIT
     d = tl.arange(0, D)
@@ -150,44 +193,50 @@ def _combine_kernel(M, L, ACC, MZ, LZ, OUT, LOGZ, D: tl.constexpr, NSPLIT: tl.co
     acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + row * D + d, out.to(OUT.dtype.element_ty))
-    if SCORE:
-        mz = tl.load(MZ + row * NSPLIT + s, mask=smask, other=float("-inf"))
-        lz = tl.load(LZ + row * NSPLIT + s, mask=smask, other=0.0)
-        mzmax = tl.max(mz, 0)
-        wz = tl.where(smask & (mz > float("-inf")), tl.exp(mz - mzmax), 0.0)
-        tl.store(LOGZ + row, mzmax + tl.log(tl.sum(lz * wz, 0)))
 
 
 @triton.jit
-def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window,
-                  S, split_len, tau_init, tau_delta, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, USE_NOISE: tl.constexpr):
+def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+    _combine_row(M, L, ACC, OUT, tl.program_id(0), D, NSPLIT, BLOCK_S)
+
+
+@triton.jit
+def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, split_len,
+                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
-    g = tl.arange(0, BLOCK_G)
+    for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the splits' programs
+        if split == gi % NSPLIT:
+            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S)
+    g = tl.arange(0, GP)
     gmask = g < G
-    heads = hk * G + g
-    logz = tl.load(LOGZ + b * H + heads, mask=gmask, other=0.0)
-    step = tl.load(STEP)
-    seed = step.to(tl.int32)
-    tau = tau_init + step * tau_delta
+    rows = b * H + hk * G + g
+    # log Z of each query head, from every split's Gumbel partials
+    s = tl.arange(0, BLOCK_S)
+    parts = rows[:, None] * NSPLIT + s[None, :]
+    pmask = gmask[:, None] & (s < NSPLIT)[None, :]
+    mz = tl.load(MZ + parts, mask=pmask, other=float("-inf"))
+    lz = tl.load(LZ + parts, mask=pmask, other=0.0)
+    mzmax = tl.max(mz, 1)
+    mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
+    logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
     cur_pos = tl.load(cur)
     kv_base = (b * HKV + hk) * S
     start = split * split_len
+    end = start + split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
-    for i in range(0, BLOCKS):
+    for i in range(0, BLOCKS):  # BLOCKS x BLOCK_N >= split_len (blocks here are wider than the split kernel's)
         n0 = start + i * BLOCK_N
         if n0 < S:
             n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < S
+            nmask = (n < S) & (n < end)
             pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
-            offs = (b * H + heads)[:, None] * S + n[None, :]
             lmask = gmask[:, None] & nmask[None, :]
-            x = tl.load(LOGITS + offs, mask=lmask, other=float("-inf"))
-            z = (x + _noise(NOISE, seed, offs, USE_NOISE)) / tau
+            z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"))
             f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
             score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
             tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
@@ -203,8 +252,34 @@ def _score_kernel(LOGITS, NOISE, STEP, LOGZ, POS, SCORE_BUF, CAND_VAL, CAND_IDX,
     tl.store(CAND_IDX + pid * NSPLIT + split, i)
 
 
+#: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
+#: wide blocks keep the chain of dependent loads short.
+FINISH_BLOCK = 256
+
+
 def _blocks(head_dim: int) -> int:
+    """Tokens per block: 32 x 256 or 64 x 128 bf16 elements of K (and of V) per load."""
     return 32 if head_dim > 128 else 64
+
+
+#: Programs per SM the cache is split for: enough that the last wave's tail is short and every SM streams.
+PROGRAMS_PER_SM = 4
+
+
+def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int | None = None) -> int:
+    """Tokens per split: `split_tokens` rounded up to whole blocks if given, else the fewest that still give
+    `rows` (sequences x KV heads) x splits >= PROGRAMS_PER_SM x `sms` programs (never less than one block)."""
+    if split_tokens is None:
+        splits = max(1, -(-PROGRAMS_PER_SM * sms // rows))
+        split_tokens = -(-slots // splits)
+    return max(block, -(-split_tokens // block) * block)
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter (tests): a few splits, so the multi-split paths run
 
 
 class StepState:
@@ -217,15 +292,20 @@ class StepState:
 
 
 class FusedDecoder:
-    """Buffers and launches for one layer shape; `splits` parts of the cache are read in parallel."""
+    """Buffers and launches for one layer shape; the cache is read in `NSPLIT` parallel parts of `split_len`."""
 
-    def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=512, scoring=True):
+    def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
+                 block_n=None, num_warps=4):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
+        # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead (use_dot False) need
+        # a [BLOCK_N, D] fp32 temporary and ran Keyformer's kernel out of registers (bench_attention on H100)
+        self.use_dot = True
         self.BLOCK_G = max(16, triton.next_power_of_2(self.G))
-        self.BLOCK_N = _blocks(head_dim)
-        # enough splits to fill the GPU when batch x KV heads is small, none smaller than one block
-        self.split_len = max(self.BLOCK_N, triton.cdiv(split_tokens, self.BLOCK_N) * self.BLOCK_N)
+        self.GP = triton.next_power_of_2(self.G)
+        self.BLOCK_N = block_n or _blocks(head_dim)
+        self.num_warps = num_warps
+        self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
         f32 = dict(dtype=torch.float32, device=device)
@@ -235,8 +315,7 @@ class FusedDecoder:
         self.scoring = scoring
         if scoring:
             self.mz, self.lz = torch.empty_like(self.m), torch.empty_like(self.m)
-            self.logits = torch.empty(batch * heads * slots, **f32)
-            self.logz = torch.empty(batch * heads, **f32)
+            self.z = torch.empty(batch * heads * slots, **f32)
             self.cand_val = torch.empty(batch * kv_heads * self.NSPLIT, **f32)
             self.cand_idx = torch.empty(batch * kv_heads * self.NSPLIT, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -252,51 +331,58 @@ class FusedDecoder:
         vals = self.cand_val.view(self.B, self.HKV, self.NSPLIT)
         return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
-    def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, pos=None, score_buf=None, state=None,
-               noise=None, tau_delta=0.0, out=None):
-        """q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]. Full cache (pos None): the new token goes to slot
-        n_valid - 1. Evicting cache: it goes to the slot the last step freed, with pos = state.cur, score 0."""
-        out = torch.empty_like(q) if out is None else out
+    def _split(self, q, k_new, v_new, k_cache, v_cache, n_valid, pos=None, score_buf=None, state=None, noise=None,
+               tau_delta=0.0):
         dummy = self.m
-        score = self.scoring and pos is not None
-        grid = (self.B * self.HKV, self.NSPLIT)
-        _split_kernel[grid](
+        score = score_buf is not None
+        self.split_handle = _split_kernel[(self.B * self.HKV, self.NSPLIT)](
             q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
-            score_buf if score_buf is not None else dummy, self.cand_val if score else dummy,
+            score_buf if score else dummy, self.cand_val if score else dummy,
             self.cand_idx if score else dummy, state.step if state is not None else dummy,
-            state.cur if state is not None else dummy, self.logits if score else dummy,
+            state.cur if state is not None else dummy, self.z if score else dummy,
             noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
             self.lz if score else dummy, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta,
-            H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N,
+            H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
-            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32)
-        _combine_kernel[(self.B * self.H,)](
-            self.m, self.l, self.acc, self.mz if score else dummy, self.lz if score else dummy, out,
-            self.logz if score else dummy, D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S, SCORE=score)
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, USE_DOT=self.use_dot,
+            IEEE=q.dtype == torch.float32, num_warps=self.num_warps)
+
+    def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None):
+        """Full cache: q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]; the new token goes to slot n_valid - 1."""
+        out = torch.empty_like(q) if out is None else out
+        self._split(q, k_new, v_new, k_cache, v_cache, n_valid)
+        _combine_kernel[(self.B * self.H,)](self.m, self.l, self.acc, out, D=self.D, NSPLIT=self.NSPLIT,
+                                            BLOCK_S=self.BLOCK_S)
         return out
 
-    def score(self, pos, score_buf, state, window, noise=None, tau_delta=0.0):
-        """Add this step's Gumbel-softmax to `score_buf` and leave each split's eviction candidate."""
-        grid = (self.B * self.HKV, self.NSPLIT)
-        _score_kernel[grid](
-            self.logits, noise if noise is not None else self.m, state.step, self.logz, pos, score_buf,
-            self.cand_val, self.cand_idx, state.cur, window, self.S, self.split_len, TAU_INIT, tau_delta,
-            H=self.H, HKV=self.HKV, G=self.G, BLOCK_G=self.BLOCK_G, BLOCK_N=self.BLOCK_N, NSPLIT=self.NSPLIT,
-            BLOCKS=self.split_len // self.BLOCK_N, USE_NOISE=noise is not None)
+    def attend_and_score(self, q, k_new, v_new, k_cache, v_cache, pos, score_buf, state, window, noise=None,
+                         tau_delta=0.0, out=None):
+        """Evicting cache: as `attend`, with the new token in the slot the last step freed (pos = state.cur,
+        score 0); this step's Gumbel-softmax is added to `score_buf` and each split's eviction candidate left."""
+        out = torch.empty_like(q) if out is None else out
+        self._split(q, k_new, v_new, k_cache, v_cache, self.S, pos, score_buf, state, noise, tau_delta)
+        fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
+        _finish_kernel[(self.B * self.HKV, self.NSPLIT)](
+            self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val, self.cand_idx,
+            state.cur, window, self.S, self.split_len, H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP,
+            BLOCK_N=fb, NSPLIT=self.NSPLIT, BLOCKS=triton.cdiv(self.split_len, fb), BLOCK_S=self.BLOCK_S,
+            num_warps=self.num_warps)
+        return out
 
 
 class FusedKeyformerCache:
     """The EvictingCache algorithm (keyformer only) run by the fused kernels on the same state tensors.
 
-    Three kernels per layer and step; `plain.free` and `plain.step` are brought up to date by `sync()`.
+    Two kernels per layer and step; `plain.free` and `plain.step` are brought up to date by `sync()`.
     """
 
     kind = "keyformer"
 
-    def __init__(self, plain, split_tokens=512, state=None, first=True, last=True):
+    def __init__(self, plain, split_tokens=None, state=None, first=True, last=True, kernel=None):
         self.plain = plain  # an EvictingCache holding the state
         self.fused = None
         self.split_tokens = split_tokens
+        self.kernel = kernel or {}  # FusedDecoder's block_n / num_warps
         self.state = state or StepState(plain.k.device)
         self.first, self.last = first, last
         self.noise_tensor = None  # tests: [B, H, S] fp32 shared with the plain path
@@ -307,7 +393,7 @@ class FusedKeyformerCache:
     def _start(self, q):
         c = self.plain
         B, HKV, S, D = c.k.shape
-        self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens)
+        self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens, **self.kernel)
         self.fused.set_free(c.free)
         if self.first:
             self.state.step.copy_(c.step)
@@ -321,9 +407,8 @@ class FusedKeyformerCache:
             self._start(q)
         if self.first:
             self.state.cur.copy_(torch.as_tensor(pos, device=c.pos.device))
-        out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, S,
-                                c.pos, c.score, self.state, self.noise_tensor, c.tau_delta)
-        self.fused.score(c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta)
+        out = self.fused.attend_and_score(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v,
+                                          c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta)
         if self.last:
             self.state.step += 1
         return out.view(B, H, 1, D)
@@ -338,8 +423,9 @@ class FusedFullCache:
     """The full cache read by the split-K kernel (the baseline Keyformer is compared with); the new token's K and
     V are written by the kernel itself."""
 
-    def __init__(self, plain, split_tokens=512):
+    def __init__(self, plain, split_tokens=None, kernel=None):
         self.plain, self.split_tokens, self.fused = plain, split_tokens, None
+        self.kernel = kernel or {}
 
     def __getattr__(self, name):
         return getattr(self.plain, name)
@@ -351,7 +437,7 @@ class FusedFullCache:
         H = q.shape[1]
         n = c.length
         if self.fused is None:
-            self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False)
+            self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False, **self.kernel)
         out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, n + 1)
         if not c.steady:
             c.length = n + 1

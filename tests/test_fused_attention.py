@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 pytest.importorskip("triton")
 
-from measure.fused_attention import FusedFullCache, FusedKeyformerCache  # noqa: E402
+from measure.fused_attention import FusedFullCache, FusedKeyformerCache, split_length  # noqa: E402
 from measure.kv_policies import EvictingCache, FullCache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,8 +19,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def cases():
     # (batch, kv heads, query heads per KV head, head dim, budget, split tokens)
-    small = [(2, 2, 1, 16, 40, 16), (1, 2, 4, 32, 70, 32)]
-    big = [(2, 16, 1, 256, 1000, 256), (4, 8, 4, 128, 3000, 512), (1, 8, 4, 128, 8192, 512)]
+    # split None: the adaptive split (a few splits on the CPU interpreter, one per SM share on a GPU)
+    small = [(2, 2, 1, 16, 40, 16), (1, 2, 4, 32, 70, 32), (1, 2, 1, 16, 150, None), (1, 1, 4, 16, 150, None)]
+    big = [(2, 16, 1, 256, 1000, 256), (4, 8, 4, 128, 3000, 512), (1, 8, 4, 128, 8192, 512),
+           (1, 16, 1, 256, 819, None), (1, 8, 4, 128, 3277, None), (16, 8, 4, 128, 2048, None)]
     return small + (big if DEVICE == "cuda" else [])
 
 
@@ -70,3 +72,29 @@ def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split):
     k, v = torch.randn(B, HKV, 1, D, device=DEVICE, dtype=dtype), torch.randn(B, HKV, 1, D, device=DEVICE,
                                                                               dtype=dtype)
     assert torch.allclose(plain.decode(q, k, v, budget), fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
+
+
+def test_split_length_fills_the_gpu_at_batch_one():
+    # GPT-J at batch 1 on an H100 (132 SMs): 16 KV heads -> 33 splits wanted; 520 slots -> 16 per split -> one block
+    assert split_length(520, 16, 32, 132) == 32
+    # Llama-3-8B, 8 KV heads, 16k context: 66 splits of 249 -> 256 tokens
+    assert split_length(16392, 8, 64, 132) == 256
+    # batch 64 x 16 heads already fills the GPU: one split holds everything
+    assert split_length(4104, 1024, 32, 132) == 4128
+    # an explicit length is rounded up to whole blocks
+    assert split_length(5000, 1, 64, 132, split_tokens=100) == 128
+
+
+def test_in_kernel_noise_is_standard_gumbel():
+    from measure.fused_attention import kernel_noise
+
+    n = 1 << 15
+    a = kernel_noise(n, 3, DEVICE).double()
+    b = kernel_noise(n, 4, DEVICE).double()
+    # Gumbel(0, 1): mean = Euler-Mascheroni 0.5772, variance pi^2 / 6 = 1.645; 32k draws -> standard errors ~0.007
+    assert abs(a.mean().item() - 0.5772) < 0.04 and abs(a.var().item() - 1.6449) < 0.08
+    # P(X <= 0) = exp(-1) = 0.368
+    assert abs((a <= 0).double().mean().item() - 0.3679) < 0.015
+    # another step gives other noise for the same elements, uncorrelated with the first
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
+    assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1].item()) < 0.03

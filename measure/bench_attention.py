@@ -1,0 +1,109 @@
+"""The fused decode-attention kernels alone: one layer's step for the full cache and for Keyformer at the same number
+of cached tokens, for each kernel configuration (tokens per block, warps per program), as achieved bandwidth of the
+K and V bytes against the HBM read ceiling. This is how the configuration `fused_attention` uses was chosen.
+
+Each timing replays a CUDA graph of many layers' kernels over separate caches (far more than the 50 MB L2 holds),
+so every layer reads its K and V from HBM, as in a real step. Run on a GPU (repository root):
+  python -m measure.bench_attention --out attention.csv [--ceiling-gbps 3079]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import sys
+
+import torch
+
+from . import timing
+from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState
+from .kv_policies import EvictingCache, FullCache
+
+#: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
+SHAPES = (("gpt-j-6b", 16, 1, 256), ("llama-3-8b", 8, 4, 128))
+CONFIGS = tuple(itertools.product((16, 32, 64), (4, 8)))  # (block_n, num_warps) tried by default
+IN_FLIGHT_BYTES = 400e6  # K and V bytes the graph's layers read in all: 8x the L2
+
+
+def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
+    if policy == "full":
+        out = []
+        for _ in range(layers):
+            c = FullCache(batch, kv_heads, tokens + 1, head_dim, torch.bfloat16, "cuda")
+            c.fill_random(tokens)
+            out.append(FusedFullCache(c, kernel=kernel))
+        return out
+    state = StepState("cuda")
+    out = []
+    for i in range(layers):
+        c = EvictingCache("keyformer", batch, kv_heads, tokens, max(1, int(0.3 * tokens)), head_dim,
+                          torch.bfloat16, "cuda")
+        c.fill_random(tokens * 5)
+        out.append(FusedKeyformerCache(c, state=state, first=i == 0, last=i == layers - 1, kernel=kernel))
+    return out
+
+
+def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, steps=20) -> dict:
+    """Microseconds per layer and K+V GB/s of one configuration."""
+    kv_bytes = 2 * batch * kv_heads * (tokens + 1) * head_dim * 2
+    layers = int(max(4, min(96, IN_FLIGHT_BYTES // kv_bytes)))
+    caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers, {"block_n": block_n, "num_warps": num_warps})
+    q = torch.randn(batch, kv_heads * g, 1, head_dim, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    pos = torch.tensor(tokens * 5, device="cuda")
+
+    def step():
+        for c in caches:
+            c.decode(q, k, v, pos)
+
+    graph = timing.capture_graph(step)
+    t = timing.time_steps(graph.replay, steps, 3)
+    us = t.median_ms * 1e3 / layers
+    handle = caches[0].fused.split_handle
+    del caches, graph
+    torch.cuda.empty_cache()
+    return {"us_per_layer": round(us, 2), "kv_gbps": round(kv_bytes / (us * 1e-6) / 1e9, 1),
+            "regs": getattr(handle, "n_regs", ""), "spills": getattr(handle, "n_spills", ""), "layers": layers}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="CSV to write")
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--tokens", default="205,820,3277", help="cached tokens (the full cache's context, "
+                    "Keyformer's budget)")
+    ap.add_argument("--configs", default=",".join(f"{b}x{w}" for b, w in CONFIGS),
+                    help="BLOCK_NxWARPS list, or 'default' for the shipped choice (default: all of %(default)s)")
+    ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("Error: bench_attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    # "default": the block fused_attention picks for the head dim (block_n 0), 4 warps
+    configs = [(0, 4) if c == "default" else tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
+    rows = []
+    with torch.inference_mode():
+        for (name, hkv, g, d), batch, tokens in itertools.product(
+                SHAPES, [int(x) for x in a.batch.split(",")], [int(x) for x in a.tokens.split(",")]):
+            for policy in ("full", "keyformer"):
+                best, line = None, []
+                for block_n, warps in configs:
+                    r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
+                         "num_warps": warps, **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps)}
+                    if a.ceiling_gbps:
+                        r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
+                    rows.append(r)
+                    best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
+                    line.append(f"{block_n}x{warps} {r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}")
+                print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
+                      f"us/regs/spills: {'  '.join(line)}", flush=True)
+    with open(a.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
