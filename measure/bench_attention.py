@@ -21,7 +21,7 @@ from .kv_policies import EvictingCache, FullCache
 
 #: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
 SHAPES = (("gpt-j-6b", 16, 1, 256), ("llama-3-8b", 8, 4, 128))
-CONFIGS = tuple(itertools.product((16, 32, 64), (4, 8)))  # (block_n, num_warps) tried by default
+CONFIGS = tuple(itertools.product((16, 32, 64), (4, 8), (3,)))  # (block_n, num_warps, num_stages) by default
 IN_FLIGHT_BYTES = 400e6  # K and V bytes the graph's layers read in all: 8x the L2
 
 
@@ -43,11 +43,13 @@ def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
     return out
 
 
-def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, steps=20) -> dict:
+def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, num_stages=3, maxnreg=None,
+               steps=20) -> dict:
     """Microseconds per layer and K+V GB/s of one configuration."""
     kv_bytes = 2 * batch * kv_heads * (tokens + 1) * head_dim * 2
     layers = int(max(4, min(96, IN_FLIGHT_BYTES // kv_bytes)))
-    caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers, {"block_n": block_n, "num_warps": num_warps})
+    caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers,
+                     {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     q = torch.randn(batch, kv_heads * g, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -67,35 +69,46 @@ def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps,
             "regs": getattr(handle, "n_regs", ""), "spills": getattr(handle, "n_spills", ""), "layers": layers}
 
 
+def parse_config(text: str) -> tuple:
+    """'BLOCK_NxWARPSxSTAGES[rMAXNREG]' (or 'default': the block fused_attention picks for the head dim, 4 warps,
+    3 stages, no register cap) -> (block_n, num_warps, num_stages, maxnreg); block_n 0 means the default."""
+    if text == "default":
+        return 0, 4, 3, None
+    text, _, cap = text.partition("r")
+    block_n, warps, stages = (int(v) for v in text.split("x"))
+    return block_n, warps, stages, int(cap) if cap else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="CSV to write")
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--tokens", default="205,820,3277", help="cached tokens (the full cache's context, "
                     "Keyformer's budget)")
-    ap.add_argument("--configs", default=",".join(f"{b}x{w}" for b, w in CONFIGS),
-                    help="BLOCK_NxWARPS list, or 'default' for the shipped choice (default: all of %(default)s)")
+    ap.add_argument("--configs", default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
+                    help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
-    # "default": the block fused_attention picks for the head dim (block_n 0), 4 warps
-    configs = [(0, 4) if c == "default" else tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
+    configs = [parse_config(c) for c in a.configs.split(",")]
     rows = []
     with torch.inference_mode():
         for (name, hkv, g, d), batch, tokens in itertools.product(
                 SHAPES, [int(x) for x in a.batch.split(",")], [int(x) for x in a.tokens.split(",")]):
             for policy in ("full", "keyformer"):
                 best, line = None, []
-                for block_n, warps in configs:
+                for block_n, warps, stages, maxnreg in configs:
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
-                         "num_warps": warps, **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps)}
+                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "",
+                         **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg)}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
                     rows.append(r)
                     best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
-                    line.append(f"{block_n}x{warps} {r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}")
+                    cap = f"r{maxnreg}" if maxnreg else ""
+                    line.append(f"{block_n}x{warps}x{stages}{cap} {r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}")
                 print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
                       f"us/regs/spills: {'  '.join(line)}", flush=True)
     with open(a.out, "w", newline="") as f:

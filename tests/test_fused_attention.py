@@ -20,9 +20,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def cases():
     # (batch, kv heads, query heads per KV head, head dim, budget, split tokens)
     # split None: the adaptive split (a few splits on the CPU interpreter, one per SM share on a GPU)
-    small = [(2, 2, 1, 16, 40, 16), (1, 2, 4, 32, 70, 32), (1, 2, 1, 16, 150, None), (1, 1, 4, 16, 150, None)]
+    # split >= slots: one split per row, finished inside the split kernel (no combine / finish launch)
+    small = [(2, 2, 1, 16, 40, 16), (1, 2, 4, 32, 70, 32), (1, 2, 1, 16, 150, None), (1, 1, 4, 16, 150, None),
+             (2, 2, 1, 16, 40, 64), (2, 2, 4, 16, 40, 64)]
     big = [(2, 16, 1, 256, 1000, 256), (4, 8, 4, 128, 3000, 512), (1, 8, 4, 128, 8192, 512),
-           (1, 16, 1, 256, 819, None), (1, 8, 4, 128, 3277, None), (16, 8, 4, 128, 2048, None)]
+           (1, 16, 1, 256, 819, None), (1, 8, 4, 128, 3277, None), (16, 8, 4, 128, 2048, None),
+           (64, 16, 1, 256, 205, None), (64, 8, 4, 128, 820, None)]
     return small + (big if DEVICE == "cuda" else [])
 
 
