@@ -24,6 +24,7 @@ PARAMETERS = {
     "step_overhead_us": (0.0, 200.0, 20.0),  # graph launch, host sync: not per-layer work
     "kernels_per_op.keyformer": (0.0, 100.0, 20.0),
     "keyformer_logit_passes": (0.0, 100.0, 5.0),
+    "keyformer_flops_per_kv_byte": (0.0, 1000.0, 10.0),
     "attention_saturation_items": (1.0, 20000.0, 200.0),
     "attention_split_tokens": (64.0, 1e6, 1024.0),
     "evicting_attention_split_tokens": (64.0, 1e6, 8192.0),
@@ -37,6 +38,7 @@ PREFILL_PARAMETERS = {
 }
 #: what each parameter needs in the rows to be identifiable
 NEEDS = {"kernels_per_op.keyformer": "scored", "keyformer_logit_passes": "scored",
+         "keyformer_flops_per_kv_byte": "fused scorer",
          "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored"}
 MIN_ROWS_PER_PARAMETER = 2
 
@@ -64,16 +66,19 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
     return dataclasses.replace(engine, **plain, **mapped)
 
 
-def choose_parameters(groups: list[Group], table: dict) -> list[str]:
-    """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy)."""
-    have = {"scored": any(g.setup.policy.scored for g in groups)}
+def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False) -> list[str]:
+    """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
+    fused scorer's arithmetic needs a decoder that scores inside its attention kernel)."""
+    scored = any(g.setup.policy.scored for g in groups)
+    have = {"scored": scored, "fused scorer": scored and fused_scorer}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
-def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str) -> tuple[Engine, dict]:
+def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str,
+               fused_scorer: bool = False) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
-    params = choose_parameters(groups, table)
+    params = choose_parameters(groups, table, fused_scorer)
     n = sum(len(g.measured_ms) for g in groups)
     if n < MIN_ROWS_PER_PARAMETER * len(params):
         raise KfsimError(f"{where}: {n} {what} rows are too few to fit {len(params)} parameters "
@@ -112,10 +117,11 @@ def ceilings(micro, hw) -> dict[str, float]:
 
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
-        bounds: dict[str, float] | None = None) -> Fit:
+        bounds: dict[str, float] | None = None, fused_scorer: bool = False) -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
-    `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU).
+    `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
+    the measured decoder scores Keyformer inside its attention kernel, so keyformer_flops_per_kv_byte is fitted.
     """
     groups = group_rows(df.reset_index(drop=True), start, where)
     decode = [g for g in groups if g.phase == "decode"]
@@ -126,7 +132,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     for p, cap in (bounds or {}).items():
         lo, hi, x0 = table[p]
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
-    engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode")
+    engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer)
     if prefill:
         engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")
         fitted.update(more)

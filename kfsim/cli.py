@@ -239,8 +239,12 @@ _PHASE = click.option("--phase", type=click.Choice(["all", "decode", "prefill"])
                    "skinny-GEMM and SDPA benchmarks reached.")
 @_MEASURED_ENGINE
 @_PHASE
+@click.option("--fused-scorer", is_flag=True,
+              help="The measured decoder scores Keyformer inside its attention kernel (measure's `compiled` "
+                   "engine): also fit keyformer_flops_per_kv_byte, the arithmetic that keeps that kernel from "
+                   "speeding up with memory bandwidth.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
-def calibrate(files, out, name, micro, measured_engine, phase, as_json):
+def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -271,7 +275,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, as_json):
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
     name = name or Path(out).stem
-    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds)
+    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -280,7 +284,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, as_json):
                       + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline"),
                       source={"fit": f"kfsim calibrate {' '.join(files)}"
                                      + "".join(f" --microbench {m}" for m in micro)
-                                     + (f" --measured-engine {measured_engine}" if measured_engine else ""),
+                                     + (f" --measured-engine {measured_engine}" if measured_engine else "")
+                                     + (" --fused-scorer" if fused_scorer else ""),
                               "in_sample_mape_pct": f"{f.mape:.2f}",
                               "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()) or "none"})
     eng.write(out)

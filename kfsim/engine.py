@@ -52,6 +52,10 @@ class Engine:
     keyformer_logit_passes: float = rng(0, default=0.0)
     #: the same for prefill's scoring over the prompt (logits of every prompt query); 0 = fused
     keyformer_prefill_logit_passes: float = rng(0, default=0.0)
+    #: a scorer fused into the attention kernel: its arithmetic per KV byte that kernel reads, in fp32 vector
+    #: FLOPs. The kernel then takes max(KV read time, this work at the vector peak): it stops speeding up with
+    #: memory bandwidth once its arithmetic and latency bind (decode only). 0 = not fused (the scorer's own ops)
+    keyformer_flops_per_kv_byte: float = rng(0, default=0.0)
     #: fixed time per layer per decode step beyond the ops' kernels (cache writes, casts, copies, the pieces of
     #: rotary), microseconds
     layer_overhead_us: float = rng(0, default=0.0)

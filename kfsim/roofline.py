@@ -50,6 +50,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own).
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
+    fused_scorer = engine.keyformer_flops_per_kv_byte if logit_passes is None else 0.0  # decode only
     base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
     bw = hw.bandwidth_bytes_per_s
     tensor_peak = hw.peak_flops(compute)
@@ -64,6 +65,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     zero = np.zeros(np.broadcast(*(o.flops for o in ops)).shape)
     weight_s, kv_s, other_s, compute_s, overhead_s = (zero.copy() for _ in range(5))
     per_op, kernels = {}, 0.0
+    attention_kv, attention_kv_bytes = zero, zero
     for op in ops:
         tw = op.weight_bytes / (bw * engine.weight_bandwidth_fraction)
         tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
@@ -77,6 +79,11 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * engine.kernels_per_op[op.kind]
         t_fixed = n_kernels * base_us * 1e-6
+        if op.kind == "attention":
+            attention_kv, attention_kv_bytes = tk, op.kv_read_bytes + op.kv_write_bytes
+        elif op.kind == "keyformer" and fused_scorer > 0:
+            # scored inside the attention kernel: the kernel's arithmetic beyond what its KV reads hide
+            compute_s += np.maximum(0.0, fused_scorer * attention_kv_bytes / vector_peak - attention_kv)
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)
         kv_s += np.where(memory_bound, tk, 0.0)

@@ -101,15 +101,16 @@ def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path,
                   what: str) -> None:
     """Steps 1-3 for one measured engine: the shipped engine from every H100 row, a fit on a random half
     validated on the other half, and the shipped engine validated on every H200 row."""
+    fused = ["--fused-scorer"] if measured == "compiled" else []  # its Keyformer scores inside attention
     kfsim("calibrate", rel(h100), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
-          "--out", f"engines/{name}.yaml")
+          "--out", f"engines/{name}.yaml", *fused)
     hold.mkdir(parents=True, exist_ok=True)
     rows = measurements.load([h100], measured)
     mask = split_half(rows)
     rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
     rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
     kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", f"{name}-h100-half",
-          "--out", rel(hold / "engine.yaml"))
+          "--out", rel(hold / "engine.yaml"), *fused)
     kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
           "--title", f"{what}: held-out half of the H100 rows (engine fitted on the other half)")
     kfsim("validate", rel(h200), "--measured-engine", measured, "--engine", f"engines/{name}.yaml",

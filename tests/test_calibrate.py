@@ -126,3 +126,26 @@ def test_shipped_default_engine_matches_committed_data():
     df = measurements.load(["measure/data/h100-sxm.csv"], "torch-graph", "decode")
     err = predict_frame(df, get_engine("default")) / df["step_ms"] - 1
     assert np.mean(np.abs(err)) < 0.05
+
+
+def test_fused_scorer_cost_is_fitted_only_for_a_fused_decoder():
+    true = dataclasses.replace(TRUE, keyformer_logit_passes=2.0, keyformer_flops_per_kv_byte=60.0)
+    df = synthetic(true)
+    plain = calibrate.fit(df, "plain")
+    assert "keyformer_flops_per_kv_byte" not in plain.fitted and plain.engine.keyformer_flops_per_kv_byte == 0
+    fused = calibrate.fit(df, "fused", fused_scorer=True)
+    assert "keyformer_flops_per_kv_byte" in fused.fitted
+    assert fused.mape < plain.mape and fused.mape < 1.0
+    # the fused fit carries to a GPU with more bandwidth and the same SMs, where the plain one cannot
+    other = synthetic(true, gpu="h200")
+    err = lambda e: np.mean(np.abs(predict_frame(other, e) / other["step_ms"] - 1))  # noqa: E731
+    assert err(fused.engine) < 0.02 and err(fused.engine) < err(plain.engine)
+
+
+def test_calibrate_cli_fused_scorer(tmp_path):
+    p = tmp_path / "m.csv"
+    synthetic(dataclasses.replace(TRUE, keyformer_flops_per_kv_byte=30.0)).to_csv(p, index=False)
+    out = tmp_path / "e.yaml"
+    r = CliRunner().invoke(cli, ["calibrate", str(p), "--out", str(out), "--fused-scorer"])
+    assert r.exit_code == 0, r.output
+    assert "keyformer_flops_per_kv_byte" in r.output and "--fused-scorer" in out.read_text()

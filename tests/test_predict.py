@@ -90,3 +90,25 @@ def test_bad_values_are_user_errors(setup_of):
     with pytest.raises(KfsimError, match="no bf16 rate"):
         predict(setup_of(gpu="v100"), 1, 10)
     assert predict(setup_of(gpu="v100", weight_dtype="fp16"), 1, 10)["step_ms"] > 0
+
+
+def test_fused_scorer_bounds_a_keyformer_step_by_its_arithmetic(setup_of):
+    """With the scorer inside the attention kernel, that kernel takes at least its arithmetic at the vector peak,
+    whatever the bandwidth; with none (0) the step is the plain roofline's."""
+    import dataclasses
+
+    from kfsim.engine import IDEAL
+
+    base = setup_of(gpu="h100", model="llama-3-8b", engine="ideal", policy="keyformer", kv_ratio=0.5)
+    fused = dataclasses.replace(base, engine=dataclasses.replace(IDEAL, keyformer_flops_per_kv_byte=200.0))
+    r0, r1 = predict(base, 64, 8192), predict(fused, 64, 8192)
+    kernel_s = 200.0 * float(r1["kv_bytes"]) / (base.hw.peak_dense_tflops["fp32"] * 1e12)
+    assert float(r1["step_ms"]) >= kernel_s * 1e3
+    assert float(r1["step_ms"]) > float(r0["step_ms"])
+    # more bandwidth no longer shortens the attention kernel once its arithmetic binds
+    fast = dataclasses.replace(fused, hw=dataclasses.replace(fused.hw, hbm_bandwidth_gbps=10 * fused.hw.hbm_bandwidth_gbps))
+    assert float(predict(fast, 64, 8192)["step_ms"]) >= kernel_s * 1e3
+    # full cache: no scorer, no change
+    full = dataclasses.replace(fused, policy=setup_of(gpu="h100", model="llama-3-8b").policy)
+    assert float(predict(full, 64, 8192)["step_ms"]) == float(predict(setup_of(gpu="h100", model="llama-3-8b",
+                                                                               engine="ideal"), 64, 8192)["step_ms"])

@@ -10,7 +10,7 @@ from kfsim.predict import predict
 
 GPUS = ["a100", "h100", "h200", "l4", "b200", "mi300x"]
 MODELS = ["gpt-j-6b", "llama-3-8b", "mpt-7b", "cerebras-gpt-111m", "mistral-7b"]
-ENGINES = ["ideal", "default"]
+ENGINES = ["ideal", "default", "compiled"]
 POLICIES = [("full", 1.0), ("keyformer", 0.5), ("keyformer", 0.2), ("h2o", 0.3), ("window", 0.5)]
 
 config = st.fixed_dictionaries({
