@@ -72,23 +72,19 @@ def _free_slot(CANDV, CANDI, row, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _qk(q, k, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """Logits [BLOCK_G, BLOCK_N] of q [BLOCK_G, D] against k [BLOCK_N, D]."""
-    if USE_DOT:
-        if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
-            return tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32)
-        return tl.dot(q, tl.trans(k)).to(tl.float32)
-    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+def _qk(q, k, IEEE: tl.constexpr):
+    """Logits [BLOCK_G, BLOCK_N] of q [BLOCK_G, D] against k [BLOCK_N, D] on tensor cores."""
+    if IEEE:  # fp32 inputs (tests): exact fp32 products, not TF32
+        return tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32)
+    return tl.dot(q, tl.trans(k)).to(tl.float32)
 
 
 @triton.jit
-def _pv(p, v, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+def _pv(p, v, IEEE: tl.constexpr):
     """p [BLOCK_G, BLOCK_N] (fp32) times v [BLOCK_N, D] -> [BLOCK_G, D] fp32."""
-    if USE_DOT:
-        if IEEE:
-            return tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        return tl.dot(p.to(v.dtype), v).to(tl.float32)
-    return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    if IEEE:
+        return tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+    return tl.dot(p.to(v.dtype), v).to(tl.float32)
 
 
 @triton.jit
@@ -97,7 +93,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
-                  USE_NOISE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr,
+                  USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr,
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -155,14 +151,14 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
             pos = tl.where(is_new, cur, pos)
             valid = valid & (pos >= 0)
-        x = _qk(q, k, USE_DOT, IEEE) * scale
+        x = _qk(q, k, IEEE) * scale
         x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(x - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE)
+        acc = acc * alpha[:, None] + _pv(p, v, IEEE)
         m_i = m_new
         if SCORE:
             # rows past G hold -inf, so the max over the tile's row groups picks out rows 0..GP-1
@@ -316,9 +312,8 @@ class FusedDecoder:
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
-        # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead (use_dot False) need
-        # a [BLOCK_N, D] fp32 temporary and ran Keyformer's kernel out of registers (bench_attention on H100)
-        self.use_dot = True
+        # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
+        # fp32 temporary, which ran Keyformer's kernel out of registers (tried with bench_attention on the H100)
         self.BLOCK_G = max(16, triton.next_power_of_2(self.G))
         self.GP = triton.next_power_of_2(self.G)
         self.BLOCK_N = block_n or _blocks(head_dim)
@@ -363,8 +358,7 @@ class FusedDecoder:
             self.lz if score else dummy, out, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta, window,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
-            HAS_POS=pos is not None, USE_NOISE=noise is not None, USE_DOT=self.use_dot,
-            IEEE=q.dtype == torch.float32, FINISH=self.NSPLIT == 1, FBLOCK=fb,
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32, FINISH=self.NSPLIT == 1, FBLOCK=fb,
             FBLOCKS=triton.cdiv(self.split_len, fb), num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.maxnreg)
         return fb
