@@ -16,7 +16,6 @@ import sys
 import torch
 
 from . import timing
-from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState
 from .kv_policies import EvictingCache, FullCache
 
 #: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
@@ -26,6 +25,8 @@ IN_FLIGHT_BYTES = 400e6  # K and V bytes the graph's layers read in all: 8x the 
 
 
 def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
+    from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
+
     if policy == "full":
         out = []
         for _ in range(layers):
@@ -74,32 +75,48 @@ def parse_config(text: str) -> tuple:
     3 stages, no register cap) -> (block_n, num_warps, num_stages, maxnreg); block_n 0 means the default."""
     if text == "default":
         return 0, 4, 3, None
-    text, _, cap = text.partition("r")
-    block_n, warps, stages = (int(v) for v in text.split("x"))
-    return block_n, warps, stages, int(cap) if cap else None
+    try:
+        body, _, cap = text.partition("r")
+        block_n, warps, stages = (int(v) for v in body.split("x"))
+        return block_n, warps, stages, int(cap) if cap else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"config {text!r}: expected BLOCK_NxWARPSxSTAGES[rMAXNREG] (e.g. 32x4x3, "
+                                         f"64x4x3r168) or 'default'") from None
+
+
+def _configs(text: str) -> list[tuple]:
+    return [parse_config(c) for c in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of whole numbers >= 1")
+    return values
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="CSV to write")
-    ap.add_argument("--batch", default="1,16,64")
-    ap.add_argument("--tokens", default="205,820,3277", help="cached tokens (the full cache's context, "
+    ap.add_argument("--batch", type=_ints, default="1,16,64")
+    ap.add_argument("--tokens", type=_ints, default="205,820,3277", help="cached tokens (the full cache's context, "
                     "Keyformer's budget)")
-    ap.add_argument("--configs", default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
+    ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
-    configs = [parse_config(c) for c in a.configs.split(",")]
     rows = []
     with torch.inference_mode():
-        for (name, hkv, g, d), batch, tokens in itertools.product(
-                SHAPES, [int(x) for x in a.batch.split(",")], [int(x) for x in a.tokens.split(",")]):
+        for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
                 best, line = None, []
-                for block_n, warps, stages, maxnreg in configs:
+                for block_n, warps, stages, maxnreg in a.configs:
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
                          "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "",
                          **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg)}

@@ -231,3 +231,22 @@ def test_compiled_glue_matches_decoder(name):
             la = model.decode(token, 10 + i, a)
             lb = glue.decode(token, 10 + i, b)
             assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
+    from measure import bench_attention, profile_step
+
+    assert bench_attention.parse_config("64x4x3r168") == (64, 4, 3, 168)
+    assert bench_attention.parse_config("default") == (0, 4, 3, None)
+    for argv in (["--out", "x", "--configs", "3x4"], ["--out", "x", "--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench_attention.main(argv)
+        assert e.value.code == 2
+    assert "expected" in capsys.readouterr().err
+    assert profile_step.parse_point("gpt-j-6b,64,1024,keyformer,0.2") == campaign.Point(
+        "gpt-j-6b", "decode", 64, 1024, 0.2, "keyformer")
+    with pytest.raises(SystemExit):
+        profile_step.main(["--point", "gpt-j-6b,1"])
+    if not torch.cuda.is_available():
+        assert bench_attention.main(["--out", "x"]) == 2
+        assert profile_step.main(["--point", "gpt-j-6b,1,1024,full,1"]) == 2
