@@ -189,6 +189,11 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         raise KfsimError("kfsim measure needs torch: pip install -e '.[measure]'") from None
     if not torch.cuda.is_available():
         raise KfsimError("kfsim measure needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    import importlib.util
+
+    if engine == "compiled" and importlib.util.find_spec("triton") is None:
+        raise KfsimError("kfsim measure --engine compiled needs triton (its attention kernels are Triton); "
+                         "torch's CUDA wheels bring it")
     from measure import campaign
 
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)

@@ -113,3 +113,14 @@ def test_measure_bad_flags(tmp_path, args, message):
     pytest.importorskip("torch")
     r = run("measure", "--out", str(tmp_path / "m.csv"), *args)
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_measure_compiled_without_triton_says_so(tmp_path, monkeypatch):
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    r = run("measure", "--out", str(tmp_path / "m.csv"), "--engine", "compiled")
+    assert r.exit_code == 2 and "needs triton" in r.output and len(r.output.strip().splitlines()) == 1, r.output
