@@ -79,11 +79,12 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * engine.kernels_per_op[op.kind]
         t_fixed = n_kernels * base_us * 1e-6
+        hidden = zero  # a fused scorer's arithmetic beyond what the attention kernel's KV reads hide
         if op.kind == "attention":
             attention_kv, attention_kv_bytes = tk, op.kv_read_bytes + op.kv_write_bytes
         elif op.kind == "keyformer" and fused_scorer > 0:
-            # scored inside the attention kernel: the kernel's arithmetic beyond what its KV reads hide
-            compute_s += np.maximum(0.0, fused_scorer * attention_kv_bytes / vector_peak - attention_kv)
+            hidden = np.maximum(0.0, fused_scorer * attention_kv_bytes / vector_peak - attention_kv)
+            compute_s += hidden
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)
         kv_s += np.where(memory_bound, tk, 0.0)
@@ -91,7 +92,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         compute_s += np.where(memory_bound, 0.0, t_flop)
         overhead_s += t_fixed
         kernels += n_kernels
-        per_op[op.name] = np.maximum(t_mem, t_flop) + t_fixed
+        per_op[op.name] = np.maximum(t_mem, t_flop) + hidden + t_fixed
     overhead_s += fixed_s
     total = weight_s + kv_s + other_s + compute_s + overhead_s
     return StepTime(total, weight_s, kv_s, other_s, compute_s, overhead_s, kernels, per_op)

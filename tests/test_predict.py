@@ -108,6 +108,11 @@ def test_fused_scorer_bounds_a_keyformer_step_by_its_arithmetic(setup_of):
     # more bandwidth no longer shortens the attention kernel once its arithmetic binds
     fast = dataclasses.replace(fused, hw=dataclasses.replace(fused.hw, hbm_bandwidth_gbps=10 * fused.hw.hbm_bandwidth_gbps))
     assert float(predict(fast, 64, 8192)["step_ms"]) >= kernel_s * 1e3
+    # the breakdown by op still adds up to the step (the ideal engine has no fixed cost outside the ops)
+    from kfsim.predict import step_time
+
+    t = step_time(fused, 64, 4096)
+    assert sum(float(v) for v in t.per_op.values()) == pytest.approx(float(t.seconds), rel=1e-9)
     # full cache: no scorer, no change
     full = dataclasses.replace(fused, policy=setup_of(gpu="h100", model="llama-3-8b").policy)
     assert float(predict(full, 64, 8192)["step_ms"]) == float(predict(setup_of(gpu="h100", model="llama-3-8b",
