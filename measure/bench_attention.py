@@ -15,6 +15,9 @@ import sys
 
 import torch
 
+from kfsim.errors import KfsimError
+from kfsim.values import parse_list
+
 from . import timing
 from .kv_policies import EvictingCache, FullCache
 
@@ -88,21 +91,21 @@ def _configs(text: str) -> list[tuple]:
     return [parse_config(c) for c in text.split(",")]
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of whole numbers >= 1")
-    return values
+def _ints(flag: str):
+    """An argparse type: kfsim's list parser (1,8,32 or start:stop:step), whole numbers >= 1."""
+    def parse(text: str) -> list[int]:
+        try:
+            return parse_list(text, flag, int, lo=1)
+        except KfsimError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="CSV to write")
-    ap.add_argument("--batch", type=_ints, default="1,16,64")
-    ap.add_argument("--tokens", type=_ints, default="205,820,3277", help="cached tokens (the full cache's context, "
+    ap.add_argument("--batch", type=_ints("batch"), default="1,16,64")
+    ap.add_argument("--tokens", type=_ints("tokens"), default="205,820,3277", help="cached tokens (the full cache's context, "
                     "Keyformer's budget)")
     ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")

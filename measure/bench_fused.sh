@@ -16,7 +16,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | ta
 kf="python3 -m kfsim"
 [ -f "measure/data/$gpu-microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
 micro=measure/data/$gpu-microbench.csv; [ -f "$micro" ] || micro=$out/$gpu-microbench.csv
-ceiling=$(python3 -c "import pandas as pd; print(pd.read_csv('$micro').query('bench == \"hbm_read\"').gbps.iloc[0])")
+ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; print(c('$micro'))")
 # the attention kernels alone, full cache and Keyformer at the same cached tokens (the shipped configuration)
 timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" --out "$out/$gpu-attention.csv" \
   | tee "$out/$gpu-attention.txt"

@@ -325,7 +325,6 @@ class FusedDecoder:
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(batch * heads * self.NSPLIT * head_dim, **f32)
-        self.scoring = scoring
         if scoring:
             self.mz, self.lz = torch.empty_like(self.m), torch.empty_like(self.m)
             self.z = torch.empty(batch * heads * slots, **f32)

@@ -16,12 +16,12 @@ from kfsim import measurements
 from kfsim.fmt import markdown_table
 from kfsim.inputs import make_setup
 from kfsim.predict import predict
-from measure.summarize import decode_bytes
+from measure.summarize import decode_bytes, read_ceiling_gbps
 
 
 def table(meas: str, micro: str, engine: str = "compiled") -> pd.DataFrame:
     df = measurements.load([meas], engine, "decode")
-    ceiling = float(pd.read_csv(micro).query("bench == 'hbm_read'")["gbps"].iloc[0])
+    ceiling = read_ceiling_gbps(micro)
     full = df[df.policy == "full"].set_index(["model", "batch", "context"])["step_ms"]
     rows = []
     for r in df.itertuples():

@@ -18,12 +18,17 @@ def decode_bytes(model: str, batch, cached) -> float:
     return w.streamed_params * 2 + batch * cached * w.kv_bytes_per_token()
 
 
+def read_ceiling_gbps(micro) -> float:
+    """The HBM read ceiling (GB/s) of a `kfsim microbench` CSV: its hbm_read row."""
+    return float(pd.read_csv(micro).query("bench == 'hbm_read'")["gbps"].iloc[0])
+
+
 def bandwidth_table(data: Path) -> pd.DataFrame:
     """Batch-1 full-cache decode: (weights streamed + KV read) / step time, against the hbm_read microbenchmark."""
     rows = []
     for micro in sorted(data.glob("*-microbench.csv")):
         gpu = micro.name.replace("-microbench.csv", "")
-        ceiling = float(pd.read_csv(micro).query("bench == 'hbm_read'")["gbps"].iloc[0])
+        ceiling = read_ceiling_gbps(micro)
         df = measurements.load([data / f"{gpu}.csv"], "torch-graph", "decode")
         for r in df[(df.policy == "full") & (df.batch == 1)].itertuples():
             moved = decode_bytes(r.model, 1, r.context)
