@@ -104,12 +104,13 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
 
 
 def ceilings(micro, hw) -> dict[str, float]:
-    """Upper bounds from microbenchmarks on the same GPU: no decode GEMM streams weights faster than the skinny
-    GEMM benchmark did, and no attention reads KV faster than the best SDPA decode benchmark (as fractions)."""
+    """Upper bounds from microbenchmarks on the same GPU: no decode step streams weights faster than the skinny
+    GEMM benchmark or the plain HBM read did (the batch-1 matrix-vector kernels of measure/gemv.py come close to
+    the read), and no attention reads KV faster than the best SDPA decode benchmark (as fractions)."""
     out = {}
-    skinny = micro[micro["bench"] == "skinny_gemm"]
-    if len(skinny):
-        out["weight_bandwidth_fraction"] = float(skinny["gbps"].max()) / hw.hbm_bandwidth_gbps
+    reads = micro[micro["bench"].isin(["skinny_gemm", "hbm_read"])]
+    if len(reads):
+        out["weight_bandwidth_fraction"] = float(reads["gbps"].max()) / hw.hbm_bandwidth_gbps
     sdpa = micro[micro["bench"] == "sdpa_decode"]
     if len(sdpa):
         out["kv_bandwidth_fraction"] = float(sdpa["gbps"].max()) / hw.hbm_bandwidth_gbps

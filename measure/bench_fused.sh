@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The fused-decoder benchmark on one GPU: kernel checks, the attention kernels alone, then the grid with the compiled engine
-# (full cache also at every Keyformer budget, for the ideal reduced-cache step), then the table.
+# The fused-decoder benchmark on one GPU: kernel checks, the attention kernels alone (ATTENTION=0 skips them), the
+# batch-1 matrix-vector kernels against cuBLAS, then the grid with the compiled engine (full cache also at every
+# Keyformer budget, for the ideal reduced-cache step), then the table.
 # Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
 set -uo pipefail
 out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
@@ -12,14 +13,18 @@ if ! python3 -c "import click, yaml, pynvml" 2>/dev/null; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 gpu=$(python3 -c "from measure.env import environment; print(environment()['gpu'])") || exit 1
-python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -5 | tee "$out/$gpu-fused-tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_gemv.py 2>&1 | tail -5 \
+  | tee "$out/$gpu-fused-tests.txt"
 kf="python3 -m kfsim"
 [ -f "measure/data/$gpu-microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
 micro=measure/data/$gpu-microbench.csv; [ -f "$micro" ] || micro=$out/$gpu-microbench.csv
 ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; print(c('$micro'))")
 # the attention kernels alone, full cache and Keyformer at the same cached tokens (the shipped configuration)
-timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" --out "$out/$gpu-attention.csv" \
-  | tee "$out/$gpu-attention.txt"
+[ "${ATTENTION:-1}" = 0 ] || timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" \
+  --out "$out/$gpu-attention.csv" | tee "$out/$gpu-attention.txt"
+# the layer's batch-1 products: cuBLAS against the fused kernels, per configuration and gemv's own choice
+timeout 200 python3 -m measure.bench_gemv --block-n 4,8,16 --warps 4,8 --ceiling-gbps "$ceiling" \
+  --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
 timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch 1,16,64 \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$gpu-compiled.csv"
 timeout "${KF_S:-200}" $kf measure --engine compiled --model "$models" --batch 1,16,64 --context 1024,4096,16384 \

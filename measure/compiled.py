@@ -52,10 +52,24 @@ def _rotate(x, cos, sin, dim: int, interleaved: bool):
     return torch.cat((rot, rest), dim=-1)
 
 
-class CompiledDecoder:
-    """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled."""
+def gemv_supported(model: Decoder) -> bool:
+    """Whether batch-1 steps can run on measure.gemv: a CUDA model and Triton present (no SwiGLU bias: none of
+    the workloads has one, and the gated kernel adds none)."""
+    w = model.w
+    if model.lm_head.weight.device.type != "cuda" or (w.ffn_type == "swiglu" and w.mlp_bias):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, model: Decoder, compile: bool = True):
+
+class CompiledDecoder:
+    """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
+    the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported)."""
+
+    def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None):
         w = model.w
         self.model, self.w = model, w
         rms = w.norm == "rmsnorm"
@@ -63,17 +77,21 @@ class CompiledDecoder:
         dims = (w.q_dim, w.kv_dim, w.kv_dim)
         B_heads = (w.n_heads, w.n_kv_heads, w.head_dim)
 
-        def pre(x, nw, nb, wqkv, bqkv, cos, sin):
-            h = _norm(x, nw, nb, rms)
-            q, k, v = F.linear(h, wqkv, bqkv).split(dims, dim=-1)
-            B = x.shape[0]
+        def heads(qkv, cos, sin):
+            """[B, 1, q + 2 kv] projections -> rotated q [B, H, 1, D], k and v [B, HKV, 1, D], contiguous."""
+            B = qkv.shape[0]
+            q, k, v = qkv.split(dims, dim=-1)
             q = q.view(B, 1, B_heads[0], B_heads[2]).transpose(1, 2)
             k = k.view(B, 1, B_heads[1], B_heads[2]).transpose(1, 2)
             v = v.view(B, 1, B_heads[1], B_heads[2]).transpose(1, 2)
             if rotary is not None:
                 q = _rotate(q, cos, sin, rotary.dim, rotary.interleaved)
                 k = _rotate(k, cos, sin, rotary.dim, rotary.interleaved)
-            return h, q.contiguous(), k.contiguous(), v.contiguous()
+            return q.contiguous(), k.contiguous(), v.contiguous()
+
+        def pre(x, nw, nb, wqkv, bqkv, cos, sin):
+            h = _norm(x, nw, nb, rms)
+            return (h, *heads(F.linear(h, wqkv, bqkv), cos, sin))
 
         swiglu = w.ffn_type == "swiglu"
 
@@ -99,10 +117,54 @@ class CompiledDecoder:
         def head(x, nw, nb, wl, bl):
             return F.linear(_norm(x, nw, nb, rms), wl, bl)[:, 0]
 
-        fns = (pre, post, head)
-        self.pre, self.post, self.head = (torch.compile(f, dynamic=False) for f in fns) if compile else fns
+        fns = (pre, post, head, heads)
+        self.pre, self.post, self.head, self.heads = (
+            (torch.compile(f, dynamic=False) for f in fns) if compile else fns)
+        self.gemv = batch1_gemv if batch1_gemv is not None else gemv_supported(model)
+        self._consts = {}
+        if self.gemv:
+            self._fold_norms()
+
+    def _fold_norms(self):
+        """Fold every norm's scale and shift into the products after it (measure.gemv.fold_norm), so the batch-1
+        kernels apply a bare norm to their sums; the model computes the same function (batch > 1 too)."""
+        from .gemv import fold_norm
+
+        m = self.model
+        for block in m.blocks:
+            n1, n2, mlp = block.norm1, block.norm2, block.mlp
+            fold_norm(n1.weight, getattr(n1, "bias", None), [block.attn.qkv] + ([mlp.up] if n2 is None else []))
+            if n2 is not None:
+                fold_norm(n2.weight, getattr(n2, "bias", None), [mlp.up])
+        self.fold_head = m.lm_head.weight is not m.embed.weight  # a tied head is the embedding: not folded
+        if self.fold_head:
+            fold_norm(m.norm.weight, getattr(m.norm, "bias", None), [m.lm_head])
+
+    def _layer_consts(self, i, block):
+        """Built once per layer: GPT-J's stacked biases ([qkv | up], out + down) and, for layernorm models, the
+        fp32 row sums of each normed product's (folded) weights."""
+        if i not in self._consts:
+            a, mlp = block.attn, block.mlp
+            ln = self.w.norm != "rmsnorm"
+            sums = lambda *ws: torch.cat([x.float().sum(1) for x in ws]) if ln else None  # noqa: E731
+            zeros = lambda n: torch.zeros(n, dtype=mlp.up.weight.dtype, device=mlp.up.weight.device)  # noqa: E731
+            c = {}
+            if self.w.parallel_residual:
+                c["first"] = c["second"] = None
+                if a.qkv.bias is not None or mlp.up.bias is not None:
+                    c["first"] = torch.cat([a.qkv.bias if a.qkv.bias is not None else zeros(a.qkv.out_features),
+                                            mlp.up.bias if mlp.up.bias is not None else zeros(mlp.up.out_features)])
+                if a.out.bias is not None or mlp.down.bias is not None:
+                    c["second"] = sum(b for b in (a.out.bias, mlp.down.bias) if b is not None)
+                c["first_sums"] = sums(a.qkv.weight, mlp.up.weight)
+            else:
+                c["qkv_sums"], c["up_sums"] = sums(a.qkv.weight), sums(mlp.up.weight)
+            self._consts[i] = c
+        return self._consts[i]
 
     def decode(self, tokens, pos, caches):
+        if self.gemv and tokens.shape[0] == 1:
+            return self.decode_one(tokens, pos, caches)
         m, w = self.model, self.w
         positions = torch.as_tensor(pos, device=tokens.device).reshape(1)
         x = m._embed(tokens[:, None], positions)
@@ -119,3 +181,44 @@ class CompiledDecoder:
                           None if n2 is None else getattr(n2, "bias", None), block.mlp.up.weight, block.mlp.up.bias,
                           block.mlp.down.weight, block.mlp.down.bias)
         return self.head(x, m.norm.weight, getattr(m.norm, "bias", None), m.lm_head.weight, m.lm_head.bias)
+
+    def decode_one(self, tokens, pos, caches):
+        """A batch-1 step on measure.gemv: per layer, norm + products + bias + activation + residual in two
+        kernels (GPT-J's parallel attention and MLP) or four (sequential layers), plus rotary and attention."""
+        from .gemv import gemv
+
+        m, w = self.model, self.w
+        norm = "rmsnorm" if w.norm == "rmsnorm" else "layernorm"
+        positions = torch.as_tensor(pos, device=tokens.device).reshape(1)
+        x = m._embed(tokens[:, None], positions).reshape(-1)
+        cos = sin = None
+        if m.rotary is not None:
+            cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
+        qkv_rows = w.q_dim + 2 * w.kv_dim
+        for i, (block, cache) in enumerate(zip(m.blocks, caches)):
+            a, mlp = block.attn, block.mlp
+            c = self._layer_consts(i, block)
+            if w.parallel_residual:
+                hu = gemv(x, a.qkv.weight, w2=mlp.up.weight, stack="rows", bias=c["first"], act="gelu_tanh",
+                          act_from=qkv_rows, norm=norm, row_sums=c["first_sums"])
+                qkv, u = hu[:qkv_rows], hu[qkv_rows:]
+            else:
+                qkv = gemv(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
+            q, k, v = self.heads(qkv.view(1, 1, -1), cos, sin)
+            y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(-1)
+            if w.parallel_residual:
+                x = gemv(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
+                continue
+            x = gemv(y, a.out.weight, bias=a.out.bias, residual=x)
+            if w.ffn_type == "swiglu":
+                h = gemv(x, mlp.up.weight, stack="glu", norm=norm, row_sums=c["up_sums"])
+            else:
+                h = gemv(x, mlp.up.weight, bias=mlp.up.bias, act="gelu_tanh", norm=norm, row_sums=c["up_sums"])
+            x = gemv(h, mlp.down.weight, bias=mlp.down.bias, residual=x)
+        fn = m.norm
+        if self.fold_head:
+            if "head" not in self._consts:
+                self._consts["head"] = m.lm_head.weight.float().sum(1) if norm == "layernorm" else None
+            return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"]).view(1, -1)
+        return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
+                    norm_bias=getattr(fn, "bias", None)).view(1, -1)

@@ -83,10 +83,12 @@ class FullCache:
 def _sdpa(q, k, v, bias, causal):
     """Fused attention; GQA by broadcasting KV heads inside the kernel (no copies)."""
     gqa = q.shape[1] != k.shape[1]
+    if bias is not None:
+        bias = bias.to(q.dtype)  # SDPA takes no fp32 bias with bf16 inputs (ALiBi in a bf16 decode step)
     if bias is not None and causal:
         P = q.shape[2]
         mask = torch.full((P, k.shape[2]), float("-inf"), device=q.device, dtype=q.dtype).triu_(1 + k.shape[2] - P)
-        bias = bias.to(q.dtype) + mask
+        bias = bias + mask
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=gqa)
 

@@ -247,6 +247,13 @@ def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
         "gpt-j-6b", "decode", 64, 1024, 0.2, "keyformer")
     with pytest.raises(SystemExit):
         profile_step.main(["--point", "gpt-j-6b,1"])
+    from measure import bench_gemv
+
+    # GPT-J-6B's stacked products: QKV (3 x 4096 rows) with MLP-up (16384), output (4096 wide) with MLP-down (16384)
+    gptj = {p["name"]: p["shapes"] for p in bench_gemv.products("gpt-j-6b")}
+    assert gptj == {"qkv+up": [(12288, 4096), (16384, 4096)], "out+down": [(4096, 4096), (4096, 16384)],
+                    "lm_head": [(50400, 4096)]}
     if not torch.cuda.is_available():
+        assert bench_gemv.main(["--out", "x"]) == 2
         assert bench_attention.main(["--out", "x"]) == 2
         assert profile_step.main(["--point", "gpt-j-6b,1,1024,full,1"]) == 2

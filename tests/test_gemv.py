@@ -1,0 +1,166 @@
+"""The batch-1 Triton matrix-vector kernels against the same products in PyTorch (fp32 reference on bf16 inputs).
+
+On a CUDA GPU the compiled kernels run; without one, Triton's interpreter runs them on the CPU at small sizes.
+"""
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
+pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+
+from measure.gemv import gemv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (rows, width): small on the CPU interpreter; a GPT-J-sized width on the GPU
+SHAPES = [(64, 256)] + ([(512, 4096), (96, 1024)] if DEVICE == "cuda" else [])
+
+
+def _rand(*shape, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(torch.bfloat16)
+
+
+def _close(got, want):
+    # bf16 output: 2^-8 relative, plus the sums' fp32 order
+    assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2), (got.float() - want.float()).abs().max()
+
+
+def _norm(x, kind, w, b):
+    x = x.float()
+    if kind == "layernorm":
+        return F.layer_norm(x, x.shape, w.float(), b.float(), 1e-5).to(torch.bfloat16).float()
+    return F.rms_norm(x, x.shape, w.float(), 1e-5).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("norm", [None, "layernorm", "rmsnorm"])
+def test_single_matrix_with_norm_bias_residual(n, k, norm):
+    torch.manual_seed(0)
+    x, w, bias, res = _rand(k), _rand(n, k, scale=k ** -0.5), _rand(n), _rand(n)
+    nw, nb = _rand(k), _rand(k)
+    xin = x.float() if norm is None else _norm(x, norm, nw, nb)
+    want = (w.float() @ xin + bias.float()).to(torch.bfloat16).float() + res.float()
+    got = gemv(x, w, bias=bias, residual=res, norm=norm, norm_weight=nw, norm_bias=nb if norm == "layernorm" else None)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_stacked_rows_activation_on_second(n, k):
+    """GPT-J's QKV and MLP-up: one layernorm, two matrices, GELU on the second's rows only."""
+    torch.manual_seed(1)
+    x, w1, w2 = _rand(k), _rand(n, k, scale=k ** -0.5), _rand(2 * n, k, scale=k ** -0.5)
+    nw, nb, bias = _rand(k), _rand(k), _rand(3 * n)
+    xin = _norm(x, "layernorm", nw, nb)
+    y = torch.cat([w1.float() @ xin, w2.float() @ xin]) + bias.float()
+    want = torch.cat([y[:n], F.gelu(y[n:], approximate="tanh")])
+    got = gemv(x, w1, w2=w2, stack="rows", bias=bias, norm="layernorm", norm_weight=nw, norm_bias=nb,
+               act="gelu_tanh", act_from=n)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_stacked_columns_with_residual(n, k):
+    """GPT-J's output and MLP-down projections summed into the residual."""
+    torch.manual_seed(2)
+    x1, x2 = _rand(k), _rand(4 * k)
+    w1, w2 = _rand(n, k, scale=k ** -0.5), _rand(n, 4 * k, scale=(4 * k) ** -0.5)
+    bias, res = _rand(n), _rand(n)
+    want = (w1.float() @ x1.float() + w2.float() @ x2.float() + bias.float()).to(torch.bfloat16).float() + res.float()
+    got = gemv(x1, w1, w2=w2, x2=x2, stack="cols", bias=bias, residual=res)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_gated_rows(n, k):
+    """Llama's SwiGLU: silu(gate) * up from one [2F, K] matrix, after RMSNorm."""
+    torch.manual_seed(3)
+    x, w, nw = _rand(k), _rand(2 * n, k, scale=k ** -0.5), _rand(k)
+    h = (w.float() @ _norm(x, "rmsnorm", nw, None)).to(torch.bfloat16).float()
+    want = F.silu(h[:n]) * h[n:]
+    got = gemv(x, w, stack="glu", norm="rmsnorm", norm_weight=nw)
+    _close(got, want)
+
+
+def test_block_must_divide_the_rows():
+    x, w = _rand(256), _rand(24, 256)
+    with pytest.raises(ValueError, match="does not divide"):
+        gemv(x, w, block_n=16)
+
+
+def _random_norms(model):
+    """Norm scales and shifts away from 1 and 0, so folding them has something to do."""
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                r = torch.rand(p.shape, generator=gen) if name.endswith("weight") else torch.randn(p.shape, generator=gen)
+                p.copy_((0.5 + r) if name.endswith("weight") else 0.1 * r)
+
+
+@pytest.mark.parametrize("name", ["gpt-j-6b", "llama-3-8b"])
+def test_folding_norms_keeps_the_function(name):
+    """fold_norm: the decoder with each norm's scale and shift moved into the products after it (fp32: exact up to
+    rounding) gives the same logits; the norms are left at 1 and 0."""
+    import copy
+    import dataclasses
+
+    from kfsim.workload import get_workload
+    from measure.compiled import CompiledDecoder
+    from measure.decoder import build
+    from measure.kv_policies import FullCache
+
+    w = dataclasses.replace(get_workload(name), n_layers=2, d_model=64, n_heads=4, n_kv_heads=2 if "llama" in name
+                            else 4, head_dim=16, ffn_dim=128, vocab_size=96, max_context=64,
+                            rotary_dim=8 if "gpt-j" in name else None)
+    model = build(w, dtype=torch.float32, device="cpu")
+    _random_norms(model)
+    reference = copy.deepcopy(model)
+    CompiledDecoder(model, compile=False, batch1_gemv=True)  # folds the norms of `model` in place
+    norms = [(n, p) for n, p in model.named_parameters() if "norm" in n]
+    assert all(bool((p == (1 if n.endswith("weight") else 0)).all()) for n, p in norms)
+    prompt = torch.randint(0, w.vocab_size, (2, 10))
+    a = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    b = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    with torch.no_grad():
+        assert torch.allclose(reference.prefill(prompt, a), model.prefill(prompt, b), atol=1e-5)
+        assert torch.allclose(reference.decode(torch.tensor([3, 7]), 10, a), model.decode(torch.tensor([3, 7]), 10, b),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt-j-6b", "cerebras-gpt-111m", "mpt-7b", "llama-3-8b"])
+def test_batch1_decoder_on_gemv_matches_decoder(name):
+    """The compiled engine's batch-1 path (norms folded, products and residuals on gemv) gives the logits of the
+    decoder it was built from."""
+    import copy
+    import dataclasses
+
+    from kfsim.workload import get_workload
+    from measure.compiled import CompiledDecoder
+    from measure.decoder import build
+    from measure.kv_policies import FullCache
+
+    w = get_workload(name)
+    heads, kv = (4, 2) if w.n_kv_heads < w.n_heads else (4, 4)
+    w = dataclasses.replace(w, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=kv, head_dim=16, ffn_dim=128,
+                            vocab_size=96, max_context=64, rotary_dim=8 if w.family == "gptj" else None)
+    model = build(w, dtype=torch.bfloat16, device=DEVICE)
+    _random_norms(model)
+    reference = copy.deepcopy(model)
+    fast = CompiledDecoder(model, compile=False, batch1_gemv=True)  # folds the norms into `model`
+    caches = [[FullCache(1, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
+              for _ in range(2)]
+    prompt = torch.randint(0, w.vocab_size, (1, 10), device=DEVICE)
+    with torch.no_grad():
+        for c in caches:
+            model.prefill(prompt, c)
+        token = torch.tensor([3], device=DEVICE)
+        for i in range(3):
+            want = reference.decode(token, 10 + i, caches[0]).float()
+            got = fast.decode(token, 10 + i, caches[1]).float()
+            assert got.shape == want.shape == (1, w.vocab_size)
+            # bf16 rounding in a different order: errors of a few bf16 steps of the largest logit (1-1.5 % seen)
+            assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
