@@ -105,8 +105,8 @@ def _gemv_kernel(X, W, W2, X2, OUT, BIAS, RES, NW, NB, C1, K, K2, ROWS1, F, ACT_
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, 0) / K + eps)
     # a norm with scale and shift (AFFINE) is applied to each input chunk in the loop; a folded one only to the sums
-    # at the end, which keeps the loop as lean as a plain product (bench on the H100: 81 us for GPT-J's QKV+up
-    # without a norm, 83.5 folded, 88-90 with the layernorm applied per chunk)
+    # at the end, which keeps the loop as lean as a plain product (the per-chunk layernorm made GPT-J's QKV+up
+    # slower than cuBLAS in a one-off H100 trial; folded, it is faster: measure/data/h100-sxm-gemv.txt)
     CHUNK: tl.constexpr = NORM if AFFINE else 0
     if STACK == 3:
         acc, acc_up = _gated_rows(X, W + rows[:, None] * K, NW, NB, K, mean, rstd, F * K, BN, BK, CHUNK, HAS_NB)
