@@ -57,7 +57,7 @@ def _args(p: dict) -> tuple[list, dict]:
     if "residual" in kw:
         kw["residual"] = torch.randn(kw["residual"], **bf)
     if kw.get("norm") == "layernorm":  # folded norms (as the decoder runs them): the rows' sums for the mean
-        kw["row_sums"] = torch.cat([w.float().sum(1) for w in ws])
+        kw["row_sums"] = torch.cat([w.sum(1, dtype=torch.float32) for w in ws])
     if len(ws) > 1:
         kw["w2"] = ws[1]
         if kw.get("stack") == "cols":

@@ -146,7 +146,7 @@ class CompiledDecoder:
         if i not in self._consts:
             a, mlp = block.attn, block.mlp
             ln = self.w.norm != "rmsnorm"
-            sums = lambda *ws: torch.cat([x.float().sum(1) for x in ws]) if ln else None  # noqa: E731
+            sums = lambda *ws: torch.cat([x.sum(1, dtype=torch.float32) for x in ws]) if ln else None  # noqa: E731
             zeros = lambda n: torch.zeros(n, dtype=mlp.up.weight.dtype, device=mlp.up.weight.device)  # noqa: E731
             c = {}
             if self.w.parallel_residual:
@@ -218,7 +218,7 @@ class CompiledDecoder:
         fn = m.norm
         if self.fold_head:
             if "head" not in self._consts:
-                self._consts["head"] = m.lm_head.weight.float().sum(1) if norm == "layernorm" else None
+                self._consts["head"] = m.lm_head.weight.sum(1, dtype=torch.float32) if norm == "layernorm" else None
             return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"]).view(1, -1)
         return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
                     norm_bias=getattr(fn, "bias", None)).view(1, -1)

@@ -219,6 +219,7 @@ def gemv(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=N
         bias if bias is not None else dummy, residual.reshape(-1) if residual is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
         row_sums if row_sums is not None else dummy, K, K2, rows1, n, act_from, eps, BN=bn, BK=bk,
-        KP=triton.next_power_of_2(K), NORM=NORMS[norm], AFFINE=affine, HAS_NB=norm_bias is not None, ACT=ACTS[act], STACK=mode,
+        KP=triton.next_power_of_2(K), NORM=NORMS[norm], AFFINE=affine, HAS_NB=norm_bias is not None,
+        ACT=ACTS[act], STACK=mode,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, num_warps=warps, num_stages=num_stages)
     return out

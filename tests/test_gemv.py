@@ -97,8 +97,10 @@ def _random_norms(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                r = torch.rand(p.shape, generator=gen) if name.endswith("weight") else torch.randn(p.shape, generator=gen)
-                p.copy_((0.5 + r) if name.endswith("weight") else 0.1 * r)
+                if name.endswith("weight"):
+                    p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize("name", ["gpt-j-6b", "llama-3-8b"])
