@@ -28,6 +28,12 @@ PARAMETERS = {
     "attention_saturation_items": (1.0, 20000.0, 200.0),
     "attention_split_tokens": (64.0, 1e6, 1024.0),
     "evicting_attention_split_tokens": (64.0, 1e6, 8192.0),
+    # matrix-vector kernels (batches up to the engine's matvec_max_batch): their own weight streaming, and how
+    # many of the GEMM, norm and elementwise kernels remain (fused prologues and epilogues take in the rest)
+    "matvec_bandwidth_fraction": (0.2, 1.0, 0.85),
+    "matvec_kernels_per_op.gemm": (0.0, 1.0, 0.5),  # at most kernels_per_op's 1 (see roofline.op_times)
+    "matvec_kernels_per_op.norm": (0.0, 1.0, 0.5),
+    "matvec_kernels_per_op.elementwise": (0.0, 1.0, 0.5),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -37,10 +43,16 @@ PREFILL_PARAMETERS = {
     "keyformer_prefill_logit_passes": (0.0, 100.0, 5.0),
 }
 #: what each parameter needs in the rows to be identifiable
-NEEDS = {"kernels_per_op.keyformer": "scored", "keyformer_logit_passes": "scored",
+NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes": "unfused scorer",
          "keyformer_flops_per_kv_byte": "fused scorer",
-         "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored"}
+         "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored",
+         "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
+         "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec"}
 MIN_ROWS_PER_PARAMETER = 2
+#: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
+#: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
+#: finishing kernel takes the place of the full cache's combine (no launch of its own).
+FUSED_SCORER = {"keyformer_logit_passes": 2.0, "kernels_per_op.keyformer": 0.0}
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,13 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
 
 def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False) -> list[str]:
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
-    fused scorer's arithmetic needs a decoder that scores inside its attention kernel)."""
+    fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
+    rows at batches up to the engine's matvec_max_batch)."""
     scored = any(g.setup.policy.scored for g in groups)
-    have = {"scored": scored, "fused scorer": scored and fused_scorer}
+    limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
+    matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
+    have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
+            "matvec": matvec}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
@@ -104,13 +120,15 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
 
 
 def ceilings(micro, hw) -> dict[str, float]:
-    """Upper bounds from microbenchmarks on the same GPU: no decode step streams weights faster than the skinny
-    GEMM benchmark or the plain HBM read did (the batch-1 matrix-vector kernels of measure/gemv.py come close to
-    the read), and no attention reads KV faster than the best SDPA decode benchmark (as fractions)."""
+    """Upper bounds from microbenchmarks on the same GPU: no GEMM or matrix-vector kernel streams weights faster
+    than the skinny GEMM benchmark or the plain HBM read did (the batch-1 matrix-vector kernels of
+    measure/gemv.py come close to the read), and no attention reads KV faster than the best SDPA decode benchmark
+    (as fractions)."""
     out = {}
     reads = micro[micro["bench"].isin(["skinny_gemm", "hbm_read"])]
     if len(reads):
         out["weight_bandwidth_fraction"] = float(reads["gbps"].max()) / hw.hbm_bandwidth_gbps
+        out["matvec_bandwidth_fraction"] = out["weight_bandwidth_fraction"]
     sdpa = micro[micro["bench"] == "sdpa_decode"]
     if len(sdpa):
         out["kv_bandwidth_fraction"] = float(sdpa["gbps"].max()) / hw.hbm_bandwidth_gbps
@@ -118,12 +136,18 @@ def ceilings(micro, hw) -> dict[str, float]:
 
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
-        bounds: dict[str, float] | None = None, fused_scorer: bool = False) -> Fit:
+        bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0) -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
     `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
-    the measured decoder scores Keyformer inside its attention kernel, so keyformer_flops_per_kv_byte is fitted.
+    the measured decoder scores Keyformer inside its attention kernel, so keyformer_flops_per_kv_byte is fitted
+    and the scorer's logit passes and launches are those of that kernel (FUSED_SCORER);
+    `matvec_max_batch`: the measured decoder runs matrix-vector kernels up to this batch, so their bandwidth and
+    kernel counts are fitted apart from the GEMMs'.
     """
+    start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
+    if fused_scorer:
+        start = _set(start, FUSED_SCORER)
     groups = group_rows(df.reset_index(drop=True), start, where)
     decode = [g for g in groups if g.phase == "decode"]
     prefill = [g for g in groups if g.phase == "prefill"]
@@ -134,6 +158,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
         lo, hi, x0 = table[p]
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
     engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer)
+    engine, fitted = _matvec_no_slower(engine, fitted)
     if prefill:
         engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")
         fitted.update(more)
@@ -141,6 +166,18 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     fitted.update(more)
     ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
     return Fit(engine, fitted, ape, len(ape))
+
+
+def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:
+    """The fit with its matrix-vector kernels made no slower than the GEMM path (Engine.matvec_problem), where the
+    rows left them a hair slower (within the fit's noise, the same speed); the errors reported are this engine's."""
+    if engine.matvec_max_batch <= 0:
+        return engine, fitted
+    values = {"matvec_bandwidth_fraction": max(engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)}
+    for kind, n in engine.matvec_kernels_per_op.items():
+        values[f"matvec_kernels_per_op.{kind}"] = min(n, engine.kernels_per_op[kind])
+    values = {k: v for k, v in values.items() if k in fitted}
+    return _set(engine, values), {**fitted, **values}
 
 
 def _power_and_workspace(df, groups: list[Group], engine: Engine) -> tuple[Engine, dict]:
@@ -177,8 +214,9 @@ def rounded(engine: Engine, **fields) -> Engine:
     """The engine with every number at 4 significant digits (readable files; same file for the same fit)."""
     plain = {f.name: _round(getattr(engine, f.name)) for f in dataclasses.fields(engine)
              if isinstance(getattr(engine, f.name), float)}
-    kernels = {k: _round(v) for k, v in engine.kernels_per_op.items()}
-    return dataclasses.replace(engine, **plain, kernels_per_op=kernels, **fields)
+    counts = {name: {k: _round(v) for k, v in getattr(engine, name).items()}
+              for name in ("kernels_per_op", "matvec_kernels_per_op")}
+    return dataclasses.replace(engine, **plain, **counts, **fields)
 
 
 def bounds_of(param: str, caps: dict[str, float]) -> str:

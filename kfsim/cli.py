@@ -246,10 +246,15 @@ _PHASE = click.option("--phase", type=click.Choice(["all", "decode", "prefill"])
 @_PHASE
 @click.option("--fused-scorer", is_flag=True,
               help="The measured decoder scores Keyformer inside its attention kernel (measure's `compiled` "
-                   "engine): also fit keyformer_flops_per_kv_byte, the arithmetic that keeps that kernel from "
-                   "speeding up with memory bandwidth.")
+                   "engine): fit keyformer_flops_per_kv_byte, the arithmetic that keeps that kernel from "
+                   "speeding up with memory bandwidth, and take the scorer's logit passes (2: one fp32 z written "
+                   "and read) and launches (none of its own) from the kernel's design instead of fitting them.")
+@click.option("--matvec-max-batch", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="The measured decoder multiplies weights with matrix-vector kernels up to batch N (measure's "
+                   "`compiled` engine: 1, its fused Triton GEMVs): fit their bandwidth and kernel counts apart "
+                   "from the GEMMs'. 0: GEMMs at every batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
-def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, as_json):
+def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -280,7 +285,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, as_
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
     name = name or Path(out).stem
-    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer)
+    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
+                matvec_max_batch=matvec_max_batch)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -290,9 +296,11 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, as_
                       source={"fit": f"kfsim calibrate {' '.join(files)}"
                                      + "".join(f" --microbench {m}" for m in micro)
                                      + (f" --measured-engine {measured_engine}" if measured_engine else "")
-                                     + (" --fused-scorer" if fused_scorer else ""),
+                                     + (" --fused-scorer" if fused_scorer else "")
+                                     + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else ""),
                               "in_sample_mape_pct": f"{f.mape:.2f}",
-                              "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()) or "none"})
+                              "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()
+                                                if k in f.fitted) or "none"})
     eng.write(out)
     m = metrics(f.ape)
     if as_json:

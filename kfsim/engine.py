@@ -59,6 +59,16 @@ class Engine:
     #: fixed time per layer per decode step beyond the ops' kernels (cache writes, casts, copies, the pieces of
     #: rotary), microseconds
     layer_overhead_us: float = rng(0, default=0.0)
+    #: largest batch at which the stack multiplies weights by activations with matrix-vector kernels (GEMV)
+    #: instead of GEMMs: one token per weight read, so they can stream weights faster, and their prologues and
+    #: epilogues can take in norms, biases, activations and residuals. 0 = never (GEMMs at every batch)
+    matvec_max_batch: float = rng(0, default=0.0)
+    #: achieved fraction of HBM bandwidth while those matrix-vector kernels stream weights (at least
+    #: weight_bandwidth_fraction: a stack switches to them because they are faster; see matvec_problem)
+    matvec_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: kernels per natural op of each kind at those batches (as kernels_per_op, and at most that; a kind not named
+    #: keeps its kernels_per_op value): 0 for ops fused into a matrix-vector kernel
+    matvec_kernels_per_op: dict[str, float] = field(default_factory=dict)
     #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)
@@ -69,16 +79,39 @@ class Engine:
     def __post_init__(self):
         from .errors import KfsimError
 
-        unknown = [k for k in self.kernels_per_op if k not in OP_KINDS]
-        if unknown:
-            raise KfsimError(f"engine {self.name}: unknown op kind {unknown[0]!r} in kernels_per_op; "
-                             f"allowed: {', '.join(OP_KINDS)}")
-        bad = {k: v for k, v in self.kernels_per_op.items() if v < 0}
-        if bad:
-            raise KfsimError(f"engine {self.name}: kernels_per_op must be >= 0, got {bad}")
+        for name in ("kernels_per_op", "matvec_kernels_per_op"):
+            counts = getattr(self, name) or {}
+            if not isinstance(counts, dict):
+                raise KfsimError(f"engine {self.name}: {name} must map op kinds to kernel counts, got {counts!r}")
+            unknown = [k for k in counts if k not in OP_KINDS]
+            if unknown:
+                raise KfsimError(f"engine {self.name}: unknown op kind {unknown[0]!r} in {name}; "
+                                 f"allowed: {', '.join(OP_KINDS)}")
+            bad = {k: v for k, v in counts.items() if not isinstance(v, (int, float)) or v < 0}
+            if bad:
+                raise KfsimError(f"engine {self.name}: {name} must be numbers >= 0, got {bad}")
         full = {k: 1.0 for k in OP_KINDS}
         full.update(self.kernels_per_op)
         object.__setattr__(self, "kernels_per_op", full)
+        object.__setattr__(self, "matvec_kernels_per_op", dict(self.matvec_kernels_per_op or {}))
+
+    def matvec_kernels(self, kind: str) -> float:
+        """Kernels per op of `kind` at matrix-vector batches (kernels_per_op where matvec_kernels_per_op is silent)."""
+        return self.matvec_kernels_per_op.get(kind, self.kernels_per_op[kind])
+
+    def matvec_problem(self) -> str:
+        """Why this engine's matrix-vector kernels are not faster than its GEMM path, or ''. A stack switches to
+        them because they are faster; slower ones would make a batch of 1 take longer than a batch of 2."""
+        if self.matvec_max_batch <= 0:
+            return ""
+        if self.matvec_bandwidth_fraction < self.weight_bandwidth_fraction:
+            return (f"matvec_bandwidth_fraction {self.matvec_bandwidth_fraction:g} is below "
+                    f"weight_bandwidth_fraction {self.weight_bandwidth_fraction:g}")
+        more = [k for k in OP_KINDS if self.matvec_kernels(k) > self.kernels_per_op[k]]
+        if more:
+            return (f"matvec_kernels_per_op.{more[0]} {self.matvec_kernels(more[0]):g} is above "
+                    f"kernels_per_op.{more[0]} {self.kernels_per_op[more[0]]:g}")
+        return ""
 
     def to_yaml(self) -> str:
         data = dataclasses.asdict(self)
@@ -95,7 +128,14 @@ def get_engine(name_or_path: str) -> Engine:
     """`ideal`, a shipped engine by name, or an engine YAML file (for instance one `kfsim calibrate` wrote)."""
     if str(name_or_path) == "ideal":
         return IDEAL
-    return catalog.resolve("engine", name_or_path, Engine)
+    engine = catalog.resolve("engine", name_or_path, Engine)
+    problem = engine.matvec_problem()
+    if problem:
+        from .errors import KfsimError
+
+        raise KfsimError(f"engine {name_or_path}: {problem}; matrix-vector kernels must be at least as fast as "
+                         f"the GEMMs they replace (or set matvec_max_batch: 0)")
+    return engine
 
 
 def engine_names() -> list[str]:

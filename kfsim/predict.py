@@ -29,7 +29,7 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     return op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                    fixed_s=fixed_us * 1e-6, split_tokens=split)
+                    fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
@@ -93,7 +93,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
         "other_memory_ms": t.other_mem_s * 1e3,
         "compute_ms": t.compute_s * 1e3,
         "overhead_ms": t.overhead_s * 1e3,
-        "kernels": np.full_like(t.seconds, t.kernels),
+        "kernels": t.kernels * np.ones_like(t.seconds),
         "bound": bound_of(t),
         "memory_bytes": mem,
         "memory_capacity_bytes": np.full_like(t.seconds, s.hw.memory_bytes),

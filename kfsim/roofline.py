@@ -26,7 +26,7 @@ class StepTime:
     other_mem_s: np.ndarray  # ... to activations, scores and logits
     compute_s: np.ndarray  # ... to ops whose FLOPs outlast their bytes
     overhead_s: np.ndarray  # fixed per-kernel and per-step cost
-    kernels: float
+    kernels: np.ndarray  # kernels launched per step
     per_op: dict[str, np.ndarray]  # op name -> seconds
 
     @property
@@ -43,11 +43,12 @@ def attention_occupancy(engine: Engine, work_items) -> np.ndarray:
 
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
              fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None,
-             logit_passes: float | None = None) -> StepTime:
+             logit_passes: float | None = None, batch=None) -> StepTime:
     """Price `ops` on `hw` under `engine`.
 
     `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
-    `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own).
+    `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own); `batch` (decode
+    only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch.
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
     fused_scorer = engine.keyformer_flops_per_kv_byte if logit_passes is None else 0.0  # decode only
@@ -63,11 +64,15 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
             splits = np.maximum(1.0, np.asarray(cached, dtype=float) / split_tokens)
         occupancy = attention_occupancy(engine, np.asarray(batch_heads, dtype=float) * splits)
     zero = np.zeros(np.broadcast(*(o.flops for o in ops)).shape)
-    weight_s, kv_s, other_s, compute_s, overhead_s = (zero.copy() for _ in range(5))
-    per_op, kernels = {}, 0.0
+    weight_s, kv_s, other_s, compute_s, overhead_s, kernels = (zero.copy() for _ in range(6))
+    matvec = zero.astype(bool)
+    if batch is not None and engine.matvec_max_batch > 0:
+        matvec = np.broadcast_to(np.asarray(batch, dtype=float) <= engine.matvec_max_batch, zero.shape)
+    weight_frac = np.where(matvec, engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)
+    per_op = {}
     attention_kv, attention_kv_bytes = zero, zero
     for op in ops:
-        tw = op.weight_bytes / (bw * engine.weight_bandwidth_fraction)
+        tw = op.weight_bytes / (bw * weight_frac)
         tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
         other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
@@ -77,7 +82,8 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
             t_flop = op.flops / (tensor_peak * frac)
         else:
             t_flop = op.flops / vector_peak
-        n_kernels = op.launches * engine.kernels_per_op[op.kind]
+        n_kernels = op.launches * np.where(matvec, engine.matvec_kernels(op.kind),
+                                           engine.kernels_per_op[op.kind])
         t_fixed = n_kernels * base_us * 1e-6
         hidden = zero  # a fused scorer's arithmetic beyond what the attention kernel's KV reads hide
         if op.kind == "attention":

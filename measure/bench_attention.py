@@ -109,26 +109,33 @@ def main(argv=None) -> int:
                     "Keyformer's budget)")
     ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
+    ap.add_argument("--programs-per-sm", type=_ints("programs-per-sm"), default=None,
+                    help="programs per SM the cache is split for, a list (default: fused_attention's choice)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
+    from . import fused_attention  # needs triton
+
+    spread = a.programs_per_sm or [fused_attention.PROGRAMS_PER_SM]
     rows = []
     with torch.inference_mode():
         for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
                 best, line = None, []
-                for block_n, warps, stages, maxnreg in a.configs:
+                for (block_n, warps, stages, maxnreg), per_sm in itertools.product(a.configs, spread):
+                    fused_attention.PROGRAMS_PER_SM = per_sm
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
-                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "",
+                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "programs_per_sm": per_sm,
                          **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg)}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
                     rows.append(r)
                     best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
                     cap = f"r{maxnreg}" if maxnreg else ""
-                    line.append(f"{block_n}x{warps}x{stages}{cap} {r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}")
+                    line.append(f"{block_n}x{warps}x{stages}{cap}p{per_sm} {r['us_per_layer']:.1f}/{r['regs']}/"
+                                f"{r['spills']}")
                 print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
                       f"us/regs/spills: {'  '.join(line)}", flush=True)
     with open(a.out, "w", newline="") as f:

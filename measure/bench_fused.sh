@@ -23,7 +23,7 @@ ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; prin
 [ "${ATTENTION:-1}" = 0 ] || timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-attention.csv" | tee "$out/$gpu-attention.txt"
 # the layer's batch-1 products: cuBLAS against the fused kernels, per configuration and gemv's own choice
-timeout 200 python3 -m measure.bench_gemv --block-n 4,8,16 --warps 4,8 --ceiling-gbps "$ceiling" \
+timeout 200 python3 -m measure.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
 timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch 1,16,64 \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$gpu-compiled.csv"

@@ -67,7 +67,8 @@ def _args(p: dict) -> tuple[list, dict]:
 
 def time_product(p: dict, config, steps=20) -> dict:
     """Microseconds per product: cuBLAS (config None: each matrix's F.linear) or gemv with config
-    (block_n, num_warps, num_stages); block_n and num_warps None: gemv's own choice ('auto')."""
+    (block_n, num_warps, num_stages, block_k); block_n and num_warps None: gemv's own choice ('auto'), block_k
+    None: gemv's own."""
     from .gemv import gemv  # needs triton
 
     nbytes = sum(a * b for a, b in p["shapes"]) * 2
@@ -80,11 +81,11 @@ def time_product(p: dict, config, steps=20) -> dict:
                 if "w2" in kw:
                     F.linear(kw.get("x2", x), kw["w2"])
     else:
-        bn, warps, stages = config
+        bn, warps, stages, bk = config
 
         def step():
             for (x, w), kw in sets:
-                gemv(x, w, **kw, block_n=bn, num_warps=warps, num_stages=stages)
+                gemv(x, w, **kw, block_n=bn, num_warps=warps, num_stages=stages, block_k=bk)
     try:
         graph = timing.capture_graph(step)
     except ValueError:  # the block does not divide the rows
@@ -104,12 +105,15 @@ def main(argv=None) -> int:
     ap.add_argument("--block-n", default="4,8,16")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="1")
+    ap.add_argument("--block-k", default="", help="columns per load, e.g. 256,512,1024 (default: gemv's choice)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_gemv needs a CUDA GPU", file=sys.stderr)
         return 2
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    configs = [None, (None, None, 1)] + list(itertools.product(ints(a.block_n), ints(a.warps), ints(a.stages)))
+    block_k = ints(a.block_k) if a.block_k else [None]
+    configs = [None, (None, None, 1, None)] + list(itertools.product(ints(a.block_n), ints(a.warps),
+                                                                       ints(a.stages), block_k))
     rows = []
     with torch.inference_mode():
         for model in a.models.split(","):
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
                     r = time_product(p, c)
                     if not r:
                         continue
-                    name = "cublas" if c is None else "auto" if c[0] is None else "x".join(map(str, c))
+                    name = "cublas" if c is None else "auto" if c[0] is None else "x".join(
+                        str(v) for v in c if v is not None)
                     r = {"model": model, "product": p["name"], "kernel": name, **r}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["gbps"] / a.ceiling_gbps, 3)
@@ -131,7 +136,9 @@ def main(argv=None) -> int:
                            and r["kernel"] == "cublas")
                 print(f"{model:10s} {p['name']:9s} {cub['mbytes']:6.0f} MB cublas {cub['gbps']:5.0f} GB/s "
                       f"best {best['kernel']} {best['gbps']:5.0f} GB/s | us: {'  '.join(line)}", flush=True)
-    pd.DataFrame(rows).to_csv(a.out, index=False)
+    from .env import environment
+
+    pd.DataFrame(rows).assign(**environment()).to_csv(a.out, index=False)
     return 0
 
 

@@ -9,8 +9,8 @@ activations and residual adds between them are kernels of their own. Here one ke
     residual (GPT-J's attention and MLP run in parallel);
   - gated rows (SwiGLU): silu(W[:F] x) * (W[F:] x), Llama's gate and up projections.
 Each program reads BN whole rows of the weights, BK columns at a time, so every load is a contiguous run of BK
-weights; all programs read the (tiny) input vector from L2. On the H100 these match or beat cuBLAS on every product
-of GPT-J-6B and Llama-3-8B; on the H200 cuBLAS still streams the largest ones 4-7 % faster (measure/data/*-gemv.txt).
+weights; all programs read the (tiny) input vector from L2. They beat cuBLAS on every product of GPT-J-6B and
+Llama-3-8B on the H100, and on all but Llama's gate+up on the H200 (measure/data/*-gemv.txt).
 """
 from __future__ import annotations
 
@@ -134,9 +134,10 @@ def _gemv_kernel(X, W, W2, X2, OUT, BIAS, RES, NW, NB, C1, K, K2, ROWS1, F, ACT_
     tl.store(OUT + rows, y.to(OUT.dtype.element_ty))
 
 
-def _block_k(k: int) -> int:
-    for bk in (512, 256, 128, 64, 32, 16):
-        if k % bk == 0:
+def _block_k(k: int, want: int = 1024) -> int:
+    """The widest load of at most `want` columns that divides an input of width k."""
+    for bk in (2048, 1024, 512, 256, 128, 64, 32, 16):
+        if bk <= want and k % bk == 0:
             return bk
     raise ValueError(f"gemv: input width {k} is not a multiple of 16")
 
@@ -163,21 +164,19 @@ def fold_norm(norm_weight, norm_bias, linears) -> None:
             norm_bias.zero_()
 
 
-def _config(rows: int, divisor: int, norm, stack) -> tuple[int, int]:
-    """(rows per program, warps) from bench_gemv on the H100 (measure/data/h100-sxm-gemv.csv, folded norms):
-    gated rows 8 x 8 warps (two rows each); 16384 output rows or more 4 x 4 (programs enough to fill the GPU
-    many times over); a normed product of few rows (Llama's QKV) 16 x 8, fewer programs repeating the norm's
-    statistics; else 4 x 8. A block that does not divide `divisor` (the rows, or the gcd of two matrices' rows)
-    falls back to the widest that does."""
-    if stack == "glu":
-        want, warps = 8, 8
-    elif rows >= 16384:
-        want, warps = 4, 4
-    elif norm and rows < 8192:
-        want, warps = 16, 8
+def _config(rows: int, divisor: int, norm, stack=None) -> tuple[int, int, int]:
+    """(rows per program, warps, columns per load) from bench_gemv's sweeps on the H100 and the H200
+    (measure/data/*-gemv-sweep.csv): the choice within 4 % of the fastest configuration on both GPUs for every
+    product of GPT-J-6B and Llama-3-8B. A product without a norm, and gated rows (each program reads two rows):
+    one row per program of 4 warps, 1024 columns per load (many small programs keep the most loads in flight).
+    Other normed products: 8 rows x 256 columns, or 2 x 1024 where the rows are few (< 8192, Llama's QKV).
+    A block that does not divide `divisor` (the rows, or the gcd of two matrices' rows) falls back to the widest
+    that does."""
+    if not norm or stack == "glu":
+        want, bk = 1, 1024
     else:
-        want, warps = 4, 8
-    return next(bn for bn in (want, 8, 4, 2, 1) if bn <= want and divisor % bn == 0), warps
+        want, bk = (8, 256) if rows >= 8192 else (2, 1024)
+    return next(bn for bn in (want, 8, 4, 2, 1) if bn <= want and divisor % bn == 0), 4, bk
 
 
 def gemv(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=None, norm_weight=None,
@@ -206,11 +205,11 @@ def gemv(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=N
     affine = norm_weight is not None
     if norm == "layernorm" and not affine and row_sums is None:
         raise ValueError("gemv: a layernorm without weights (folded) needs the rows' sums")
-    bn, warps = _config(n, math.gcd(n, rows1), norm, stack)
-    bn, warps = block_n or bn, num_warps or warps
+    bn, warps, bk = _config(n, math.gcd(n, rows1), norm, stack)
+    bn, warps, bk = block_n or bn, num_warps or warps, block_k or bk
     if n % bn or (mode == 1 and rows1 % bn):
         raise ValueError(f"gemv: block of {bn} rows does not divide the {n} output rows (first matrix {rows1})")
-    bk = block_k or min(_block_k(K), _block_k(K2) if K2 else 512)
+    bk = min(_block_k(K, bk), _block_k(K2, bk) if K2 else bk)
     if out is None:
         out = torch.empty(n, dtype=x.dtype, device=x.device)
     dummy = x

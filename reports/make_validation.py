@@ -101,7 +101,8 @@ def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path,
                   what: str) -> None:
     """Steps 1-3 for one measured engine: the shipped engine from every H100 row, a fit on a random half
     validated on the other half, and the shipped engine validated on every H200 row."""
-    fused = ["--fused-scorer"] if measured == "compiled" else []  # its Keyformer scores inside attention
+    # the compiled decoder scores Keyformer inside attention and runs fused Triton GEMVs at batch 1
+    fused = ["--fused-scorer", "--matvec-max-batch", "1"] if measured == "compiled" else []
     kfsim("calibrate", rel(h100), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
           "--out", f"engines/{name}.yaml", *fused)
     hold.mkdir(parents=True, exist_ok=True)

@@ -66,9 +66,30 @@ def test_ceilings_cap_fractions():
     from kfsim.hardware import get_hardware
 
     caps = calibrate.ceilings(micro, get_hardware("h100"))
-    assert caps == pytest.approx({"weight_bandwidth_fraction": 0.8, "kv_bandwidth_fraction": 0.9})
+    assert caps == pytest.approx({"weight_bandwidth_fraction": 0.8, "matvec_bandwidth_fraction": 0.8,
+                                  "kv_bandwidth_fraction": 0.9})
     f = calibrate.fit(synthetic(dataclasses.replace(TRUE, weight_bandwidth_fraction=0.95)), "c", bounds=caps)
     assert f.engine.weight_bandwidth_fraction <= 0.8 + 1e-9
+
+
+#: a stack with fused matrix-vector kernels at batch 1 (faster streaming, no norm or elementwise launches there)
+MATVEC = dataclasses.replace(TRUE, matvec_max_batch=1.0, matvec_bandwidth_fraction=0.9,
+                             matvec_kernels_per_op={"gemm": 0.5, "norm": 0.0, "elementwise": 0.25})
+
+
+def test_recovers_matrix_vector_kernels():
+    f = calibrate.fit(synthetic(MATVEC), "mv", matvec_max_batch=1)
+    assert f.mape < 0.5
+    assert f.engine.matvec_max_batch == 1
+    assert f.engine.matvec_bandwidth_fraction == pytest.approx(0.9, rel=0.05)
+    assert f.engine.weight_bandwidth_fraction == pytest.approx(0.8, rel=0.05)
+
+
+def test_without_matvec_rows_matvec_is_not_fitted():
+    df = synthetic(MATVEC)
+    f = calibrate.fit(df[df["batch"] > 1], "mv", matvec_max_batch=1)
+    assert not any(k.startswith("matvec") for k in f.fitted)
+    assert "matvec_bandwidth_fraction" not in calibrate.fit(df, "plain").fitted  # no --matvec-max-batch
 
 
 def write(tmp_path, df, name="m.csv"):
@@ -129,12 +150,17 @@ def test_shipped_default_engine_matches_committed_data():
 
 
 def test_fused_scorer_cost_is_fitted_only_for_a_fused_decoder():
-    true = dataclasses.replace(TRUE, keyformer_logit_passes=2.0, keyformer_flops_per_kv_byte=60.0)
+    """--fused-scorer: the scorer's arithmetic is fitted; its logit passes (the z round trip) and launches (none
+    beyond the full cache's) are the kernel's, not fitted."""
+    true = dataclasses.replace(TRUE, kernels_per_op={"keyformer": 0.0}, keyformer_logit_passes=2.0,
+                               keyformer_flops_per_kv_byte=60.0)
     df = synthetic(true)
     plain = calibrate.fit(df, "plain")
     assert "keyformer_flops_per_kv_byte" not in plain.fitted and plain.engine.keyformer_flops_per_kv_byte == 0
     fused = calibrate.fit(df, "fused", fused_scorer=True)
     assert "keyformer_flops_per_kv_byte" in fused.fitted
+    assert "keyformer_logit_passes" not in fused.fitted and "kernels_per_op.keyformer" not in fused.fitted
+    assert fused.engine.keyformer_logit_passes == 2.0 and fused.engine.kernels_per_op["keyformer"] == 0.0
     assert fused.mape < plain.mape and fused.mape < 1.0
     # the fused fit carries to a GPU with more bandwidth and the same SMs, where the plain one cannot
     other = synthetic(true, gpu="h200")

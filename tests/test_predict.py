@@ -117,3 +117,45 @@ def test_fused_scorer_bounds_a_keyformer_step_by_its_arithmetic(setup_of):
     full = dataclasses.replace(fused, policy=setup_of(gpu="h100", model="llama-3-8b").policy)
     assert float(predict(full, 64, 8192)["step_ms"]) == float(predict(setup_of(gpu="h100", model="llama-3-8b",
                                                                                engine="ideal"), 64, 8192)["step_ms"])
+
+
+def test_matrix_vector_kernels_apply_up_to_their_batch(setup_of):
+    """An engine with matrix-vector kernels streams weights at their fraction, with their kernel counts, at batches
+    up to matvec_max_batch only; larger batches and prefill are priced as without them."""
+    import dataclasses
+
+    from kfsim.engine import Engine
+    from kfsim.predict import prefill_time, step_time
+
+    gemm = Engine(name="gemm", weight_bandwidth_fraction=0.8, kernel_overhead_us=3.0)
+    mv = dataclasses.replace(gemm, name="mv", matvec_max_batch=1.0, matvec_bandwidth_fraction=0.9,
+                             matvec_kernels_per_op={"norm": 0.0, "elementwise": 0.0})
+    s = setup_of(gpu="h100", model="llama-3-8b")
+    a, b = dataclasses.replace(s, engine=gemm), dataclasses.replace(s, engine=mv)
+    ra, rb = predict(a, np.array([1, 2]), 4096), predict(b, np.array([1, 2]), 4096)
+    # batch 1: weights at 0.9 of the bandwidth (hand count: the weight time scales by 0.8 / 0.9) and no norm or
+    # elementwise kernels (2 norms + 2 rotary + 1 activation + 2 residuals per layer, 32 layers, 3 once per step)
+    assert rb["weights_ms"][0] == pytest.approx(ra["weights_ms"][0] * 0.8 / 0.9, rel=1e-9)
+    assert ra["kernels"][0] - rb["kernels"][0] == 32 * (2 + 2 + 1 + 2) + 3
+    assert rb["step_ms"][0] < ra["step_ms"][0]
+    # batch 2 and prefill: the GEMM path
+    assert rb["step_ms"][1] == ra["step_ms"][1] and rb["kernels"][1] == ra["kernels"][1]
+    assert float(prefill_time(b, 1, 512).seconds) == float(prefill_time(a, 1, 512).seconds)
+    assert float(step_time(b, 1, 4096).seconds) * 1e3 == pytest.approx(rb["step_ms"][0], rel=1e-12)
+
+
+def test_slower_matrix_vector_kernels_are_refused(tmp_path):
+    """A stack switches to matrix-vector kernels because they are faster; an engine file saying otherwise would
+    make a batch of 1 slower than a batch of 2, so it is a user error naming both values."""
+    from kfsim.engine import get_engine
+
+    path = tmp_path / "slow.yaml"
+    path.write_text("name: slow\nweight_bandwidth_fraction: 0.8\nmatvec_max_batch: 1\nmatvec_bandwidth_fraction: 0.7\n")
+    with pytest.raises(KfsimError, match="matvec_bandwidth_fraction 0.7 is below weight_bandwidth_fraction 0.8"):
+        get_engine(str(path))
+    path.write_text("name: slow\nmatvec_max_batch: 1\nmatvec_kernels_per_op: {gemm: 2}\n")
+    with pytest.raises(KfsimError, match="matvec_kernels_per_op.gemm 2 is above kernels_per_op.gemm 1"):
+        get_engine(str(path))
+    path.write_text("name: slow\nmatvec_max_batch: 1\nmatvec_kernels_per_op: {gemv: 0}\n")
+    with pytest.raises(KfsimError, match="unknown op kind 'gemv' in matvec_kernels_per_op"):
+        get_engine(str(path))
