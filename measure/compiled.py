@@ -184,7 +184,8 @@ class CompiledDecoder:
 
     def decode_one(self, tokens, pos, caches):
         """A batch-1 step on measure.gemv: per layer, norm + products + bias + activation + residual in two
-        kernels (GPT-J's parallel attention and MLP) or four (sequential layers), plus rotary and attention."""
+        kernels (GPT-J's parallel attention and MLP) or four (sequential layers), plus attention (which applies
+        rotary itself on the fused caches; otherwise a kernel of its own before it)."""
         from .gemv import gemv
 
         m, w = self.model, self.w
@@ -204,8 +205,13 @@ class CompiledDecoder:
                 qkv, u = hu[:qkv_rows], hu[qkv_rows:]
             else:
                 qkv = gemv(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
-            q, k, v = self.heads(qkv.view(1, 1, -1), cos, sin)
-            y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(-1)
+            if cos is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
+                q, k, v = (t.view(1, -1, 1, w.head_dim) for t in qkv[:qkv_rows].split([w.q_dim, w.kv_dim, w.kv_dim]))
+                y = cache.decode(q, k, v, pos, rotary=(cos.reshape(-1), sin.reshape(-1), m.rotary.dim,
+                                                        m.rotary.interleaved)).reshape(-1)
+            else:
+                q, k, v = self.heads(qkv.view(1, 1, -1), cos, sin)
+                y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(-1)
             if w.parallel_residual:
                 x = gemv(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
                 continue

@@ -1,8 +1,9 @@
 """Split-K (flash-decoding) decode attention in Triton, with Keyformer's scoring fused into the same pass.
 
 One decode step of one layer, for an evicting cache (budget + free slot, see kv_policies.EvictingCache):
-  A. `_split_kernel`   one program per (sequence, KV head, split of the cache): writes the new token's K and V into
-                       the slot the last step freed, reads its K and V block once, computes the logits of the KV
+  A. `_split_kernel`   one program per (sequence, KV head, split of the cache): applies rotary to q and the new
+                       token's K if asked (the batch-1 decoder hands over q and K unrotated, saving a kernel),
+                       writes the new token's K and V into the slot the last step freed, reads its K and V block once, computes the logits of the KV
                        head's query heads, the attention partials (max, sum, P.V) and the Gumbel-softmax partials
                        (max, sum of exp(z)), z = (logit + noise) / tau; writes z (fp32) for B.
   B. `_finish_kernel`  one program per (sequence, KV head, split): merges the Gumbel partials into log Z, adds
@@ -88,8 +89,35 @@ def _pv(p, v, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rotated(X, offs, d, COS, SIN, mask, ROT: tl.constexpr, ROT_DIM: tl.constexpr):
+    """Load rows X + offs (+ columns d) and apply rotary to their first ROT_DIM columns, as decoder.Rotary does
+    (ROT 1: interleaved pairs, GPT-J; 2: halves, Llama; cos and sin [ROT_DIM / 2] of the new token's position);
+    rounded back to the input's dtype like the unfused path's result."""
+    x = tl.load(X + offs + d, mask=mask, other=0.0)
+    if ROT == 0:
+        return x
+    HALF: tl.constexpr = ROT_DIM // 2
+    inrot = d < ROT_DIM
+    if ROT == 1:
+        partner = d ^ 1
+        idx = d // 2
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    else:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        idx = d % HALF
+        sign = tl.where(d < HALF, -1.0, 1.0)
+    partner = tl.where(inrot, partner, d)
+    xp = tl.load(X + offs + partner, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(COS + idx, mask=inrot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + idx, mask=inrot, other=0.0).to(tl.float32)
+    xf = x.to(tl.float32)
+    return tl.where(inrot, xf * c + sign * xp * s, xf).to(x.dtype)
+
+
+@triton.jit
 def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ, OUT,
-                  S, n_valid, split_len, scale, tau_init, tau_delta, window,
+                  COS, SIN, S, n_valid, split_len, scale, tau_init, tau_delta, window,
+                  ROT: tl.constexpr, ROT_DIM: tl.constexpr,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
@@ -103,7 +131,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     d = tl.arange(0, D)
     gmask = g < G
     heads = hk * G + g
-    q = tl.load(Q + (b * H + heads)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+    q = _rotated(Q, (b * H + heads)[:, None] * D, d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
     kv_base = (b * HKV + hk) * S
     start = split * split_len
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -121,7 +149,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         cur = tl.load(CUR)
     else:
         new_slot = n_valid - 1
-    knew = tl.load(KNEW + pid * D + d)
+    knew = _rotated(KNEW, pid * D, d, COS, SIN, d < D, ROT, ROT_DIM)
     vnew = tl.load(VNEW + pid * D + d)
     if (new_slot >= start) & (new_slot < start + split_len):
         tl.store(K + (kv_base + new_slot) * D + d, knew)
@@ -344,8 +372,9 @@ class FusedDecoder:
         return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
     def _split(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
-               noise=None, tau_delta=0.0, window=0):
+               noise=None, tau_delta=0.0, window=0, rotary=None):
         dummy = self.m
+        cos, sin, rot_dim, interleaved = rotary or (dummy, dummy, 0, False)
         score = score_buf is not None
         fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
         self.split_handle = _split_kernel[(self.B * self.HKV, self.NSPLIT)](
@@ -354,30 +383,33 @@ class FusedDecoder:
             self.cand_idx if score else dummy, state.step if state is not None else dummy,
             state.cur if state is not None else dummy, self.z if score else dummy,
             noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-            self.lz if score else dummy, out, self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta, window,
+            self.lz if score else dummy, out, cos, sin, self.S, n_valid, self.split_len, self.scale, TAU_INIT,
+            tau_delta, window, ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
-            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32, FINISH=self.NSPLIT == 1, FBLOCK=fb,
+            HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
+            FINISH=self.NSPLIT == 1, FBLOCK=fb,
             FBLOCKS=triton.cdiv(self.split_len, fb), num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.maxnreg)
         return fb
 
-    def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None):
-        """Full cache: q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]; the new token goes to slot n_valid - 1."""
+    def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
+        """Full cache: q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]; the new token goes to slot n_valid - 1.
+        `rotary` (cos, sin, dim, interleaved): q and k_new are not rotated yet; the kernel rotates them."""
         out = torch.empty_like(q) if out is None else out
-        self._split(q, k_new, v_new, k_cache, v_cache, n_valid, out)
+        self._split(q, k_new, v_new, k_cache, v_cache, n_valid, out, rotary=rotary)
         if self.NSPLIT > 1:
             _combine_kernel[(self.B * self.H,)](self.m, self.l, self.acc, out, D=self.D, NSPLIT=self.NSPLIT,
                                                 BLOCK_S=self.BLOCK_S)
         return out
 
     def attend_and_score(self, q, k_new, v_new, k_cache, v_cache, pos, score_buf, state, window, noise=None,
-                         tau_delta=0.0, out=None):
+                         tau_delta=0.0, out=None, rotary=None):
         """Evicting cache: as `attend`, with the new token in the slot the last step freed (pos = state.cur,
         score 0); this step's Gumbel-softmax is added to `score_buf` and each split's eviction candidate left."""
         out = torch.empty_like(q) if out is None else out
         fb = self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
-                         window)
+                         window, rotary)
         if self.NSPLIT > 1:
             _finish_kernel[(self.B * self.HKV, self.NSPLIT)](
                 self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
@@ -415,7 +447,10 @@ class FusedKeyformerCache:
         if self.first:
             self.state.step.copy_(c.step)
 
-    def decode(self, q, k, v, pos, bias_fn=None):
+    #: decode() takes q and k before rotary (rotary=...) and rotates them in the kernel
+    rotates = True
+
+    def decode(self, q, k, v, pos, bias_fn=None, rotary=None):
         assert bias_fn is None, "the fused kernel has no ALiBi; use the plain cache for MPT"
         c = self.plain
         B, HKV, S, D = c.k.shape
@@ -425,7 +460,8 @@ class FusedKeyformerCache:
         if self.first:
             self.state.cur.copy_(torch.as_tensor(pos, device=c.pos.device))
         out = self.fused.attend_and_score(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v,
-                                          c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta)
+                                          c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta,
+                                          rotary=rotary)
         if self.last:
             self.state.step += 1
         return out.view(B, H, 1, D)
@@ -447,7 +483,9 @@ class FusedFullCache:
     def __getattr__(self, name):
         return getattr(self.plain, name)
 
-    def decode(self, q, k, v, pos, bias_fn=None):
+    rotates = True  # as FusedKeyformerCache
+
+    def decode(self, q, k, v, pos, bias_fn=None, rotary=None):
         assert bias_fn is None, "the fused kernel has no ALiBi; use the plain cache for MPT"
         c = self.plain
         B, HKV, S, D = c.k.shape
@@ -455,7 +493,8 @@ class FusedFullCache:
         n = c.length
         if self.fused is None:
             self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False, **self.kernel)
-        out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, n + 1)
+        out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, n + 1,
+                                rotary=rotary)
         if not c.steady:
             c.length = n + 1
         return out.view(B, H, 1, D)

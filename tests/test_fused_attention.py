@@ -77,6 +77,47 @@ def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split):
     assert torch.allclose(plain.decode(q, k, v, budget), fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("interleaved, rot_dim, G", [(True, 8, 1), (False, 16, 4)])
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, policy):
+    """q and k before rotary plus (cos, sin): the kernel rotates them (GPT-J's interleaved pairs on part of each
+    head, Llama's halves) and gives the output and cache of the unfused path on rotated inputs."""
+    from measure.decoder import Rotary
+
+    torch.manual_seed(2)
+    B, HKV, D, budget, pos = 1, 2, 16, 40, 57
+    rot = Rotary(rot_dim, 10000.0, 128, interleaved).to(DEVICE)
+    cos, sin = rot.cos[pos].contiguous(), rot.sin[pos].contiguous()
+    twins = []
+    for _ in range(2):
+        if policy == "full":
+            c = FullCache(B, HKV, budget + 1, D, torch.float32, DEVICE)
+            c.fill_random(budget)
+            twins.append(c)
+        else:
+            c = EvictingCache("keyformer", B, HKV, budget, budget // 4, D, torch.float32, DEVICE)
+            c.fill_random(budget * 2)
+            twins.append(c)
+    twins[1].k.copy_(twins[0].k), twins[1].v.copy_(twins[0].v)
+    if policy == "full":
+        for c in twins:
+            c.steady = True
+        a, b = FusedFullCache(twins[0], split_tokens=16), FusedFullCache(twins[1], split_tokens=16)
+    else:
+        for name in ("pos", "score", "free", "step"):
+            getattr(twins[1], name).copy_(getattr(twins[0], name))
+        a, b = FusedKeyformerCache(twins[0], split_tokens=16), FusedKeyformerCache(twins[1], split_tokens=16)
+        noise = torch.zeros(B * HKV * G * twins[0].slots, device=DEVICE)
+        a.noise_tensor = b.noise_tensor = noise
+    q = torch.randn(B, HKV * G, 1, D, device=DEVICE)
+    k, v = torch.randn(B, HKV, 1, D, device=DEVICE), torch.randn(B, HKV, 1, D, device=DEVICE)
+    positions = torch.tensor([pos], device=DEVICE)
+    want = a.decode(rot(q, positions), rot(k, positions), v, pos)
+    got = b.decode(q, k, v, pos, rotary=(cos, sin, rot_dim, interleaved))
+    assert torch.allclose(want, got, atol=2e-5, rtol=2e-5)
+    assert torch.allclose(twins[0].k, twins[1].k, atol=2e-6) and torch.equal(twins[0].v, twins[1].v)
+
+
 def test_split_length_fills_the_gpu_at_batch_one():
     # GPT-J at batch 1 on an H100 (132 SMs): 16 KV heads -> 33 splits wanted; 520 slots -> 16 per split -> one block
     assert split_length(520, 16, 32, 132) == 32

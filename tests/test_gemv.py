@@ -133,10 +133,12 @@ def test_folding_norms_keeps_the_function(name):
                               atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt-j-6b", "cerebras-gpt-111m", "mpt-7b", "llama-3-8b"])
-def test_batch1_decoder_on_gemv_matches_decoder(name):
+@pytest.mark.parametrize("name, fused", [("gpt-j-6b", False), ("cerebras-gpt-111m", False), ("mpt-7b", False),
+                                         ("llama-3-8b", False), ("gpt-j-6b", True), ("llama-3-8b", True)])
+def test_batch1_decoder_on_gemv_matches_decoder(name, fused):
     """The compiled engine's batch-1 path (norms folded, products and residuals on gemv) gives the logits of the
-    decoder it was built from."""
+    decoder it was built from; with the fused attention cache, rotary runs inside the attention kernel (GPT-J's
+    interleaved pairs on part of each head, Llama's halves)."""
     import copy
     import dataclasses
 
@@ -155,6 +157,13 @@ def test_batch1_decoder_on_gemv_matches_decoder(name):
     fast = CompiledDecoder(model, compile=False, batch1_gemv=True)  # folds the norms into `model`
     caches = [[FullCache(1, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
               for _ in range(2)]
+    if fused:
+        if DEVICE != "cuda":
+            pytest.skip("the attention kernel's bf16 path needs a GPU (Triton's CPU interpreter gets bf16 dots "
+                        "wrong); test_fused_attention checks its rotary in fp32 on the CPU")
+        from measure.fused_attention import FusedFullCache
+
+        caches[1] = [FusedFullCache(c) for c in caches[1]]
     prompt = torch.randint(0, w.vocab_size, (1, 10), device=DEVICE)
     with torch.no_grad():
         for c in caches:
