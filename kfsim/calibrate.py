@@ -31,7 +31,7 @@ PARAMETERS = {
     # matrix-vector kernels (batches up to the engine's matvec_max_batch): their own weight streaming, and how
     # many of the GEMM, norm and elementwise kernels remain (fused prologues and epilogues take in the rest)
     "matvec_bandwidth_fraction": (0.2, 1.0, 0.85),
-    "matvec_kernels_per_op.gemm": (0.0, 1.0, 0.5),  # at most kernels_per_op's 1 (see roofline.op_times)
+    "matvec_kernels_per_op.gemm": (0.0, 1.0, 0.5),  # at most kernels_per_op's 1 (Engine.matvec_problem)
     "matvec_kernels_per_op.norm": (0.0, 1.0, 0.5),
     "matvec_kernels_per_op.elementwise": (0.0, 1.0, 0.5),
 }
