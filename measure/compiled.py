@@ -196,6 +196,7 @@ class CompiledDecoder:
         if m.rotary is not None:
             cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
         qkv_rows = w.q_dim + 2 * w.kv_dim
+        rotary = None if cos is None else (cos.reshape(-1), sin.reshape(-1), m.rotary.dim, m.rotary.interleaved)
         for i, (block, cache) in enumerate(zip(m.blocks, caches)):
             a, mlp = block.attn, block.mlp
             c = self._layer_consts(i, block)
@@ -205,10 +206,10 @@ class CompiledDecoder:
                 qkv, u = hu[:qkv_rows], hu[qkv_rows:]
             else:
                 qkv = gemv(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
-            if cos is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
-                q, k, v = (t.view(1, -1, 1, w.head_dim) for t in qkv[:qkv_rows].split([w.q_dim, w.kv_dim, w.kv_dim]))
-                y = cache.decode(q, k, v, pos, rotary=(cos.reshape(-1), sin.reshape(-1), m.rotary.dim,
-                                                        m.rotary.interleaved)).reshape(-1)
+            if rotary is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
+                parts = qkv[:qkv_rows].split([w.q_dim, w.kv_dim, w.kv_dim])
+                q, k, v = (t.view(1, -1, 1, w.head_dim) for t in parts)
+                y = cache.decode(q, k, v, pos, rotary=rotary).reshape(-1)
             else:
                 q, k, v = self.heads(qkv.view(1, 1, -1), cos, sin)
                 y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(-1)

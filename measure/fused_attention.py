@@ -3,9 +3,10 @@
 One decode step of one layer, for an evicting cache (budget + free slot, see kv_policies.EvictingCache):
   A. `_split_kernel`   one program per (sequence, KV head, split of the cache): applies rotary to q and the new
                        token's K if asked (the batch-1 decoder hands over q and K unrotated, saving a kernel),
-                       writes the new token's K and V into the slot the last step freed, reads its K and V block once, computes the logits of the KV
-                       head's query heads, the attention partials (max, sum, P.V) and the Gumbel-softmax partials
-                       (max, sum of exp(z)), z = (logit + noise) / tau; writes z (fp32) for B.
+                       writes the new token's K and V into the slot the last step freed, reads its K and V block
+                       once, computes the logits of the KV head's query heads, the attention partials (max, sum,
+                       P.V) and the Gumbel-softmax partials (max, sum of exp(z)), z = (logit + noise) / tau;
+                       writes z (fp32) for B.
   B. `_finish_kernel`  one program per (sequence, KV head, split): merges the Gumbel partials into log Z, adds
                        f = exp(z - log Z), summed over the query heads, to each token's score, and leaves the split's
                        lowest-ranked evictable slot; programs of the first splits also merge the attention partials
