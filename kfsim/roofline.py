@@ -70,10 +70,13 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         matvec = np.broadcast_to(np.asarray(batch, dtype=float) <= engine.matvec_max_batch, zero.shape)
     weight_frac = np.where(matvec, engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)
     per_op = {}
-    attention_kv, attention_kv_bytes = zero, zero
+    attention_s, attention_kv_bytes = zero, zero
     for op in ops:
         tw = op.weight_bytes / (bw * weight_frac)
-        tk = (op.kv_read_bytes + op.kv_write_bytes) / (bw * engine.kv_bandwidth_fraction * occupancy)
+        # occupancy throttles the split reads only: the one new token's write does not split, and charging it
+        # there would make time per token fall as a longer cache adds splits
+        kv_bw = bw * engine.kv_bandwidth_fraction
+        tk = op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to
@@ -85,11 +88,13 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         n_kernels = op.launches * np.where(matvec, engine.matvec_kernels(op.kind),
                                            engine.kernels_per_op[op.kind])
         t_fixed = n_kernels * base_us * 1e-6
-        hidden = zero  # a fused scorer's arithmetic beyond what the attention kernel's KV reads hide
+        hidden = zero  # a fused scorer's arithmetic beyond what the attention kernel's KV reads (or FLOPs) hide
         if op.kind == "attention":
-            attention_kv, attention_kv_bytes = tk, op.kv_read_bytes + op.kv_write_bytes
+            # the longer of the KV reads and the FLOPs: hiding behind the KV reads alone would let a faster
+            # memory make a compute-bound step slower (the scorer would hide behind less)
+            attention_s, attention_kv_bytes = np.maximum(tk, t_flop), op.kv_read_bytes + op.kv_write_bytes
         elif op.kind == "keyformer" and fused_scorer > 0:
-            hidden = np.maximum(0.0, fused_scorer * attention_kv_bytes / vector_peak - attention_kv)
+            hidden = np.maximum(0.0, fused_scorer * attention_kv_bytes / vector_peak - attention_s)
             compute_s += hidden
         memory_bound = t_mem >= t_flop
         weight_s += np.where(memory_bound, tw, 0.0)

@@ -1,0 +1,89 @@
+"""The README's figures are claims: its worked example and its calibration table must match what the code and the
+committed reports give today (a refit or a model change that moves them fails here, not in a reader's hands)."""
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kfsim.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_worked_example_prints_what_the_readme_shows():
+    block = re.search(r"^```\n\$ kfsim (predict [^\n]*)\n(.*?)^```", README, re.S | re.M)
+    assert block, "README has no '$ kfsim predict ...' example block"
+    r = CliRunner().invoke(cli, block.group(1).split())
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == block.group(2).strip()
+
+
+def _baselines() -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(rows, predictor) -> columns of reports/baselines.md."""
+    out = {}
+    for line in (ROOT / "reports" / "baselines.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] not in ("rows", "---"):
+            out[(cells[0], cells[1])] = cells[2:]
+    return out
+
+
+README_ROWS = {  # README table row -> (baselines.md rows, phase)
+    "H100 held-out half, decode": ("H100 held-out half", 0),
+    "H200 predicted by the H100 fit, decode": ("H200 (fitted on H100)", 0),
+    "H100 held-out half, prefill": ("H100 held-out half", 3),
+    "H200 predicted by the H100 fit, prefill": ("H200 (fitted on H100)", 3),
+}
+PREDICTORS = ["kfsim fitted engine", "kfsim ideal roofline", "llm-analysis 0.2.2 (defaults)"]
+
+
+@pytest.mark.parametrize("label", README_ROWS)
+def test_calibration_table_matches_reports_baselines(label):
+    line = re.search(r"^\| " + re.escape(label) + r" \((\d+)( rows)?\) \|(.*)\|$", README, re.M)
+    assert line, f"README has no row {label!r}"
+    rows, col = README_ROWS[label]
+    base = _baselines()
+    cells = [c.replace("*", "").strip() for c in line.group(3).split("|")]
+    assert len(cells) == len(PREDICTORS)
+    for predictor, cell in zip(PREDICTORS, cells):
+        mape, worst, n = base[(rows, predictor)][col:col + 3]
+        assert int(line.group(1)) == int(n), (label, predictor)
+        assert cell == f"{float(mape):.1f} / {float(worst):.1f}", (label, predictor, mape, worst)
+
+
+def test_by_model_figures_match_reports_baselines():
+    text = re.search(r"By model and policy \(decode MAPE\): (.*?)\. The largest", README, re.S).group(1)
+    text = " ".join(text.split())
+    base = _baselines()
+    names = {"GPT-J": "gpt-j-6b", "Llama-3-8B": "llama-3-8b"}
+    for part, rows in [(r"held-out H100 — (.*?); H100 → H200", "H100 held-out half"),
+                       (r"H100 → H200 — (.*)$", "H200 (fitted on H100)")]:
+        found = re.findall(r"(GPT-J|Llama-3-8B) (full|Keyformer) ([\d.]+)", re.search(part, text).group(1))
+        assert len(found) == 4
+        for model, policy, value in found:
+            mape = base[(rows, f"kfsim fitted: {names[model]} {policy.lower()} decode")][0]
+            assert value == f"{float(mape):.1f}", (rows, model, policy, mape)
+
+
+def test_worked_example_measured_point():
+    """The sentence after the worked example: the measured steps and the prediction's errors."""
+    import pandas as pd
+
+    from kfsim.inputs import make_setup
+    from kfsim.predict import predict
+
+    m = re.search(r"We measured this point on the H100: ([\d.]+) ms with Keyformer against ([\d.]+) ms with the full "
+                  r"cache \(([\d.]+)x;.*?the prediction is within ([\d.]+) % and ([\d.]+) %", README, re.S)
+    assert m, "README lost the measured-point sentence"
+    rows = pd.read_csv(ROOT / "measure" / "data" / "h100-sxm.csv")
+    point = rows[(rows.model == "llama-3-8b") & (rows.batch == 16) & (rows.context == 16384) & (rows.phase == "decode")]
+    kf = point[point.kv_ratio == 0.2].step_ms.item()
+    full = point[point.policy == "full"].step_ms.item()
+    assert (m.group(1), m.group(2), m.group(3)) == (f"{kf:.2f}", f"{full:.2f}", f"{full / kf:.2f}")
+    for ratio, measured, claim in [(0.2, kf, m.group(4)), (1.0, full, m.group(5))]:
+        policy = "keyformer" if ratio < 1 else "full"
+        s = make_setup(gpu="h100", model="llama-3-8b", engine="default", policy=policy, kv_ratio=ratio)
+        predicted = float(predict(s, 16, 16384)["step_ms"])
+        assert claim == f"{abs(predicted / measured - 1) * 100:.1f}", (policy, predicted, measured)
