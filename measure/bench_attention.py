@@ -48,12 +48,14 @@ def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
 
 
 def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, num_stages=3, maxnreg=None,
-               steps=20) -> dict:
-    """Microseconds per layer and K+V GB/s of one configuration."""
+               steps=20, fold_combine=False, split_rule=None) -> dict:
+    """Microseconds per layer and K+V GB/s of one configuration (and the split kernel's registers, spills, shared
+    memory and splits)."""
     kv_bytes = 2 * batch * kv_heads * (tokens + 1) * head_dim * 2
     layers = int(max(4, min(96, IN_FLIGHT_BYTES // kv_bytes)))
     caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers,
-                     {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
+                     {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg,
+                      "fold_combine": fold_combine, "split_rule": split_rule})
     q = torch.randn(batch, kv_heads * g, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -66,11 +68,13 @@ def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps,
     graph = timing.capture_graph(step)
     t = timing.time_steps(graph.replay, steps, 3)
     us = t.median_ms * 1e3 / layers
-    handle = caches[0].fused.split_handle
+    handle, nsplit = caches[0].fused.split_handle, caches[0].fused.NSPLIT
     del caches, graph
     torch.cuda.empty_cache()
     return {"us_per_layer": round(us, 2), "kv_gbps": round(kv_bytes / (us * 1e-6) / 1e9, 1),
-            "regs": getattr(handle, "n_regs", ""), "spills": getattr(handle, "n_spills", ""), "layers": layers}
+            "regs": getattr(handle, "n_regs", ""), "spills": getattr(handle, "n_spills", ""),
+            "shared_bytes": getattr(getattr(handle, "metadata", None), "shared", ""), "splits": nsplit,
+            "layers": layers}
 
 
 def parse_config(text: str) -> tuple:
@@ -101,6 +105,16 @@ def _ints(flag: str):
     return parse
 
 
+def _words(flag: str, allowed: tuple):
+    """An argparse type: a comma list of words from `allowed`."""
+    def parse(text: str) -> list[str]:
+        words = parse_list(text, flag, str)
+        if bad := [w for w in words if w not in allowed]:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r}: expected {' or '.join(allowed)}")
+        return words
+    return parse
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="CSV to write")
@@ -109,8 +123,15 @@ def main(argv=None) -> int:
                     "Keyformer's budget)")
     ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
+    ap.add_argument("--split-rule", default="fill", type=_words("split-rule", ("fill", "wave")),
+                    help="how the cache is split: 'fill' (shipped: about PROGRAMS_PER_SM programs per SM) and/or "
+                         "'wave' (one wave of RESIDENT_PER_SM resident programs per SM), a list (default: %(default)s)")
     ap.add_argument("--programs-per-sm", type=_ints("programs-per-sm"), default=None,
-                    help="programs per SM the cache is split for, a list (default: fused_attention's choice)")
+                    help="programs per SM the split aims at, a list (default: fused_attention's PROGRAMS_PER_SM for "
+                         "'fill', RESIDENT_PER_SM for 'wave')")
+    ap.add_argument("--combine", default="kernel", type=_words("combine", ("kernel", "fold")),
+                    help="full cache, more than one split: 'kernel' (shipped: a combine launch) and/or 'fold' (the "
+                         "last split to finish merges), a list (default: %(default)s)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,26 +139,33 @@ def main(argv=None) -> int:
         return 2
     from . import fused_attention  # needs triton
 
-    spread = a.programs_per_sm or [fused_attention.PROGRAMS_PER_SM]
+    splits = [(rule, p) for rule in a.split_rule for p in a.programs_per_sm or
+              [fused_attention.PROGRAMS_PER_SM if rule == "fill" else fused_attention.RESIDENT_PER_SM]]
     rows = []
     with torch.inference_mode():
         for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
                 best, line = None, []
-                for (block_n, warps, stages, maxnreg), per_sm in itertools.product(a.configs, spread):
-                    fused_attention.PROGRAMS_PER_SM = per_sm
+                combines = a.combine if policy == "full" else [""]
+                for (block_n, warps, stages, maxnreg), (rule, per_sm), combine in itertools.product(
+                        a.configs, splits, combines):
+                    fused_attention.PROGRAMS_PER_SM = fused_attention.RESIDENT_PER_SM = per_sm
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
-                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "programs_per_sm": per_sm,
-                         **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg)}
+                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "split_rule": rule,
+                         "programs_per_sm": per_sm,
+                         "combine": combine if policy == "full" else "",
+                         **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg,
+                                      fold_combine=combine == "fold", split_rule=rule)}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
                     rows.append(r)
                     best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
                     cap = f"r{maxnreg}" if maxnreg else ""
-                    line.append(f"{block_n}x{warps}x{stages}{cap}p{per_sm} {r['us_per_layer']:.1f}/{r['regs']}/"
-                                f"{r['spills']}")
+                    fold = "" if policy != "full" else "f" if combine == "fold" else "k"
+                    line.append(f"{block_n}x{warps}x{stages}{cap}{rule[0]}{per_sm}{fold}/{r['splits']} "
+                                f"{r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}/{r['shared_bytes']}")
                 print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
-                      f"us/regs/spills: {'  '.join(line)}", flush=True)
+                      f"[config/splits us/regs/spills/smem]: {'  '.join(line)}", flush=True)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -14,12 +14,15 @@ One decode step of one layer, for an evicting cache (budget + free slot, see kv_
                        splits' candidates.
 K and V are read once per step; the extra traffic is one fp32 z per query head and token (written in A, read in
 B), the score read and written once and the positions read twice: 3 % (GPT-J) to 11 % (Llama-3-8B) of the K and V
-bytes. The full cache runs A (without scoring) and `_combine_kernel`: the same two launches per layer. When one
-split holds a whole row (large batches), A does B's work (or the combine's) itself: one launch per layer.
+bytes. The full cache runs A without scoring and `_combine_kernel`: two launches per layer, like Keyformer (with
+`fold_combine`, the last of a row's splits to finish merges the row's partials instead, counted by an atomic per
+row: one launch). When one split holds a whole row (large batches), A does B's work (or the combine's) itself:
+one launch per layer.
 The query heads of one KV head are the rows of a 16-row tensor-core tile (MHA pads 15 of them); the scoring then
 runs on the real rows only. K and V loads are software-pipelined (no branch in the loop).
-The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over, so a batch-1
-step reads the cache with every SM, as flash-decoding does. Noise is generated in A only, from a hash of the step
+The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over (or, with the
+"wave" rule, exactly one wave of resident programs), so a batch-1 step reads the cache with every SM, as
+flash-decoding does. Noise is generated in A only, from a hash of the step
 and the element's offset, or, for tests, read from a tensor shared with the plain path.
 """
 from __future__ import annotations
@@ -117,12 +120,12 @@ def _rotated(X, offs, d, COS, SIN, mask, ROT: tl.constexpr, ROT_DIM: tl.constexp
 
 @triton.jit
 def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ, OUT,
-                  COS, SIN, S, n_valid, split_len, scale, tau_init, tau_delta, window,
+                  COS, SIN, DONE, S, n_valid, split_len, scale, tau_init, tau_delta, window,
                   ROT: tl.constexpr, ROT_DIM: tl.constexpr,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
-                  USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr,
+                  USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -217,6 +220,13 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if SCORE:
             tl.store(MZ + rows_c * NSPLIT + split, mz, mask=gcmask)
             tl.store(LZ + rows_c * NSPLIT + split, lz, mask=gcmask)
+        if COMBINE:  # the row's last split to finish merges every split's partials: no combine launch
+            tl.debug_barrier()  # all of this program's partials are stored before its count is released
+            done = tl.atomic_add(DONE + pid, 1, sem="acq_rel", scope="gpu")
+            if done == NSPLIT - 1:
+                for gi in tl.static_range(G):
+                    _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S)
+                tl.store(DONE + pid, 0)  # ready for the next step (no other program of this row is left)
 
 
 @triton.jit
@@ -225,11 +235,13 @@ def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLO
     s = tl.arange(0, BLOCK_S)
     smask = s < NSPLIT
     d = tl.arange(0, D)
-    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"))
-    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0)
+    # L2, not L1: in the split kernel a program of the same SM may have cached the line before all splits wrote it
+    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0, cache_modifier=".cg")
     mmax = tl.max(m, 0)
     w = tl.where(smask & (m > float("-inf")), tl.exp(m - mmax), 0.0)
-    acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0,
+                  cache_modifier=".cg")
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + row * D + d, out.to(OUT.dtype.element_ty))
 
@@ -305,16 +317,36 @@ def _blocks(head_dim: int) -> int:
     return 32 if head_dim > 128 else 64
 
 
-#: Programs per SM the cache is split for: enough that the last wave's tail is short and every SM streams.
+#: How the cache is split when no length is given: "fill" (shipped; the committed grids ran it) makes
+#: ceil(PROGRAMS_PER_SM x SMs / rows) splits, so the programs fill the GPU about four times over; "wave" makes
+#: floor(RESIDENT_PER_SM x SMs / rows), one wave of resident programs and no partial wave trailing.
+SPLIT_RULE = "fill"
 PROGRAMS_PER_SM = 4
+#: Programs of the split kernel resident on one SM at a time: its K and V pipeline (3 stages of a [BLOCK_N, D] bf16
+#: K and V tile, 96 KB) leaves room for two in the 228 KB of shared memory of an H100 or H200 SM.
+RESIDENT_PER_SM = 2
 
 
-def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int | None = None) -> int:
-    """Tokens per split: `split_tokens` rounded up to whole blocks if given, else the fewest that still give
-    `rows` (sequences x KV heads) x splits >= PROGRAMS_PER_SM x `sms` programs (never less than one block)."""
+def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int | None = None,
+                 rule: str | None = None) -> int:
+    """Tokens per split, whole blocks: `split_tokens` rounded up if given, else the slots spread over the splits
+    `rule` (default SPLIT_RULE) asks for given `rows` (sequences x KV heads) and `sms`.
+
+    Why "wave": a partly filled last wave runs alone at the end of the layer. The committed spread runs fit it with
+    two resident programs per SM: GPT-J-6B's 16 rows in 17 splits (272 programs, 264 resident) took 66 us per
+    layer at 8k tokens, in 33 splits (two full waves) 48 us; Llama-3-8B at 16k, 264 programs (one wave) 25.5 us,
+    520 (two waves less 8) 29.3 us (measure/data/h200-attention-spread.csv).
+    """
     if split_tokens is None:
-        splits = max(1, -(-PROGRAMS_PER_SM * sms // rows))
-        split_tokens = -(-slots // splits)
+        rule = rule or SPLIT_RULE
+        if rule == "fill":
+            splits = -(-PROGRAMS_PER_SM * sms // rows)
+        elif rule == "wave":
+            splits = RESIDENT_PER_SM * sms // rows
+        else:
+            raise ValueError(f"split rule {rule!r}: expected fill or wave")
+        blocks = -(-slots // block)
+        return -(-blocks // max(1, splits)) * block
     return max(block, -(-split_tokens // block) * block)
 
 
@@ -338,7 +370,7 @@ class FusedDecoder:
     """Buffers and launches for one layer shape; the cache is read in `NSPLIT` parallel parts of `split_len`."""
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
-                 block_n=None, num_warps=4, num_stages=3, maxnreg=None):
+                 block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
@@ -347,7 +379,9 @@ class FusedDecoder:
         self.GP = triton.next_power_of_2(self.G)
         self.BLOCK_N = block_n or _blocks(head_dim)
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
-        self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens)
+        self.fold_combine = fold_combine  # full cache: the last split merges (else a combine kernel)
+        self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
+                                      split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
         f32 = dict(dtype=torch.float32, device=device)
@@ -360,6 +394,7 @@ class FusedDecoder:
             self.cand_val = torch.empty(batch * kv_heads * self.NSPLIT, **f32)
             self.cand_idx = torch.empty(batch * kv_heads * self.NSPLIT, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.done = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)  # splits finished, per row
 
     def set_free(self, free):
         """Make the next step write into `free` [B, HKV] (as if the last step's candidates had chosen it)."""
@@ -371,6 +406,10 @@ class FusedDecoder:
         """The slot the next step will write into, [B, HKV, 1] (int64), from the candidates."""
         vals = self.cand_val.view(self.B, self.HKV, self.NSPLIT)
         return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, vals.argmin(-1, keepdim=True)).long()
+
+    def _combines(self, score: bool) -> bool:
+        """Whether the split kernel merges the full cache's partials itself."""
+        return not score and self.NSPLIT > 1 and self.fold_combine
 
     def _split(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
                noise=None, tau_delta=0.0, window=0, rotary=None):
@@ -384,12 +423,12 @@ class FusedDecoder:
             self.cand_idx if score else dummy, state.step if state is not None else dummy,
             state.cur if state is not None else dummy, self.z if score else dummy,
             noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-            self.lz if score else dummy, out, cos, sin, self.S, n_valid, self.split_len, self.scale, TAU_INIT,
+            self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale, TAU_INIT,
             tau_delta, window, ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
-            FINISH=self.NSPLIT == 1, FBLOCK=fb,
+            FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=fb,
             FBLOCKS=triton.cdiv(self.split_len, fb), num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.maxnreg)
         return fb
@@ -399,7 +438,7 @@ class FusedDecoder:
         `rotary` (cos, sin, dim, interleaved): q and k_new are not rotated yet; the kernel rotates them."""
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, n_valid, out, rotary=rotary)
-        if self.NSPLIT > 1:
+        if self.NSPLIT > 1 and not self._combines(False):
             _combine_kernel[(self.B * self.H,)](self.m, self.l, self.acc, out, D=self.D, NSPLIT=self.NSPLIT,
                                                 BLOCK_S=self.BLOCK_S)
         return out

@@ -11,7 +11,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 pytest.importorskip("triton")
 
-from measure.fused_attention import FusedFullCache, FusedKeyformerCache, split_length  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from measure.fused_attention import RESIDENT_PER_SM, FusedFullCache, FusedKeyformerCache, split_length  # noqa: E402
 from measure.kv_policies import EvictingCache, FullCache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,8 +64,11 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split):
         t += 1
 
 
+# the shipped kernel, and the options bench_attention compares it with
+@pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {"fold_combine": True, "split_rule": "wave"}],
+                         ids=["shipped", "fold", "fold-wave"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
-def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split):
+def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(1)
     dtype = torch.float32
     plain = FullCache(B, HKV, budget + 1, D, dtype, DEVICE)
@@ -70,11 +76,14 @@ def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split):
     twin = FullCache(B, HKV, budget + 1, D, dtype, DEVICE)
     twin.k.copy_(plain.k), twin.v.copy_(plain.v)
     twin.length, twin.steady = plain.length, True
-    fused = FusedFullCache(twin, split_tokens=split)
+    fused = FusedFullCache(twin, split_tokens=split, kernel=kernel)
     q = torch.randn(B, HKV * G, 1, D, device=DEVICE, dtype=dtype)
     k, v = torch.randn(B, HKV, 1, D, device=DEVICE, dtype=dtype), torch.randn(B, HKV, 1, D, device=DEVICE,
                                                                               dtype=dtype)
-    assert torch.allclose(plain.decode(q, k, v, budget), fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
+    want = plain.decode(q, k, v, budget)
+    assert torch.allclose(want, fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
+    # again (the same slot, the same token): the merging split's count must have been reset for this step
+    assert torch.allclose(want, fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("interleaved, rot_dim, G", [(True, 8, 1), (False, 16, 4)])
@@ -119,7 +128,8 @@ def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, pol
 
 
 def test_split_length_fills_the_gpu_at_batch_one():
-    # GPT-J at batch 1 on an H100 (132 SMs): 16 KV heads -> 33 splits wanted; 520 slots -> 16 per split -> one block
+    # "fill" (shipped). GPT-J at batch 1 on an H100 (132 SMs): 16 KV heads -> 33 splits wanted; 520 slots -> 16
+    # per split -> one block
     assert split_length(520, 16, 32, 132) == 32
     # Llama-3-8B, 8 KV heads, 16k context: 66 splits of 249 -> 256 tokens
     assert split_length(16392, 8, 64, 132) == 256
@@ -127,6 +137,31 @@ def test_split_length_fills_the_gpu_at_batch_one():
     assert split_length(4104, 1024, 32, 132) == 4128
     # an explicit length is rounded up to whole blocks
     assert split_length(5000, 1, 64, 132, split_tokens=100) == 128
+
+
+def test_wave_split_rule_fills_one_wave():
+    # two resident programs per SM: GPT-J at batch 1 -> 16 splits at most; 520 slots = 17 blocks -> 2 per split
+    assert split_length(520, 16, 32, 132, rule="wave") == 64
+    # GPT-J at 8k: 257 blocks -> 17 per split, 16 splits (256 programs; 17 would leave 8 of 272 to a second wave)
+    assert split_length(8193, 16, 32, 132, rule="wave") == 544
+    # Llama-3-8B at 16k: 33 splits -> 257 blocks of 64 -> 8 per split
+    assert split_length(16392, 8, 64, 132, rule="wave") == 512
+    # Llama-3-8B at batch 64: 512 rows, more than a wave already -> one split per row ("fill" makes two)
+    assert split_length(3278, 512, 64, 132, rule="wave") == 3328
+    assert split_length(3278, 512, 64, 132, rule="fill") == 1664
+    with pytest.raises(ValueError, match="split rule 'even'"):
+        split_length(100, 1, 16, 4, rule="even")
+
+
+@settings(max_examples=200, deadline=None)
+@given(slots=st.integers(1, 200_000), rows=st.integers(1, 2048), block=st.sampled_from([16, 32, 64]),
+       sms=st.integers(1, 160))
+def test_wave_splits_fill_at_most_one_wave(slots, rows, block, sms):
+    """The "wave" rule: whole blocks, every slot covered, and never more programs than one wave (unless one split per row is more)."""
+    length = split_length(slots, rows, block, sms, rule="wave")
+    nsplit = -(-slots // length)
+    assert length % block == 0 and nsplit * length >= slots
+    assert rows * nsplit <= max(rows, RESIDENT_PER_SM * sms)
 
 
 def test_in_kernel_noise_is_standard_gumbel():
