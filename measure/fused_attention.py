@@ -14,16 +14,18 @@ One decode step of one layer, for an evicting cache (budget + free slot, see kv_
                        splits' candidates.
 K and V are read once per step; the extra traffic is one fp32 z per query head and token (written in A, read in
 B), the score read and written once and the positions read twice: 3 % (GPT-J) to 11 % (Llama-3-8B) of the K and V
-bytes. The full cache runs A without scoring and `_combine_kernel`: two launches per layer, like Keyformer (with
-`fold_combine`, the last of a row's splits to finish merges the row's partials instead, counted by an atomic per
-row: one launch). When one split holds a whole row (large batches), A does B's work (or the combine's) itself:
-one launch per layer.
+bytes (with `l2_hints`, z is marked to stay in L2 and K and V to leave it first, and the layers share one z
+buffer, so that z can stay out of HBM). The full cache runs A without scoring and `_combine_kernel`: two
+launches per layer, like Keyformer (with `fold_combine`, the last of a row's splits to finish merges the row's
+partials instead, counted by an atomic per row: one launch). When one split holds a whole row (large batches), A
+does B's work (or the combine's) itself: one launch per layer.
 The query heads of one KV head are the rows of a 16-row tensor-core tile (MHA pads 15 of them); the scoring then
 runs on the real rows only. K and V loads are software-pipelined (no branch in the loop).
 The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over (or, with the
 "wave" rule, exactly one wave of resident programs), so a batch-1 step reads the cache with every SM, as
-flash-decoding does. Noise is generated in A only, from a hash of the step
-and the element's offset, or, for tests, read from a tensor shared with the plain path.
+flash-decoding does. Noise is generated in A only, from a hash of the step and the element's offset, or, for
+tests, read from a tensor shared with the plain path. `fold_combine`, `split_rule="wave"` and `l2_hints` are off
+by default: the committed grids ran without them, and they await a GPU measurement (bench_attention compares).
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
                   USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
-                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr):
+                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -173,8 +175,10 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < n_valid
         # the loads do not wait for the free slot (the evicted token's row is read, then replaced in registers)
-        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
+                    eviction_policy=KV_EVICT)
+        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
+                    eviction_policy=KV_EVICT)
         is_new = n == new_slot
         k = tl.where(is_new[:, None], knew[None, :], k)
         v = tl.where(is_new[:, None], vnew[None, :], v)
@@ -199,7 +203,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             lmask = gcmask[:, None] & nmask[None, :]
             z = (xc + _noise(NOISE, seed, offs, USE_NOISE)) / tau
             z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
-            tl.store(Z + offs, z, mask=lmask)
+            tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
             mz_new = tl.maximum(mz, tl.max(z, 1))
             mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
             lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
@@ -211,7 +215,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             logz = tl.where(gcmask, mz + tl.log(tl.where(gcmask, lz, 1.0)), 0.0)
             tl.debug_barrier()  # z stored by this program's threads above is read back by others below
             _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window, kv_base, start,
-                                 S, split_len, pid, FBLOCK, FBLOCKS)
+                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT)
     else:
         part = (b * H + heads) * NSPLIT + split
         tl.store(M + part, m_i, mask=gmask)
@@ -225,23 +229,25 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             done = tl.atomic_add(DONE + pid, 1, sem="acq_rel", scope="gpu")
             if done == NSPLIT - 1:
                 for gi in tl.static_range(G):
-                    _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S)
+                    _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, ".cg")
                 tl.store(DONE + pid, 0)  # ready for the next step (no other program of this row is left)
 
 
 @triton.jit
-def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits' attention partials of one (sequence, query head) row into its output."""
+def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+                 CACHE: tl.constexpr = ""):
+    """Merge the splits' attention partials of one (sequence, query head) row into its output. Inside the split
+    kernel CACHE is ".cg" (read from L2, not L1: a program of the same SM may have cached the line before every
+    split had written it)."""
     s = tl.arange(0, BLOCK_S)
     smask = s < NSPLIT
     d = tl.arange(0, D)
-    # L2, not L1: in the split kernel a program of the same SM may have cached the line before all splits wrote it
-    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0, cache_modifier=".cg")
+    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"), cache_modifier=CACHE)
+    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0, cache_modifier=CACHE)
     mmax = tl.max(m, 0)
     w = tl.where(smask & (m > float("-inf")), tl.exp(m - mmax), 0.0)
     acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0,
-                  cache_modifier=".cg")
+                  cache_modifier=CACHE)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + row * D + d, out.to(OUT.dtype.element_ty))
 
@@ -254,7 +260,8 @@ def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK
 @triton.jit
 def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, split_len,
                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr):
+                   BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr,
+                   Z_READ: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -275,14 +282,16 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
     logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
     _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, tl.load(cur), window,
-                         (b * HKV + hk) * S, split * split_len, S, split_len, pid * NSPLIT + split, BLOCK_N, BLOCKS)
+                         (b * HKV + hk) * S, split * split_len, S, split_len, pid * NSPLIT + split, BLOCK_N, BLOCKS,
+                         Z_READ)
 
 
 @triton.jit
 def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window, kv_base, start,
-                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr):
     """Add f = exp(z - log Z), summed over the query heads `rows`, to the score of each token of the split
-    [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand]."""
+    [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand]; `Z_READ` is
+    the eviction policy of z's last read."""
     end = start + split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
@@ -291,7 +300,7 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
         nmask = (n < S) & (n < end)
         pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
         lmask = gmask[:, None] & nmask[None, :]
-        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"))
+        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ)
         f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
         score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
         tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
@@ -359,18 +368,30 @@ def _sm_count(device) -> int:
 
 class StepState:
     """Per-step scalars shared by every layer's cache: the new token's position and the decode-step counter
-    (which sets Keyformer's temperature and the noise seed). The first layer sets `cur`, the last advances `step`."""
+    (which sets Keyformer's temperature and the noise seed). The first layer sets `cur`, the last advances `step`.
+    `scratch` holds buffers a layer needs only during its own step, which the layers can share."""
 
     def __init__(self, device, step=0.0):
         self.cur = torch.zeros((), dtype=torch.int64, device=device)
         self.step = torch.full((), float(step), dtype=torch.float32, device=device)
+        self.scratch: dict[str, torch.Tensor] = {}
+
+
+def _scratch(shared: dict | None, name: str, numel: int, like: dict) -> torch.Tensor:
+    """A buffer of `numel` elements, from `shared` (made there on first use) if given, else new."""
+    if shared is None:
+        return torch.empty(numel, **like)
+    if name not in shared or shared[name].numel() < numel:
+        shared[name] = torch.empty(numel, **like)
+    return shared[name][:numel]
 
 
 class FusedDecoder:
     """Buffers and launches for one layer shape; the cache is read in `NSPLIT` parallel parts of `split_len`."""
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
-                 block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None):
+                 block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
+                 l2_hints=False, scratch=None):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
@@ -380,6 +401,9 @@ class FusedDecoder:
         self.BLOCK_N = block_n or _blocks(head_dim)
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
         self.fold_combine = fold_combine  # full cache: the last split merges (else a combine kernel)
+        # K and V stream through L2 marked first to evict; Keyformer's z, written and read back in the same step,
+        # is marked last, so it stays in L2 instead of going out to HBM and back
+        self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
@@ -390,7 +414,9 @@ class FusedDecoder:
         self.acc = torch.empty(batch * heads * self.NSPLIT * head_dim, **f32)
         if scoring:
             self.mz, self.lz = torch.empty_like(self.m), torch.empty_like(self.m)
-            self.z = torch.empty(batch * heads * slots, **f32)
+            # z lives for one layer's step: with l2_hints, the layers that share `scratch` (a dict) share one
+            # buffer, which can then stay in L2 from layer to layer
+            self.z = _scratch(scratch if l2_hints else None, "z", batch * heads * slots, f32)
             self.cand_val = torch.empty(batch * kv_heads * self.NSPLIT, **f32)
             self.cand_idx = torch.empty(batch * kv_heads * self.NSPLIT, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -423,14 +449,14 @@ class FusedDecoder:
             self.cand_idx if score else dummy, state.step if state is not None else dummy,
             state.cur if state is not None else dummy, self.z if score else dummy,
             noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-            self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale, TAU_INIT,
-            tau_delta, window, ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
+            self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale,
+            TAU_INIT, tau_delta, window, ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=fb,
-            FBLOCKS=triton.cdiv(self.split_len, fb), num_warps=self.num_warps, num_stages=self.num_stages,
-            maxnreg=self.maxnreg)
+            FBLOCKS=triton.cdiv(self.split_len, fb), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
+            num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return fb
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
@@ -455,7 +481,7 @@ class FusedDecoder:
                 self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
                 self.cand_idx, state.cur, window, self.S, self.split_len, H=self.H, HKV=self.HKV, G=self.G, D=self.D,
                 GP=self.GP, BLOCK_N=fb, NSPLIT=self.NSPLIT, BLOCKS=triton.cdiv(self.split_len, fb),
-                BLOCK_S=self.BLOCK_S, num_warps=self.num_warps)
+                BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict, num_warps=self.num_warps)
         return out
 
 
@@ -482,7 +508,8 @@ class FusedKeyformerCache:
     def _start(self, q):
         c = self.plain
         B, HKV, S, D = c.k.shape
-        self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens, **self.kernel)
+        self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens, scratch=self.state.scratch,
+                                  **self.kernel)
         self.fused.set_free(c.free)
         if self.first:
             self.state.step.copy_(c.step)

@@ -32,8 +32,9 @@ def cases():
     return small + (big if DEVICE == "cuda" else [])
 
 
+@pytest.mark.parametrize("kernel", [{}, {"l2_hints": True, "split_rule": "wave"}], ids=["shipped", "l2-wave"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
-def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split):
+def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
     dtype = torch.float32
     plain = EvictingCache("keyformer", B, HKV, budget, max(1, budget // 4), D, dtype, DEVICE, tau_delta=0.05)
@@ -42,7 +43,7 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split):
     twin = EvictingCache("keyformer", B, HKV, budget, max(1, budget // 4), D, dtype, DEVICE, tau_delta=0.05)
     for name in ("k", "v", "pos", "score", "free", "step"):
         getattr(twin, name).copy_(getattr(plain, name))
-    fused = FusedKeyformerCache(twin, split_tokens=split)
+    fused = FusedKeyformerCache(twin, split_tokens=split, kernel=kernel)
     S = plain.slots
     t = budget * 2
     for _ in range(3):
@@ -127,6 +128,23 @@ def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, pol
     assert torch.allclose(twins[0].k, twins[1].k, atol=2e-6) and torch.equal(twins[0].v, twins[1].v)
 
 
+def test_l2_hints_share_one_z_buffer_across_layers():
+    """With l2_hints the layers of a step share z (it lives for one layer's step); without, each has its own."""
+    from measure.fused_attention import StepState
+
+    for hints, shared in ((True, True), (False, False)):
+        state = StepState(DEVICE)
+        layers = []
+        for i in range(2):
+            c = EvictingCache("keyformer", 1, 2, 40, 10, 16, torch.float32, DEVICE)
+            c.fill_random(80)
+            layers.append(FusedKeyformerCache(c, state=state, first=i == 0, last=i == 1, kernel={"l2_hints": hints}))
+        q, k = torch.randn(1, 2, 1, 16, device=DEVICE), torch.randn(1, 2, 1, 16, device=DEVICE)
+        for layer in layers:
+            layer.decode(q, k, k, 80)
+        assert (layers[0].fused.z.data_ptr() == layers[1].fused.z.data_ptr()) == shared
+
+
 def test_split_length_fills_the_gpu_at_batch_one():
     # "fill" (shipped). GPT-J at batch 1 on an H100 (132 SMs): 16 KV heads -> 33 splits wanted; 520 slots -> 16
     # per split -> one block
@@ -157,7 +175,8 @@ def test_wave_split_rule_fills_one_wave():
 @given(slots=st.integers(1, 200_000), rows=st.integers(1, 2048), block=st.sampled_from([16, 32, 64]),
        sms=st.integers(1, 160))
 def test_wave_splits_fill_at_most_one_wave(slots, rows, block, sms):
-    """The "wave" rule: whole blocks, every slot covered, and never more programs than one wave (unless one split per row is more)."""
+    """The "wave" rule: whole blocks, every slot covered, and never more programs than one wave (unless one split
+    per row is already more)."""
     length = split_length(slots, rows, block, sms, rule="wave")
     nsplit = -(-slots // length)
     assert length % block == 0 and nsplit * length >= slots
