@@ -1,7 +1,8 @@
 """The fused decode-attention kernels alone: one layer's step for the full cache and for Keyformer at the same number
 of cached tokens, for each kernel configuration (tokens per block, warps per program), as achieved bandwidth of the
 K and V bytes against the HBM read ceiling. This is how the configuration `fused_attention` uses was chosen, and
-how the options it ships off are compared with it (--split-rule fill,wave --combine kernel,fold --l2-hints off,on).
+how the options it ships off are compared with it (--split-rule fill,wave --combine kernel,fold --l2-hints off,on
+--write-first off,on).
 
 Each timing replays a CUDA graph of many layers' kernels over separate caches (far more than the 50 MB L2 holds),
 so every layer reads its K and V from HBM, as in a real step. Run on a GPU (repository root):
@@ -49,14 +50,15 @@ def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
 
 
 def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, num_stages=3, maxnreg=None,
-               steps=20, fold_combine=False, split_rule=None, l2_hints=False) -> dict:
+               steps=20, fold_combine=False, split_rule=None, l2_hints=False, write_first=False) -> dict:
     """Microseconds per layer and K+V GB/s of one configuration (and the split kernel's registers, spills, shared
     memory and splits)."""
     kv_bytes = 2 * batch * kv_heads * (tokens + 1) * head_dim * 2
     layers = int(max(4, min(96, IN_FLIGHT_BYTES // kv_bytes)))
     caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers,
                      {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg,
-                      "fold_combine": fold_combine, "split_rule": split_rule, "l2_hints": l2_hints})
+                      "fold_combine": fold_combine, "split_rule": split_rule, "l2_hints": l2_hints,
+                      "write_first": write_first})
     q = torch.randn(batch, kv_heads * g, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -136,6 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--l2-hints", default="off", type=_words("l2-hints", ("off", "on")),
                     help="'on': K and V marked first to leave L2, Keyformer's z last (and one z buffer for all "
                          "layers); 'off' (shipped); a list (default: %(default)s)")
+    ap.add_argument("--write-first", default="off", type=_words("write-first", ("off", "on")),
+                    help="'on': the new token's K and V are written into the cache before the loop reads them back "
+                         "(loads straight into the dots, so Triton can pipeline them); 'off' (shipped: the loop "
+                         "swaps them in, in registers); a list (default: %(default)s)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -151,22 +157,23 @@ def main(argv=None) -> int:
             for policy in ("full", "keyformer"):
                 best, line = None, []
                 combines = a.combine if policy == "full" else [""]
-                for (block_n, warps, stages, maxnreg), (rule, per_sm), combine, hints in itertools.product(
-                        a.configs, splits, combines, a.l2_hints):
+                for (block_n, warps, stages, maxnreg), (rule, per_sm), combine, hints, first in itertools.product(
+                        a.configs, splits, combines, a.l2_hints, a.write_first):
                     fused_attention.PROGRAMS_PER_SM = fused_attention.RESIDENT_PER_SM = per_sm
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
                          "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "split_rule": rule,
                          "programs_per_sm": per_sm,
-                         "combine": combine, "l2_hints": hints,
+                         "combine": combine, "l2_hints": hints, "write_first": first,
                          **time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg,
-                                      fold_combine=combine == "fold", split_rule=rule, l2_hints=hints == "on")}
+                                      fold_combine=combine == "fold", split_rule=rule, l2_hints=hints == "on",
+                                      write_first=first == "on")}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
                     rows.append(r)
                     best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
                     cap = f"r{maxnreg}" if maxnreg else ""
                     fold = "" if policy != "full" else "f" if combine == "fold" else "k"
-                    l2 = "h" if hints == "on" else ""
+                    l2 = ("h" if hints == "on" else "") + ("w" if first == "on" else "")
                     line.append(f"{block_n}x{warps}x{stages}{cap}{rule[0]}{per_sm}{fold}{l2}/{r['splits']} "
                                 f"{r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}/{r['shared_bytes']}")
                 print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "

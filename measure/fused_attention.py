@@ -128,7 +128,8 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
                   USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
-                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr):
+                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
+                  WRITE_FIRST: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -163,6 +164,10 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if HAS_POS:
             tl.store(POS + kv_base + new_slot, cur)
             tl.store(SCORE_BUF + kv_base + new_slot, 0.0)
+    if WRITE_FIRST:
+        # the loop reads the new token back from the cache: K and V then go from memory straight into the dots,
+        # which lets Triton pipeline their loads (a value changed in registers on the way is not pipelined)
+        tl.debug_barrier()
     if SCORE:
         step = tl.load(STEP)
         seed = step.to(tl.int32)
@@ -174,18 +179,21 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         n0 = start + i * BLOCK_N
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < n_valid
-        # the loads do not wait for the free slot (the evicted token's row is read, then replaced in registers)
         k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
                     eviction_policy=KV_EVICT)
         v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
                     eviction_policy=KV_EVICT)
-        is_new = n == new_slot
-        k = tl.where(is_new[:, None], knew[None, :], k)
-        v = tl.where(is_new[:, None], vnew[None, :], v)
         valid = nmask
         if HAS_POS:
             pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
-            pos = tl.where(is_new, cur, pos)
+        if not WRITE_FIRST:
+            # the loads do not wait for the new token's write: the evicted token's row is read, then replaced
+            is_new = n == new_slot
+            k = tl.where(is_new[:, None], knew[None, :], k)
+            v = tl.where(is_new[:, None], vnew[None, :], v)
+            if HAS_POS:
+                pos = tl.where(is_new, cur, pos)
+        if HAS_POS:
             valid = valid & (pos >= 0)
         x = _qk(q, k, IEEE) * scale
         x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
@@ -391,7 +399,7 @@ class FusedDecoder:
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, scratch=None):
+                 l2_hints=False, write_first=False, scratch=None):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
@@ -404,6 +412,7 @@ class FusedDecoder:
         # K and V stream through L2 marked first to evict; Keyformer's z, written and read back in the same step,
         # is marked last, so it stays in L2 instead of going out to HBM and back
         self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
+        self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
@@ -456,7 +465,7 @@ class FusedDecoder:
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=fb,
             FBLOCKS=triton.cdiv(self.split_len, fb), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
-            num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+            WRITE_FIRST=self.write_first, num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return fb
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):

@@ -32,7 +32,11 @@ def cases():
     return small + (big if DEVICE == "cuda" else [])
 
 
-@pytest.mark.parametrize("kernel", [{}, {"l2_hints": True, "split_rule": "wave"}], ids=["shipped", "l2-wave"])
+# the shipped kernel, and the options bench_attention compares it with (all on together)
+CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
+
+
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE], ids=["shipped", "candidate"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -65,9 +69,8 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
         t += 1
 
 
-# the shipped kernel, and the options bench_attention compares it with
-@pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {"fold_combine": True, "split_rule": "wave"}],
-                         ids=["shipped", "fold", "fold-wave"])
+@pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {**CANDIDATE, "fold_combine": True}],
+                         ids=["shipped", "fold", "candidate"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(1)
@@ -87,9 +90,10 @@ def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
     assert torch.allclose(want, fused.decode(q, k, v, budget), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE], ids=["shipped", "candidate"])
 @pytest.mark.parametrize("interleaved, rot_dim, G", [(True, 8, 1), (False, 16, 4)])
 @pytest.mark.parametrize("policy", ["full", "keyformer"])
-def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, policy):
+def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, policy, kernel):
     """q and k before rotary plus (cos, sin): the kernel rotates them (GPT-J's interleaved pairs on part of each
     head, Llama's halves) and gives the output and cache of the unfused path on rotated inputs."""
     from measure.decoder import Rotary
@@ -112,11 +116,12 @@ def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, pol
     if policy == "full":
         for c in twins:
             c.steady = True
-        a, b = FusedFullCache(twins[0], split_tokens=16), FusedFullCache(twins[1], split_tokens=16)
+        a, b = FusedFullCache(twins[0], split_tokens=16), FusedFullCache(twins[1], split_tokens=16, kernel=kernel)
     else:
         for name in ("pos", "score", "free", "step"):
             getattr(twins[1], name).copy_(getattr(twins[0], name))
-        a, b = FusedKeyformerCache(twins[0], split_tokens=16), FusedKeyformerCache(twins[1], split_tokens=16)
+        a = FusedKeyformerCache(twins[0], split_tokens=16)
+        b = FusedKeyformerCache(twins[1], split_tokens=16, kernel=kernel)
         noise = torch.zeros(B * HKV * G * twins[0].slots, device=DEVICE)
         a.noise_tensor = b.noise_tensor = noise
     q = torch.randn(B, HKV * G, 1, D, device=DEVICE)

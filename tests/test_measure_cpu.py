@@ -240,7 +240,7 @@ def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
     assert bench_attention.parse_config("default") == (0, 4, 3, None)
     for argv in (["--out", "x", "--configs", "3x4"], ["--out", "x", "--batch", "0"],
                  ["--out", "x", "--combine", "fold,merge"], ["--out", "x", "--split-rule", "even"],
-                 ["--out", "x", "--l2-hints", "yes"]):
+                 ["--out", "x", "--l2-hints", "yes"], ["--out", "x", "--write-first", "maybe"]):
         with pytest.raises(SystemExit) as e:
             bench_attention.main(argv)
         assert e.value.code == 2
