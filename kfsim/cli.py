@@ -154,13 +154,17 @@ def list_cmd(what, as_json):
 @click.option("--engine", "engine", type=click.Choice(["torch-graph", "compiled"]), default="torch-graph",
               show_default=True, help="torch-graph: the plain decoder in a CUDA graph; compiled: torch.compile "
               "glue + fused split-K Triton attention with Keyformer scoring, in a CUDA graph.")
+@click.option("--kernel-options", default="", metavar="LIST",
+              help="--engine compiled: opt-in options of the fused attention kernel, e.g. write_first,l2_hints "
+                   "(write_first, l2_hints, fold_combine, wave; measure/fused_attention.py says what each does). "
+                   "Rows record them in the kernel_options column; empty is the shipped kernel.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
-def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine, prefill_prompts,
-            prefill_batch, out, no_resume):
+def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine, kernel_options,
+            prefill_prompts, prefill_batch, out, no_resume):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
     \b
@@ -177,6 +181,11 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
     prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
     prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
+    from measure.kernel_options import KERNEL_OPTIONS
+
+    options = parse_list(kernel_options, "kernel-options", choices=tuple(KERNEL_OPTIONS)) if kernel_options else []
+    if options and engine != "compiled":
+        raise KfsimError("--kernel-options are options of the fused attention kernel: they need --engine compiled")
     from .policy import measured_pairs
 
     if not measured_pairs(policies, ratios):
@@ -198,7 +207,7 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
 
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
     runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
-                             engine="torch-eager" if eager else engine)
+                             engine="torch-eager" if eager else engine, kernel_options=options)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
     rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
     from .fmt import table

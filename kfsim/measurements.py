@@ -16,6 +16,8 @@ OPTIONAL = (
     "phase", "engine", "dtype", "kv_dtype", "window", "cached_tokens", "step_ms_p10", "step_ms_p90", "step_ms_min",
     "n_steps", "warmup_s", "energy_j", "power_w", "sm_mhz", "mem_mhz", "temp_c", "mem_used_gb", "throttle",
     "status", "error", "gpu_name", "driver", "cuda", "torch", "python", "timestamp",
+    # the fused attention's opt-in options a compiled-engine row ran with ('+'-joined; empty: the shipped kernel)
+    "kernel_options",
 )
 COLUMNS = REQUIRED + OPTIONAL
 PHASES = ("decode", "prefill")
@@ -23,8 +25,8 @@ PHASES = ("decode", "prefill")
 
 def point_key(row: dict) -> tuple:
     """What identifies a measured point (for resuming an interrupted campaign)."""
-    return tuple(str(row.get(k, "")) for k in ("gpu", "model", "phase", "engine", "batch", "context", "kv_ratio",
-                                               "policy"))
+    return tuple(str(row.get(k, "") or "") for k in ("gpu", "model", "phase", "engine", "batch", "context",
+                                                     "kv_ratio", "policy", "kernel_options"))
 
 
 def done_keys(path: str | Path) -> set[tuple]:
@@ -43,11 +45,17 @@ def append_row(path: str | Path, row: dict) -> None:
         raise ValueError(f"columns not in the schema: {sorted(unknown)}")
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
+    fields = list(COLUMNS)
+    if not new:  # a file begun by an older kfsim keeps its header; a value it has no column for is refused
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), fields)
+        if lost := [k for k in COLUMNS if k not in fields and row.get(k) not in (None, "")]:
+            raise KfsimError(f"{path} has no column {lost[0]!r} (an older kfsim began it): write to a new file")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
 
 
 def read(path: str | Path, only_ok: bool = True):

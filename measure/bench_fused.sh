@@ -3,6 +3,9 @@
 # batch-1 matrix-vector kernels against cuBLAS, then the grid with the compiled engine (full cache also at every
 # Keyformer budget, for the ideal reduced-cache step), then the table.
 # Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
+# KERNEL=write_first,l2_hints runs the grid with those fused-attention options (kfsim measure --kernel-options)
+# into $gpu-compiled-write_first+l2_hints.csv; TESTS=0 skips the kernel checks, ATTENTION=0
+# the attention kernels alone, GEMV=0 the products.
 set -uo pipefail
 out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
 models=${2:-gpt-j-6b,llama-3-8b}
@@ -13,7 +16,7 @@ if ! python3 -c "import click, yaml, pynvml" 2>/dev/null; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 gpu=$(python3 -c "from measure.env import environment; print(environment()['gpu'])") || exit 1
-python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_gemv.py 2>&1 | tail -5 \
+[ "${TESTS:-1}" = 0 ] || python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_gemv.py 2>&1 | tail -5 \
   | tee "$out/$gpu-fused-tests.txt"
 kf="python3 -m kfsim"
 [ -f "measure/data/$gpu-microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
@@ -23,10 +26,13 @@ ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; prin
 [ "${ATTENTION:-1}" = 0 ] || timeout 240 python3 -m measure.bench_attention --configs default --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-attention.csv" | tee "$out/$gpu-attention.txt"
 # the layer's batch-1 products: cuBLAS against the fused kernels, per configuration and gemv's own choice
-timeout 200 python3 -m measure.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
+[ "${GEMV:-1}" = 0 ] || timeout 200 python3 -m measure.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
-timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch 1,16,64 \
-  --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$gpu-compiled.csv"
-timeout "${KF_S:-200}" $kf measure --engine compiled --model "$models" --batch 1,16,64 --context 1024,4096,16384 \
-  --kv-ratio 0.5,0.2 --policy keyformer --steps 50 --out "$out/$gpu-compiled.csv"
-python3 -m measure.fused_table "$out/$gpu-compiled.csv" "$micro" | tee "$out/$gpu-fused-table.md" | tail -4
+kernel=${KERNEL:-}
+name=$gpu-compiled${kernel:+-${kernel//,/+}}
+opts=(); [ -z "$kernel" ] || opts=(--kernel-options "$kernel")
+timeout "${FULL_S:-300}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch 1,16,64 \
+  --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$name.csv"
+timeout "${KF_S:-200}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch 1,16,64 \
+  --context 1024,4096,16384 --kv-ratio 0.5,0.2 --policy keyformer --steps 50 --out "$out/$name.csv"
+python3 -m measure.fused_table "$out/$name.csv" "$micro" | tee "$out/${name/compiled/fused-table}.md" | tail -4

@@ -58,9 +58,11 @@ def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
-    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None):
-        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled."""
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None, kernel_options=()):
+        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled;
+        `kernel_options`: the compiled engine's opt-in attention-kernel options (names of measure.kernel_options)."""
         self.engine = engine or ("torch-graph" if graph else "torch-eager")
+        self.kernel_options = "+".join(sorted(kernel_options))
         self.graph = self.engine != "torch-eager"
         self.steps, self.warmup, self.window = steps, warmup, window
         self.nvml = nvml or Nvml()
@@ -83,6 +85,7 @@ class Runner:
         w = get_workload(pt.model)
         row = {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
                "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine,
+               "kernel_options": self.kernel_options,
                "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         try:
@@ -115,8 +118,10 @@ class Runner:
         pos = torch.tensor(pt.context, device="cuda")
         if self.engine == "compiled":
             from .compiled import fuse_caches
+            from .kernel_options import decoder_keywords
 
-            caches = fuse_caches(caches, alibi=w.position == "alibi")
+            names = self.kernel_options.split("+") if self.kernel_options else []
+            caches = fuse_caches(caches, alibi=w.position == "alibi", kernel=decoder_keywords(names))
             step = lambda: self.compiled.decode(tokens, pos, caches)  # noqa: E731
         else:
             step = lambda: model.decode(tokens, pos, caches)  # noqa: E731
@@ -170,7 +175,7 @@ def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = Tru
     rows = []
     for i, pt in enumerate(points, 1):
         probe = {"gpu": runner.env["gpu"], "model": pt.model, "phase": pt.phase, "engine": runner.engine,
-                 "batch": pt.batch,
+                 "kernel_options": runner.kernel_options, "batch": pt.batch,
                  "context": pt.context, "kv_ratio": pt.kv_ratio, "policy": pt.policy}
         if measurements.point_key(probe) in done:
             echo(f"[{i}/{len(points)}] {_label(pt)}: already measured, skipped")

@@ -16,9 +16,10 @@ from .kv_policies import EvictingCache, FullCache
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
-def fuse_caches(caches: list, split_tokens: int | None = None, alibi: bool = False) -> list:
+def fuse_caches(caches: list, split_tokens: int | None = None, alibi: bool = False, kernel: dict | None = None) -> list:
     """Wrap full and Keyformer caches so that their attention runs in the fused kernels (others, and ALiBi
-    models, whose bias the kernels do not add, stay plain)."""
+    models, whose bias the kernels do not add, stay plain); `kernel`: FusedDecoder keywords (see
+    measure.kernel_options)."""
     if alibi:
         return list(caches)
     from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
@@ -27,9 +28,10 @@ def fuse_caches(caches: list, split_tokens: int | None = None, alibi: bool = Fal
     state = StepState(caches[0].k.device) if caches else None
     for i, c in enumerate(caches):
         if isinstance(c, FullCache):
-            out.append(FusedFullCache(c, split_tokens))
+            out.append(FusedFullCache(c, split_tokens, kernel=kernel))
         elif isinstance(c, EvictingCache) and c.kind == "keyformer":
-            out.append(FusedKeyformerCache(c, split_tokens, state, first=i == 0, last=i == len(caches) - 1))
+            out.append(FusedKeyformerCache(c, split_tokens, state, first=i == 0, last=i == len(caches) - 1,
+                                           kernel=kernel))
         else:
             out.append(c)
     return out

@@ -39,10 +39,19 @@ from .kv_policies import TAU_INIT
 
 
 @triton.jit
-def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr):
+def _lg2_approx(x):
+    """log2 on the GPU's special-function unit (one MUFU.LG2; PTX lg2.approx, relative error about 2^-22):
+    tl.log and tl.log2 compile to a polynomial of about 15 instructions instead (kernel_stats)."""
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr):
     """Standard Gumbel noise -log(-log U) per element: read from NOISE (tests), or U from an integer hash of the
     element's offset and the step (a few integer ops: uniform and independent enough to break ties and explore,
-    which is all Keyformer asks of it; Philox costs more integer work than the attention itself here)."""
+    which is all Keyformer asks of it; Philox costs more integer work than the attention itself here).
+    FAST_LOG takes both logs on the special-function unit (GPU only: Triton's interpreter has no PTX)."""
     if USE_NOISE:
         return tl.load(NOISE + offs)
     # lowbias32-style mixing (xor-shift, multiply by odd constants); constants below 2^31 keep the math in uint32
@@ -51,19 +60,24 @@ def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr):
     h = (h ^ (h >> 15)) * 0x2C1B3C6D
     h = h ^ (h >> 16)
     u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)  # 24 bits, strictly inside (0, 1)
+    if FAST_LOG:  # ln x = ln 2 * log2 x
+        # -ln u, floored at its exact least value (u's largest, 1 - 2^-25): near u = 1 the approximate log2 is
+        # good to an absolute, not relative, error, and could return -ln u <= 0 (then NaN) without the floor
+        e = tl.maximum(-0.6931471805599453 * _lg2_approx(u), 2.9802322e-08)
+        return -0.6931471805599453 * _lg2_approx(e)
     return -tl.log(-tl.log(u))
 
 
 @triton.jit
-def _noise_kernel(OUT, seed, n, BLOCK: tl.constexpr):
+def _noise_kernel(OUT, seed, n, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(OUT + offs, _noise(OUT, seed, offs, False), mask=offs < n)
+    tl.store(OUT + offs, _noise(OUT, seed, offs, False, FAST_LOG), mask=offs < n)
 
 
-def kernel_noise(n: int, step: int, device) -> torch.Tensor:
+def kernel_noise(n: int, step: int, device, fast_log: bool = False) -> torch.Tensor:
     """The in-kernel Gumbel noise of elements 0..n-1 at decode step `step` (to test its distribution)."""
     out = torch.empty(n, dtype=torch.float32, device=device)
-    _noise_kernel[(triton.cdiv(n, 1024),)](out, step, n, BLOCK=1024)
+    _noise_kernel[(triton.cdiv(n, 1024),)](out, step, n, BLOCK=1024, FAST_LOG=fast_log)
     return out
 
 
@@ -129,7 +143,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
                   USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
-                  WRITE_FIRST: tl.constexpr):
+                  WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -183,17 +197,17 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                     eviction_policy=KV_EVICT)
         v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
                     eviction_policy=KV_EVICT)
-        valid = nmask
-        if HAS_POS:
-            pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
         if not WRITE_FIRST:
             # the loads do not wait for the new token's write: the evicted token's row is read, then replaced
+            # (this order is the shipped kernel's, whose code the committed grids ran: kernel_stats checks it)
             is_new = n == new_slot
             k = tl.where(is_new[:, None], knew[None, :], k)
             v = tl.where(is_new[:, None], vnew[None, :], v)
-            if HAS_POS:
-                pos = tl.where(is_new, cur, pos)
+        valid = nmask
         if HAS_POS:
+            pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
+            if not WRITE_FIRST:
+                pos = tl.where(is_new, cur, pos)
             valid = valid & (pos >= 0)
         x = _qk(q, k, IEEE) * scale
         x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
@@ -209,7 +223,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
             offs = rows_c[:, None] * S + n[None, :]
             lmask = gcmask[:, None] & nmask[None, :]
-            z = (xc + _noise(NOISE, seed, offs, USE_NOISE)) / tau
+            z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) / tau
             z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
             tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
             mz_new = tl.maximum(mz, tl.max(z, 1))
@@ -243,10 +257,11 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
 
 @triton.jit
 def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                 CACHE: tl.constexpr = ""):
+                 CACHE: tl.constexpr):
     """Merge the splits' attention partials of one (sequence, query head) row into its output. Inside the split
     kernel CACHE is ".cg" (read from L2, not L1: a program of the same SM may have cached the line before every
-    split had written it)."""
+    split had written it), elsewhere "". Every caller passes it: Triton 3.6's GPU compiler rejects a nested jit
+    function's default constexpr string (its CPU interpreter accepts it; tests/test_kernel_stats compiles all)."""
     s = tl.arange(0, BLOCK_S)
     smask = s < NSPLIT
     d = tl.arange(0, D)
@@ -262,7 +277,7 @@ def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLO
 
 @triton.jit
 def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
-    _combine_row(M, L, ACC, OUT, tl.program_id(0), D, NSPLIT, BLOCK_S)
+    _combine_row(M, L, ACC, OUT, tl.program_id(0), D, NSPLIT, BLOCK_S, "")
 
 
 @triton.jit
@@ -276,7 +291,7 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     hk = pid % HKV
     for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the splits' programs
         if split == gi % NSPLIT:
-            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S)
+            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, "")
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * H + hk * G + g
@@ -399,7 +414,7 @@ class FusedDecoder:
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, write_first=False, scratch=None):
+                 l2_hints=False, write_first=False, fast_log=False, scratch=None):
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
@@ -413,6 +428,7 @@ class FusedDecoder:
         # is marked last, so it stays in L2 instead of going out to HBM and back
         self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
         self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
+        self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
@@ -446,27 +462,49 @@ class FusedDecoder:
         """Whether the split kernel merges the full cache's partials itself."""
         return not score and self.NSPLIT > 1 and self.fold_combine
 
-    def _split(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
-               noise=None, tau_delta=0.0, window=0, rotary=None):
+    def split_launch(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
+                     noise=None, tau_delta=0.0, window=0, rotary=None):
+        """The split kernel's grid, arguments and compile-time constants for one step (kernel_stats compiles
+        the same kernel from them without a GPU)."""
         dummy = self.m
         cos, sin, rot_dim, interleaved = rotary or (dummy, dummy, 0, False)
         score = score_buf is not None
         fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
-        self.split_handle = _split_kernel[(self.B * self.HKV, self.NSPLIT)](
-            q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
-            score_buf if score else dummy, self.cand_val if score else dummy,
-            self.cand_idx if score else dummy, state.step if state is not None else dummy,
-            state.cur if state is not None else dummy, self.z if score else dummy,
-            noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-            self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale,
-            TAU_INIT, tau_delta, window, ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
+        args = (q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
+                score_buf if score else dummy, self.cand_val if score else dummy,
+                self.cand_idx if score else dummy, state.step if state is not None else dummy,
+                state.cur if state is not None else dummy, self.z if score else dummy,
+                noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
+                self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale,
+                TAU_INIT, tau_delta, window)
+        meta = dict(
+            ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=fb,
             FBLOCKS=triton.cdiv(self.split_len, fb), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
-            WRITE_FIRST=self.write_first, num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
-        return fb
+            WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log)
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+        return (self.B * self.HKV, self.NSPLIT), args, meta, options
+
+    def _split(self, *args, **kwargs):
+        grid, args, meta, options = self.split_launch(*args, **kwargs)
+        self.split_handle = _split_kernel[grid](*args, **meta, **options)
+
+    def combine_launch(self, out):
+        """The full cache's combine kernel (more than one split, not folded): grid, arguments, constants, options."""
+        return ((self.B * self.H,), (self.m, self.l, self.acc, out),
+                dict(D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S), {})
+
+    def finish_launch(self, out, pos, score_buf, state, window):
+        """Keyformer's finish kernel (more than one split): grid, arguments, constants, options."""
+        fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
+        args = (self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
+                self.cand_idx, state.cur, window, self.S, self.split_len)
+        meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=fb, NSPLIT=self.NSPLIT,
+                    BLOCKS=triton.cdiv(self.split_len, fb), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict)
+        return (self.B * self.HKV, self.NSPLIT), args, meta, dict(num_warps=self.num_warps)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
         """Full cache: q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]; the new token goes to slot n_valid - 1.
@@ -474,8 +512,8 @@ class FusedDecoder:
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, n_valid, out, rotary=rotary)
         if self.NSPLIT > 1 and not self._combines(False):
-            _combine_kernel[(self.B * self.H,)](self.m, self.l, self.acc, out, D=self.D, NSPLIT=self.NSPLIT,
-                                                BLOCK_S=self.BLOCK_S)
+            grid, args, meta, options = self.combine_launch(out)
+            _combine_kernel[grid](*args, **meta, **options)
         return out
 
     def attend_and_score(self, q, k_new, v_new, k_cache, v_cache, pos, score_buf, state, window, noise=None,
@@ -483,14 +521,11 @@ class FusedDecoder:
         """Evicting cache: as `attend`, with the new token in the slot the last step freed (pos = state.cur,
         score 0); this step's Gumbel-softmax is added to `score_buf` and each split's eviction candidate left."""
         out = torch.empty_like(q) if out is None else out
-        fb = self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
-                         window, rotary)
+        self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
+                    window, rotary)
         if self.NSPLIT > 1:
-            _finish_kernel[(self.B * self.HKV, self.NSPLIT)](
-                self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
-                self.cand_idx, state.cur, window, self.S, self.split_len, H=self.H, HKV=self.HKV, G=self.G, D=self.D,
-                GP=self.GP, BLOCK_N=fb, NSPLIT=self.NSPLIT, BLOCKS=triton.cdiv(self.split_len, fb),
-                BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict, num_warps=self.num_warps)
+            grid, args, meta, options = self.finish_launch(out, pos, score_buf, state, window)
+            _finish_kernel[grid](*args, **meta, **options)
         return out
 
 

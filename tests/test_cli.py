@@ -108,6 +108,8 @@ def test_measure_without_cuda_says_so_in_one_line(tmp_path):
     (["--kv-ratio", "1.5"], "--kv-ratio: 1.5 is out of range"),
     (["--policy", "full", "--kv-ratio", "0.5"], "no points to measure"),
     (["--eager", "--engine", "compiled"], "does not combine with --engine compiled"),
+    (["--engine", "compiled", "--kernel-options", "write_first,fast"], "--kernel-options: 'fast' is not allowed"),
+    (["--kernel-options", "write_first"], "they need --engine compiled"),
 ])
 def test_measure_bad_flags(tmp_path, args, message):
     pytest.importorskip("torch")

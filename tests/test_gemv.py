@@ -11,6 +11,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 pytest.importorskip("triton")
 
+
+def _interpreter_loop_bounds_as_int():
+    """Triton 3.6's interpreter turns a runtime loop bound into int via int(1-element array), which NumPy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted"); gemv's loops over K hit it. Take the element instead.
+    CPU interpreter only: compiled kernels on a GPU never see this."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "kfsim_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.kfsim_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if not torch.cuda.is_available():
+    _interpreter_loop_bounds_as_int()
+
 import torch.nn.functional as F  # noqa: E402
 
 from measure.gemv import gemv  # noqa: E402

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kfsim import measurements  # noqa: E402
+from kfsim.errors import KfsimError  # noqa: E402
 from kfsim.workload import get_workload  # noqa: E402
 from measure import campaign  # noqa: E402
 from measure.decoder import build  # noqa: E402
@@ -186,6 +187,24 @@ def test_rows_append_and_resume(tmp_path):
     assert len(df) == 1 and df["step_ms"].iloc[0] == 7.5
     with pytest.raises(ValueError):
         measurements.append_row(out, {**row, "bogus": 1})
+    # the same point with a kernel option is another point; a shipped-kernel row keys as before the column existed
+    assert measurements.point_key({**row, "kernel_options": "write_first"}) not in measurements.done_keys(out)
+    assert measurements.point_key({**row, "kernel_options": ""}) == measurements.point_key(row)
+
+
+def test_rows_append_to_a_file_from_before_a_column(tmp_path):
+    """A file begun without the kernel_options column keeps its header: shipped rows go on, option rows are
+    refused in one line instead of landing under the wrong header."""
+    out = tmp_path / "old.csv"
+    old_columns = [c for c in measurements.COLUMNS if c != "kernel_options"]
+    row = {"gpu": "h200", "model": "llama-3-8b", "phase": "decode", "engine": "compiled", "batch": 1,
+           "context": 4096, "kv_ratio": 1.0, "policy": "full", "step_ms": 6.1, "status": "ok"}
+    out.write_text(",".join(old_columns) + "\n")
+    measurements.append_row(out, {**row, "kernel_options": ""})
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].count(",") == len(old_columns) - 1
+    with pytest.raises(KfsimError, match="no column 'kernel_options'"):
+        measurements.append_row(out, {**row, "kernel_options": "write_first"})
 
 
 def test_steady_state_step_keeps_shapes():
@@ -240,7 +259,8 @@ def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
     assert bench_attention.parse_config("default") == (0, 4, 3, None)
     for argv in (["--out", "x", "--configs", "3x4"], ["--out", "x", "--batch", "0"],
                  ["--out", "x", "--combine", "fold,merge"], ["--out", "x", "--split-rule", "even"],
-                 ["--out", "x", "--l2-hints", "yes"], ["--out", "x", "--write-first", "maybe"]):
+                 ["--out", "x", "--l2-hints", "yes"], ["--out", "x", "--write-first", "maybe"],
+                 ["--out", "x", "--variants", "shipped,write_first+turbo"]):
         with pytest.raises(SystemExit) as e:
             bench_attention.main(argv)
         assert e.value.code == 2
