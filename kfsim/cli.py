@@ -156,7 +156,8 @@ def list_cmd(what, as_json):
               "glue + fused split-K Triton attention with Keyformer scoring, in a CUDA graph.")
 @click.option("--kernel-options", default="", metavar="LIST",
               help="--engine compiled: opt-in options of the fused attention kernel, e.g. write_first,l2_hints "
-                   "(write_first, l2_hints, fold_combine, wave; measure/fused_attention.py says what each does). "
+                   "(write_first, l2_hints, fold_combine, wave, fast_log; measure/fused_attention.py says what each "
+                   "does). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")

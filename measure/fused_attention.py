@@ -433,6 +433,7 @@ class FusedDecoder:
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
+        self.FBLOCK = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))  # a split's tokens per finish block
         f32 = dict(dtype=torch.float32, device=device)
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
         self.l = torch.empty_like(self.m)
@@ -469,7 +470,6 @@ class FusedDecoder:
         dummy = self.m
         cos, sin, rot_dim, interleaved = rotary or (dummy, dummy, 0, False)
         score = score_buf is not None
-        fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
         args = (q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
                 score_buf if score else dummy, self.cand_val if score else dummy,
                 self.cand_idx if score else dummy, state.step if state is not None else dummy,
@@ -482,8 +482,8 @@ class FusedDecoder:
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
-            FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=fb,
-            FBLOCKS=triton.cdiv(self.split_len, fb), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
+            FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=self.FBLOCK,
+            FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log)
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
@@ -499,11 +499,10 @@ class FusedDecoder:
 
     def finish_launch(self, out, pos, score_buf, state, window):
         """Keyformer's finish kernel (more than one split): grid, arguments, constants, options."""
-        fb = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))
         args = (self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
                 self.cand_idx, state.cur, window, self.S, self.split_len)
-        meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=fb, NSPLIT=self.NSPLIT,
-                    BLOCKS=triton.cdiv(self.split_len, fb), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict)
+        meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=self.FBLOCK, NSPLIT=self.NSPLIT,
+                    BLOCKS=triton.cdiv(self.split_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict)
         return (self.B * self.HKV, self.NSPLIT), args, meta, dict(num_warps=self.num_warps)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
