@@ -4,7 +4,7 @@
 # Keyformer budget, for the ideal reduced-cache step), then the table.
 # Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
 # KERNEL=write_first,l2_hints runs the grid with those fused-attention options (kfsim measure --kernel-options)
-# into $gpu-compiled-write_first+l2_hints.csv; TESTS=0 skips the kernel checks, ATTENTION=0
+# into $gpu-compiled-write_first_l2_hints.csv; TESTS=0 skips the kernel checks, ATTENTION=0
 # the attention kernels alone, GEMV=0 the products.
 set -uo pipefail
 out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
@@ -29,7 +29,7 @@ ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; prin
 [ "${GEMV:-1}" = 0 ] || timeout 200 python3 -m measure.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
 kernel=${KERNEL:-}
-name=$gpu-compiled${kernel:+-${kernel//,/+}}
+name=$gpu-compiled${kernel:+-${kernel//,/_}}  # '_' joins the options: a '+' in a file name does not travel everywhere
 opts=(); [ -z "$kernel" ] || opts=(--kernel-options "$kernel")
 timeout "${FULL_S:-300}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch 1,16,64 \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$name.csv"

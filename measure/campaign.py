@@ -3,7 +3,8 @@
 Each decode point is a steady-state step: the cache holds `context` tokens (or the policy's budget of them) and
 every timed step writes one new token and attends over the cache, so all timed steps cost what step `context`
 costs. Points are appended as they finish, so an interrupted campaign keeps its rows and resumes where it stopped;
-a point that does not fit in memory is recorded with status `oom` and the campaign goes on.
+a point that does not fit in memory is recorded with status `oom` (one the kernels do not take, `unsupported`) and
+the campaign goes on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kfsim import measurements
+from kfsim.errors import KfsimError
 from kfsim.policy import measured_pairs
 from kfsim.workload import get_workload
 
@@ -101,6 +103,8 @@ class Runner:
             return {**row, **result, "status": "ok"}
         except torch.OutOfMemoryError as exc:
             return {**row, "status": "oom", "error": str(exc).splitlines()[0][:200]}
+        except KfsimError as exc:  # a shape the engine's kernels do not take (fused_attention.INT32_MAX)
+            return {**row, "status": "unsupported", "error": str(exc)[:200]}
         finally:
             torch.cuda.empty_cache()
 

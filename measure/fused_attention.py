@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kfsim.errors import KfsimError
+
 from .kv_policies import TAU_INIT
 
 
@@ -339,6 +341,10 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
     tl.store(CAND_IDX + cand, i)
 
 
+#: Triton indexes with int32: the largest element offset into one layer's K or V (a larger cache read
+#: out of bounds on the H200: GPT-J-6B batch 64 x 8200 slots, measure/data/h200-attention-options-run1.txt)
+INT32_MAX = 2**31 - 1
+
 #: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
 #: wide blocks keep the chain of dependent loads short.
 FINISH_BLOCK = 256
@@ -415,6 +421,10 @@ class FusedDecoder:
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
                  l2_hints=False, write_first=False, fast_log=False, scratch=None):
+        if batch * kv_heads * slots * head_dim > INT32_MAX:
+            raise KfsimError(f"the fused attention kernel addresses a layer's K and V with 32-bit offsets: batch "
+                             f"{batch} x {kv_heads} KV heads x {slots} slots x head dim {head_dim} = "
+                             f"{batch * kv_heads * slots * head_dim} elements is over {INT32_MAX}")
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]

@@ -212,3 +212,13 @@ def test_in_kernel_noise_is_standard_gumbel(fast_log):
     # another step gives other noise for the same elements, uncorrelated with the first
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
     assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1].item()) < 0.03
+
+
+def test_a_cache_past_32_bit_offsets_is_refused_before_anything_runs():
+    """GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200 (int32 offsets): a clear error instead."""
+    from kfsim.errors import KfsimError
+    from measure.fused_attention import INT32_MAX, FusedDecoder
+
+    with pytest.raises(KfsimError, match="32-bit offsets: batch 64 x 16 KV heads x 8200 slots"):
+        FusedDecoder(64, 16, 16, 8200, 256, DEVICE)
+    assert 64 * 16 * 8200 * 256 > INT32_MAX >= 64 * 8 * 16392 * 128  # Llama-3-8B's largest grid cache fits

@@ -87,3 +87,41 @@ def test_worked_example_measured_point():
         s = make_setup(gpu="h100", model="llama-3-8b", engine="default", policy=policy, kv_ratio=ratio)
         predicted = float(predict(s, 16, 16384)["step_ms"])
         assert claim == f"{abs(predicted / measured - 1) * 100:.1f}", (policy, predicted, measured)
+
+
+GOAL_COLUMNS = {  # the fused-decoder table's measured columns -> the grid each comes from (measure/data)
+    "H100": ("h100-sxm-compiled.csv", "h100-sxm-microbench.csv"),
+    "H200": ("h200-compiled.csv", "h200-microbench.csv"),
+    "H200, options on": ("h200-compiled-write_first_fast_log_l2_hints.csv", "h200-microbench.csv"),
+}
+
+
+def _goal_row(label: str) -> dict:
+    header = re.search(r"^\| measured \(compiled engine\) \|(.*)\| goal \|$", README, re.M)
+    assert header, "README lost the fused-decoder table"
+    line = re.search(r"^\| " + re.escape(label) + r" \|(.*)\|$", README, re.M)
+    assert line, f"README has no row {label!r}"
+    names = [c.strip() for c in header.group(1).split("|")]
+    return dict(zip(names, [c.strip() for c in line.group(1).split("|")]))
+
+
+def test_fused_decoder_goal_figures_match_the_committed_grids():
+    """The goal rows of the fused-decoder table are what measure.fused_table gives for each committed grid."""
+    pytest.importorskip("pandas")
+    from measure.fused_table import summary, table
+
+    data = ROOT / "measure" / "data"
+    bandwidth = _goal_row("batch-1 full-cache step, (weights + KV) bandwidth / HBM read ceiling")
+    per_model = _goal_row("the same, GPT-J-6B / Llama-3-8B")
+    over = _goal_row("Keyformer step / full-cache step at its budget: median, worst")
+    by_batch = _goal_row("the same, worst at batch 1 / 16 / 64")
+    speedup = _goal_row("measured Keyformer speedup / `ideal`-engine speedup: median, worst")
+    for column, (grid, micro) in GOAL_COLUMNS.items():
+        s = summary(table(str(data / grid), str(data / micro)))
+        bw = s["batch1_bw_fraction"]
+        assert bandwidth[column] == "{:.3f}-{:.3f}".format(*bw["all"]), column
+        assert per_model[column] == "{:.3f}-{:.3f} / {:.3f}-{:.3f}".format(*bw["gpt-j-6b"], *bw["llama-3-8b"])
+        o, r = s["over_ideal_reduced_step"], s["speedup_over_predicted"]
+        assert over[column] == f"{o['median']:.2f}, {o['worst']:.2f}", column
+        assert by_batch[column] == " / ".join(f"{o['worst_by_batch'][b]:.2f}" for b in (1, 16, 64)), column
+        assert speedup[column] == f"{r['median']:.2f}, {r['worst']:.2f}", column
