@@ -48,9 +48,8 @@ def summary(t: pd.DataFrame) -> dict:
     """The issue's goals from a table: batch-1 bandwidth fraction per model (min, max), Keyformer step over the ideal
     reduced-cache step (median, worst, worst per batch), measured speedup over the ideal engine's (median, worst)."""
     b1 = t[(t.policy == "full") & (t.batch == 1)]
-    out = {"batch1_bw_fraction": {m: [g.bw_fraction_of_ceiling.min(), g.bw_fraction_of_ceiling.max()]
-                                  for m, g in b1.groupby("model")}}
-    out["batch1_bw_fraction"]["all"] = [b1.bw_fraction_of_ceiling.min(), b1.bw_fraction_of_ceiling.max()]
+    span = lambda f: [f.bw_fraction_of_ceiling.min(), f.bw_fraction_of_ceiling.max()]  # noqa: E731
+    out = {"batch1_bw_fraction": span(b1), "batch1_bw_fraction_by_model": {m: span(g) for m, g in b1.groupby("model")}}
     out["batch1_points_at_0.85"] = [int((b1.bw_fraction_of_ceiling >= 0.85).sum()), len(b1)]
     kf = t[t.policy != "full"]
     if len(kf):
@@ -72,11 +71,10 @@ def main(argv=None):
     t = table(argv[0], argv[1], engine)
     print(markdown_table(t.astype(object).where(t.notna(), "")))
     s = summary(t)
-    lo, hi = s["batch1_bw_fraction"]["all"]
+    lo, hi = s["batch1_bw_fraction"]
     print(f"\nbatch-1 full-cache bandwidth / read ceiling: min {lo:.3f}, max {hi:.3f}")
-    for model, (lo, hi) in s["batch1_bw_fraction"].items():
-        if model != "all":
-            print(f"  {model}: {lo:.3f}-{hi:.3f}")
+    for model, (lo, hi) in s["batch1_bw_fraction_by_model"].items():
+        print(f"  {model}: {lo:.3f}-{hi:.3f}")
     print("  points at >= 0.85: {} of {}".format(*s["batch1_points_at_0.85"]))
     if "over_ideal_reduced_step" in s:
         o, r = s["over_ideal_reduced_step"], s["speedup_over_predicted"]
