@@ -157,7 +157,8 @@ def list_cmd(what, as_json):
 @click.option("--kernel-options", default="", metavar="LIST",
               help="--engine compiled: opt-in options of the fused attention kernel, e.g. write_first,l2_hints "
                    "(write_first, l2_hints, fold_combine, wave, fast_log; measure/fused_attention.py says what each "
-                   "does). "
+                   "does), and of the decoder around it (small_gemm: batch 2-64 on the fused products of "
+                   "measure/gemm_small.py instead of cuBLAS). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
@@ -182,11 +183,11 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
     prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
     prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
-    from measure.kernel_options import KERNEL_OPTIONS
+    from measure.kernel_options import ALL_OPTIONS
 
-    options = parse_list(kernel_options, "kernel-options", choices=tuple(KERNEL_OPTIONS)) if kernel_options else []
+    options = parse_list(kernel_options, "kernel-options", choices=tuple(ALL_OPTIONS)) if kernel_options else []
     if options and engine != "compiled":
-        raise KfsimError("--kernel-options are options of the fused attention kernel: they need --engine compiled")
+        raise KfsimError("--kernel-options are options of the compiled engine's kernels: they need --engine compiled")
     from .policy import measured_pairs
 
     if not measured_pairs(policies, ratios):

@@ -79,9 +79,15 @@ class Runner:
             if self.engine == "compiled":
                 from .compiled import CompiledDecoder
 
-                self.compiled = CompiledDecoder(self.model)
+                self.compiled = CompiledDecoder(self.model, **self._options()[1])
             self.model_name = name
         return self.model
+
+    def _options(self) -> tuple[dict, dict]:
+        """The kernel options' keywords: (the attention kernel's, the compiled decoder's)."""
+        from .kernel_options import split_options
+
+        return split_options(self.kernel_options.split("+") if self.kernel_options else [])
 
     def measure(self, pt: Point) -> dict:
         w = get_workload(pt.model)
@@ -122,10 +128,7 @@ class Runner:
         pos = torch.tensor(pt.context, device="cuda")
         if self.engine == "compiled":
             from .compiled import fuse_caches
-            from .kernel_options import decoder_keywords
-
-            names = self.kernel_options.split("+") if self.kernel_options else []
-            caches = fuse_caches(caches, alibi=w.position == "alibi", kernel=decoder_keywords(names))
+            caches = fuse_caches(caches, alibi=w.position == "alibi", kernel=self._options()[0])
             step = lambda: self.compiled.decode(tokens, pos, caches)  # noqa: E731
         else:
             step = lambda: model.decode(tokens, pos, caches)  # noqa: E731

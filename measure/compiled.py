@@ -67,11 +67,26 @@ def gemv_supported(model: Decoder) -> bool:
     return True
 
 
+def _product(x, w, **kw):
+    """One fused product of the rows of x [M, K] -> [M, N]: measure.gemv for one row (flat vectors), else
+    measure.gemm_small."""
+    if x.shape[0] == 1:
+        from .gemv import gemv
+
+        flat = {k: v.reshape(-1) if k in ("x2", "residual") and v is not None else v for k, v in kw.items()}
+        return gemv(x.reshape(-1), w, **flat).view(1, -1)
+    from .gemm_small import small_gemm
+
+    return small_gemm(x, w, **kw)
+
+
 class CompiledDecoder:
     """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
-    the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported)."""
+    the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported), and with
+    `small_gemm` a step of 2-64 sequences on the fused products of measure.gemm_small."""
 
-    def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None):
+    def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None,
+                 small_gemm: bool = False):
         w = model.w
         self.model, self.w = model, w
         rms = w.norm == "rmsnorm"
@@ -123,6 +138,7 @@ class CompiledDecoder:
         self.pre, self.post, self.head, self.heads = (
             (torch.compile(f, dynamic=False) for f in fns) if compile else fns)
         self.gemv = batch1_gemv if batch1_gemv is not None else gemv_supported(model)
+        self.small_gemm = small_gemm and self.gemv and _tiles_small_gemm(w)
         self._consts = {}
         if self.gemv:
             self._fold_norms()
@@ -165,8 +181,9 @@ class CompiledDecoder:
         return self._consts[i]
 
     def decode(self, tokens, pos, caches):
-        if self.gemv and tokens.shape[0] == 1:
-            return self.decode_one(tokens, pos, caches)
+        B = tokens.shape[0]
+        if (self.gemv and B == 1) or (self.small_gemm and B <= SMALL_GEMM_ROWS):
+            return self.decode_fused(tokens, pos, caches)
         m, w = self.model, self.w
         positions = torch.as_tensor(pos, device=tokens.device).reshape(1)
         x = m._embed(tokens[:, None], positions)
@@ -184,16 +201,16 @@ class CompiledDecoder:
                           block.mlp.down.weight, block.mlp.down.bias)
         return self.head(x, m.norm.weight, getattr(m.norm, "bias", None), m.lm_head.weight, m.lm_head.bias)
 
-    def decode_one(self, tokens, pos, caches):
-        """A batch-1 step on measure.gemv: per layer, norm + products + bias + activation + residual in two
-        kernels (GPT-J's parallel attention and MLP) or four (sequential layers), plus attention (which applies
-        rotary itself on the fused caches; otherwise a kernel of its own before it)."""
-        from .gemv import gemv
-
+    def decode_fused(self, tokens, pos, caches):
+        """A step on the fused products (measure.gemv for one sequence, measure.gemm_small for up to 64): per
+        layer, norm + products + bias + activation + residual in two kernels (GPT-J's parallel attention and MLP)
+        or four (sequential layers), plus attention (which applies rotary itself on the fused caches; otherwise a
+        kernel of its own before it). Activations are [B, width] rows throughout."""
         m, w = self.model, self.w
+        B = tokens.shape[0]
         norm = "rmsnorm" if w.norm == "rmsnorm" else "layernorm"
         positions = torch.as_tensor(pos, device=tokens.device).reshape(1)
-        x = m._embed(tokens[:, None], positions).reshape(-1)
+        x = m._embed(tokens[:, None], positions).reshape(B, -1)
         cos = sin = None
         if m.rotary is not None:
             cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
@@ -203,31 +220,45 @@ class CompiledDecoder:
             a, mlp = block.attn, block.mlp
             c = self._layer_consts(i, block)
             if w.parallel_residual:
-                hu = gemv(x, a.qkv.weight, w2=mlp.up.weight, stack="rows", bias=c["first"], act="gelu_tanh",
-                          act_from=qkv_rows, norm=norm, row_sums=c["first_sums"])
-                qkv, u = hu[:qkv_rows], hu[qkv_rows:]
+                hu = _product(x, a.qkv.weight, w2=mlp.up.weight, stack="rows", bias=c["first"], act="gelu_tanh",
+                              act_from=qkv_rows, norm=norm, row_sums=c["first_sums"])
+                qkv, u = hu[:, :qkv_rows], hu[:, qkv_rows:]
             else:
-                qkv = gemv(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
+                qkv = _product(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
             if rotary is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
-                parts = qkv[:qkv_rows].split([w.q_dim, w.kv_dim, w.kv_dim])
-                q, k, v = (t.view(1, -1, 1, w.head_dim) for t in parts)
-                y = cache.decode(q, k, v, pos, rotary=rotary).reshape(-1)
+                # column slices of the products, handed over without a copy (the kernel takes their row stride)
+                q, k, v = (t.view(B, -1, 1, w.head_dim) for t in qkv.split([w.q_dim, w.kv_dim, w.kv_dim], dim=1))
+                y = cache.decode(q, k, v, pos, rotary=rotary).reshape(B, -1)
             else:
-                q, k, v = self.heads(qkv.view(1, 1, -1), cos, sin)
-                y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(-1)
+                q, k, v = self.heads(qkv.reshape(B, 1, -1), cos, sin)
+                y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(B, -1)
             if w.parallel_residual:
-                x = gemv(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
+                x = _product(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
                 continue
-            x = gemv(y, a.out.weight, bias=a.out.bias, residual=x)
+            x = _product(y, a.out.weight, bias=a.out.bias, residual=x)
             if w.ffn_type == "swiglu":
-                h = gemv(x, mlp.up.weight, stack="glu", norm=norm, row_sums=c["up_sums"])
+                h = _product(x, mlp.up.weight, stack="glu", norm=norm, row_sums=c["up_sums"])
             else:
-                h = gemv(x, mlp.up.weight, bias=mlp.up.bias, act="gelu_tanh", norm=norm, row_sums=c["up_sums"])
-            x = gemv(h, mlp.down.weight, bias=mlp.down.bias, residual=x)
+                h = _product(x, mlp.up.weight, bias=mlp.up.bias, act="gelu_tanh", norm=norm, row_sums=c["up_sums"])
+            x = _product(h, mlp.down.weight, bias=mlp.down.bias, residual=x)
         fn = m.norm
         if self.fold_head:
             if "head" not in self._consts:
                 self._consts["head"] = m.lm_head.weight.sum(1, dtype=torch.float32) if norm == "layernorm" else None
-            return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"]).view(1, -1)
-        return gemv(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
-                    norm_bias=getattr(fn, "bias", None)).view(1, -1)
+            return _product(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"])
+        if B == 1:  # a tied head (the embedding) keeps its norm's scale and shift: gemv applies them per chunk
+            return _product(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
+                            norm_bias=getattr(fn, "bias", None))
+        return _product(_norm(x, fn.weight, getattr(fn, "bias", None), norm == "rmsnorm"), m.lm_head.weight,
+                        bias=m.lm_head.bias)
+
+
+#: the most sequences measure.gemm_small takes (its tiles pad the batch to 16, 32 or 64 rows)
+SMALL_GEMM_ROWS = 64
+
+
+def _tiles_small_gemm(w) -> bool:
+    """Whether measure.gemm_small's blocks (32 output rows, inputs in multiples of 128) fit every product."""
+    up = (2 if w.ffn_type == "swiglu" else 1) * w.ffn_dim
+    rows = (w.q_dim + 2 * w.kv_dim, w.d_model, up // (2 if w.ffn_type == "swiglu" else 1), w.vocab_size)
+    return all(n % 32 == 0 for n in rows) and all(k % 128 == 0 for k in (w.d_model, w.q_dim, w.ffn_dim))

@@ -138,14 +138,15 @@ def _rotated(X, offs, d, COS, SIN, mask, ROT: tl.constexpr, ROT_DIM: tl.constexp
 
 @triton.jit
 def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ, OUT,
-                  COS, SIN, DONE, S, n_valid, split_len, scale, tau_init, tau_delta, window,
+                  COS, SIN, DONE, S, n_valid, split_len, scale, tau_init, tau_delta, window, sq, skv,
                   ROT: tl.constexpr, ROT_DIM: tl.constexpr,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
                   USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
-                  WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr):
+                  WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
+                  ROWS_APART: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -154,8 +155,18 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     d = tl.arange(0, D)
     gmask = g < G
     heads = hk * G + g
-    q = _rotated(Q, (b * H + heads)[:, None] * D, d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
-    kv_base = (b * HKV + hk) * S
+    # q and the new K and V: with ROWS_APART, the rows of sequence b start sq and skv elements apart (column
+    # slices of a batch's stacked projections); else they are contiguous [B, heads, D] (the committed grids' code)
+    if ROWS_APART:
+        q = _rotated(Q, (b * sq + heads * D)[:, None], d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
+        new_row = b * skv + hk * D
+    else:
+        q = _rotated(Q, (b * H + heads)[:, None] * D, d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
+        new_row = pid * D
+    if OFFS64:  # a layer's K or V past 2^31 elements: its offsets in 64 bits (every other buffer stays below)
+        kv_base = pid.to(tl.int64) * S
+    else:
+        kv_base = pid * S
     start = split * split_len
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -172,8 +183,8 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         cur = tl.load(CUR)
     else:
         new_slot = n_valid - 1
-    knew = _rotated(KNEW, pid * D, d, COS, SIN, d < D, ROT, ROT_DIM)
-    vnew = tl.load(VNEW + pid * D + d)
+    knew = _rotated(KNEW, new_row, d, COS, SIN, d < D, ROT, ROT_DIM)
+    vnew = tl.load(VNEW + new_row + d)
     if (new_slot >= start) & (new_slot < start + split_len):
         tl.store(K + (kv_base + new_slot) * D + d, knew)
         tl.store(V + (kv_base + new_slot) * D + d, vnew)
@@ -341,8 +352,9 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
     tl.store(CAND_IDX + cand, i)
 
 
-#: Triton indexes with int32: the largest element offset into one layer's K or V (a larger cache read
-#: out of bounds on the H200: GPT-J-6B batch 64 x 8200 slots, measure/data/h200-attention-options-run1.txt)
+#: Triton indexes with int32: past this many elements in one layer's K or V the split kernel computes their offsets
+#: in 64 bits (with 32, GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200,
+#: measure/data/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
 INT32_MAX = 2**31 - 1
 
 #: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
@@ -420,11 +432,13 @@ class FusedDecoder:
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, write_first=False, fast_log=False, scratch=None):
-        if batch * kv_heads * slots * head_dim > INT32_MAX:
-            raise KfsimError(f"the fused attention kernel addresses a layer's K and V with 32-bit offsets: batch "
-                             f"{batch} x {kv_heads} KV heads x {slots} slots x head dim {head_dim} = "
-                             f"{batch * kv_heads * slots * head_dim} elements is over {INT32_MAX}")
+                 l2_hints=False, write_first=False, fast_log=False, scratch=None, offsets64=None):
+        if batch * heads * slots > INT32_MAX:
+            raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
+                             f"offsets: batch {batch} x {heads} heads x {slots} slots = {batch * heads * slots} "
+                             f"is over {INT32_MAX}")
+        # K and V offsets in 64 bits only where 32 would overflow (None), so other shapes run the kernel as measured
+        self.offsets64 = batch * kv_heads * slots * head_dim > INT32_MAX if offsets64 is None else offsets64
         self.B, self.H, self.HKV, self.S, self.D = batch, heads, kv_heads, slots, head_dim
         self.G = heads // kv_heads
         # tensor-core dots need 16 rows, so MHA (G = 1) pads 15; CUDA-core products instead need a [BLOCK_N, D]
@@ -480,13 +494,16 @@ class FusedDecoder:
         dummy = self.m
         cos, sin, rot_dim, interleaved = rotary or (dummy, dummy, 0, False)
         score = score_buf is not None
+        if q.stride()[1:] != (self.D, 1) or k_new.stride()[1:] != (self.D, 1) or k_new.stride() != v_new.stride():
+            raise ValueError(f"fused attention: q, k_new and v_new must be [B, heads, D] with contiguous heads (rows "
+                             f"may be further apart), got strides {q.stride()}, {k_new.stride()}, {v_new.stride()}")
         args = (q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
                 score_buf if score else dummy, self.cand_val if score else dummy,
                 self.cand_idx if score else dummy, state.step if state is not None else dummy,
                 state.cur if state is not None else dummy, self.z if score else dummy,
                 noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
                 self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale,
-                TAU_INIT, tau_delta, window)
+                TAU_INIT, tau_delta, window, q.stride(0), k_new.stride(0))
         meta = dict(
             ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
@@ -494,7 +511,8 @@ class FusedDecoder:
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=self.FBLOCK,
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
-            WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log)
+            WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
+            ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
 

@@ -1,8 +1,8 @@
-"""The fused attention kernel's opt-in options by name, as `kfsim measure --kernel-options`, bench_fused.sh and
+"""The compiled engine's opt-in options by name, as `kfsim measure --kernel-options`, bench_fused.sh and
 kernel_stats take them (torch-free, so that the CLI can check the names before anything loads)."""
 from __future__ import annotations
 
-#: name -> FusedDecoder keywords (measure.fused_attention says what each does)
+#: options of the fused attention kernel: name -> FusedDecoder keywords (measure.fused_attention says what each does)
 KERNEL_OPTIONS = {
     "write_first": {"write_first": True},   # the new token written into its slot before the loop reads the cache
     "l2_hints": {"l2_hints": True},         # K and V evict-first, Keyformer's z evict-last, one z buffer
@@ -10,13 +10,31 @@ KERNEL_OPTIONS = {
     "wave": {"split_rule": "wave"},          # one wave of resident programs per SM instead of ~4 programs per SM
     "fast_log": {"fast_log": True},          # Keyformer's Gumbel noise: both logs on the special-function unit
 }
+#: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)
+DECODER_OPTIONS = {
+    "small_gemm": {"small_gemm": True},      # batch 2-64: the fused products of measure.gemm_small, not cuBLAS
+}
+ALL_OPTIONS = {**KERNEL_OPTIONS, **DECODER_OPTIONS}
 
 
 def decoder_keywords(names) -> dict:
-    """FusedDecoder keywords for option `names` (an unknown name raises ValueError naming the allowed ones)."""
+    """FusedDecoder keywords for attention-kernel option `names` (an unknown name raises ValueError naming the
+    allowed ones)."""
     out = {}
     for name in names:
         if name not in KERNEL_OPTIONS:
             raise ValueError(f"kernel option {name!r}: expected {', '.join(KERNEL_OPTIONS)}")
         out.update(KERNEL_OPTIONS[name])
     return out
+
+
+def split_options(names) -> tuple[dict, dict]:
+    """(FusedDecoder keywords, CompiledDecoder keywords) for option `names` of either kind (an unknown name raises
+    ValueError naming the allowed ones)."""
+    if bad := [n for n in names if n not in ALL_OPTIONS]:
+        raise ValueError(f"kernel option {bad[0]!r}: expected {', '.join(ALL_OPTIONS)}")
+    attention = decoder_keywords([n for n in names if n in KERNEL_OPTIONS])
+    decoder = {}
+    for n in names:
+        decoder.update(DECODER_OPTIONS.get(n, {}))
+    return attention, decoder

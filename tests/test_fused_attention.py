@@ -36,7 +36,7 @@ def cases():
 CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE], ids=["shipped", "candidate"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}], ids=["shipped", "candidate", "offsets64"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -69,8 +69,8 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
         t += 1
 
 
-@pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {**CANDIDATE, "fold_combine": True}],
-                         ids=["shipped", "fold", "candidate"])
+@pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {**CANDIDATE, "fold_combine": True},
+                                    {"offsets64": True}], ids=["shipped", "fold", "candidate", "offsets64"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(1)
@@ -131,6 +131,50 @@ def test_rotary_in_the_kernel_equals_rotating_first(interleaved, rot_dim, G, pol
     got = b.decode(q, k, v, pos, rotary=(cos, sin, rot_dim, interleaved))
     assert torch.allclose(want, got, atol=2e-5, rtol=2e-5)
     assert torch.allclose(twins[0].k, twins[1].k, atol=2e-6) and torch.equal(twins[0].v, twins[1].v)
+
+
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_q_k_v_as_column_slices_of_one_projection(policy):
+    """A batch's stacked projections [B, q | k | v | ...] handed over as column views (rows further apart than
+    their width), as the compiled decoder does: the same output, scores and writes as contiguous copies."""
+    torch.manual_seed(4)
+    B, HKV, G, D, budget = 3, 2, 2, 16, 40
+    H = HKV * G
+    dtype = torch.float32
+    qkv = torch.randn(B, (H + 2 * HKV) * D + 24, device=DEVICE, dtype=dtype)  # 24 columns of something else
+    q, k, v = (t.view(B, -1, 1, D) for t in qkv[:, : (H + 2 * HKV) * D].split([H * D, HKV * D, HKV * D], dim=1))
+    assert not q.is_contiguous()
+    runs = []
+    for args in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        if policy == "full":
+            plain = FullCache(B, HKV, budget + 1, D, dtype, DEVICE)
+            plain.fill_random(budget)
+            torch.manual_seed(5)
+            plain.k.normal_(), plain.v.normal_()
+            cache = FusedFullCache(plain, split_tokens=16)
+        else:
+            plain = EvictingCache("keyformer", B, HKV, budget, 10, D, dtype, DEVICE)
+            plain.fill_random(2 * budget)
+            torch.manual_seed(5)
+            plain.k.normal_(), plain.v.normal_(), plain.score.uniform_()
+            cache = FusedKeyformerCache(plain, split_tokens=16)
+            cache.noise_tensor = torch.zeros(B * H * plain.slots, device=DEVICE)
+        runs.append((cache.decode(*args, 2 * budget), plain))
+    (a, pa), (b, pb) = runs
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(pa.k, pb.k) and torch.equal(pa.v, pb.v)
+    if policy == "keyformer":
+        assert torch.allclose(pa.score, pb.score, atol=1e-6)
+
+
+def test_q_with_heads_apart_is_refused():
+    from measure.fused_attention import FusedDecoder
+
+    f = FusedDecoder(1, 2, 2, 32, 16, DEVICE, scoring=False)
+    q = torch.randn(1, 16, 2, device=DEVICE).transpose(1, 2)  # [1, 2, 16] with heads 1 element apart
+    kv = torch.randn(1, 2, 16, device=DEVICE)
+    cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous heads"):
+        f.attend(q, kv, kv, cache, cache, 10)
 
 
 def test_l2_hints_share_one_z_buffer_across_layers():
@@ -214,11 +258,51 @@ def test_in_kernel_noise_is_standard_gumbel(fast_log):
     assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1].item()) < 0.03
 
 
-def test_a_cache_past_32_bit_offsets_is_refused_before_anything_runs():
-    """GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200 (int32 offsets): a clear error instead."""
+def test_k_and_v_past_32_bit_offsets_switch_to_64_bit_and_z_past_them_is_refused():
+    """GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200 with int32 offsets: such a K and V are now
+    addressed in 64 bits (other shapes keep the measured 32-bit kernel); z and the scores must stay below 2^31."""
     from kfsim.errors import KfsimError
     from measure.fused_attention import INT32_MAX, FusedDecoder
 
-    with pytest.raises(KfsimError, match="32-bit offsets: batch 64 x 16 KV heads x 8200 slots"):
-        FusedDecoder(64, 16, 16, 8200, 256, DEVICE)
     assert 64 * 16 * 8200 * 256 > INT32_MAX >= 64 * 8 * 16392 * 128  # Llama-3-8B's largest grid cache fits
+    assert FusedDecoder(64, 16, 16, 205, 256, DEVICE, scoring=False).offsets64 is False
+    if DEVICE == "cuda":  # the buffers of a decoder this big are small, but the CPU interpreter need not make them
+        assert FusedDecoder(64, 16, 16, 8200, 256, DEVICE, scoring=False).offsets64 is True
+    with pytest.raises(KfsimError, match="32-bit offsets: batch 4096 x 64 heads x 8200 slots"):
+        FusedDecoder(4096, 64, 8, 8200, 128, DEVICE)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a cache of 2^31 elements per layer: GPU only")
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_a_cache_past_32_bit_offsets_matches_plain(policy):
+    """GPT-J-6B's shape at batch 64 x 8200 slots (4.3 GB of K per layer), bf16: the rows past 2^31 elements are
+    read and written where the plain path reads and writes them."""
+    torch.manual_seed(2)
+    B, HKV, D, S = 64, 16, 256, 8200
+    dt = torch.bfloat16
+    q = torch.randn(B, HKV, 1, D, device=DEVICE, dtype=dt)
+    k, v = torch.randn(B, HKV, 1, D, device=DEVICE, dtype=dt), torch.randn(B, HKV, 1, D, device=DEVICE, dtype=dt)
+    if policy == "full":
+        plain = FullCache(B, HKV, S, D, dt, DEVICE)
+        plain.fill_random(S - 1)
+        want = plain.decode(q, k, v, S - 1)
+        plain.length = S - 1  # the same step again, on the same cache, by the fused kernel
+        got = FusedFullCache(plain, kernel={}).decode(q, k, v, S - 1)
+        assert torch.allclose(want.float(), got.float(), atol=2e-2, rtol=2e-2)
+        return
+    plain = EvictingCache("keyformer", B, HKV, S - 1, 64, D, dt, DEVICE)
+    plain.fill_random(2 * S)
+    twin = EvictingCache("keyformer", B, HKV, S - 1, 64, D, dt, DEVICE)
+    for name in ("k", "v", "pos", "score", "free", "step"):
+        getattr(twin, name).copy_(getattr(plain, name))
+    twin.free.fill_(S - 5)  # write the new token past 2^31 elements for the last sequences
+    plain.free.fill_(S - 5)
+    fused = FusedKeyformerCache(twin)
+    noise = -torch.log(-torch.log(torch.rand(B, HKV, 1, S, device=DEVICE).clamp(1e-10, 1 - 1e-7)))
+    plain.noise = lambda like: noise
+    fused.noise_tensor = noise.contiguous().view(-1)
+    want, got = plain.decode(q, k, v, 2 * S), fused.decode(q, k, v, 2 * S)
+    fused.sync()
+    assert torch.allclose(want.float(), got.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(plain.k[-1, :, S - 5], twin.k[-1, :, S - 5]) and torch.equal(plain.v[-1], twin.v[-1])
+    assert torch.allclose(plain.score, twin.score, atol=1e-3, rtol=1e-3)

@@ -155,12 +155,14 @@ def test_folding_norms_keeps_the_function(name):
                               atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name, fused", [("gpt-j-6b", False), ("cerebras-gpt-111m", False), ("mpt-7b", False),
                                          ("llama-3-8b", False), ("gpt-j-6b", True), ("llama-3-8b", True)])
-def test_batch1_decoder_on_gemv_matches_decoder(name, fused):
-    """The compiled engine's batch-1 path (norms folded, products and residuals on gemv) gives the logits of the
-    decoder it was built from; with the fused attention cache, rotary runs inside the attention kernel (GPT-J's
-    interleaved pairs on part of each head, Llama's halves)."""
+def test_fused_products_decoder_matches_decoder(name, fused, batch):
+    """The compiled engine's fused-product path (norms folded; products and residuals on gemv at batch 1, on
+    gemm_small with `small_gemm` at batch 3) gives the logits of the decoder it was built from; with the fused
+    attention cache, rotary runs inside the attention kernel (GPT-J's interleaved pairs on part of each head,
+    Llama's halves), which reads q, k and v as column slices of the products."""
     import copy
     import dataclasses
 
@@ -171,13 +173,15 @@ def test_batch1_decoder_on_gemv_matches_decoder(name, fused):
 
     w = get_workload(name)
     heads, kv = (4, 2) if w.n_kv_heads < w.n_heads else (4, 4)
-    w = dataclasses.replace(w, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=kv, head_dim=16, ffn_dim=128,
-                            vocab_size=96, max_context=64, rotary_dim=8 if w.family == "gptj" else None)
+    D = 16 if batch == 1 else 32  # gemm_small's blocks: 32 output rows, inputs in multiples of 128
+    w = dataclasses.replace(w, n_layers=2, d_model=4 * D, n_heads=heads, n_kv_heads=kv, head_dim=D, ffn_dim=8 * D,
+                            vocab_size=96, max_context=64, rotary_dim=D // 2 if w.family == "gptj" else None)
     model = build(w, dtype=torch.bfloat16, device=DEVICE)
     _random_norms(model)
     reference = copy.deepcopy(model)
-    fast = CompiledDecoder(model, compile=False, batch1_gemv=True)  # folds the norms into `model`
-    caches = [[FullCache(1, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
+    fast = CompiledDecoder(model, compile=False, batch1_gemv=True, small_gemm=True)  # folds the norms into `model`
+    assert fast.small_gemm == (batch > 1)  # batch 1's dims do not tile; that decoder uses cuBLAS past batch 1
+    caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
               for _ in range(2)]
     if fused:
         if DEVICE != "cuda":
@@ -186,14 +190,93 @@ def test_batch1_decoder_on_gemv_matches_decoder(name, fused):
         from measure.fused_attention import FusedFullCache
 
         caches[1] = [FusedFullCache(c) for c in caches[1]]
-    prompt = torch.randint(0, w.vocab_size, (1, 10), device=DEVICE)
+    prompt = torch.randint(0, w.vocab_size, (batch, 10), device=DEVICE)
     with torch.no_grad():
         for c in caches:
             model.prefill(prompt, c)
-        token = torch.tensor([3], device=DEVICE)
+        token = torch.arange(3, 3 + batch, device=DEVICE)
         for i in range(3):
             want = reference.decode(token, 10 + i, caches[0]).float()
             got = fast.decode(token, 10 + i, caches[1]).float()
-            assert got.shape == want.shape == (1, w.vocab_size)
+            assert got.shape == want.shape == (batch, w.vocab_size)
             # bf16 rounding in a different order: errors of a few bf16 steps of the largest logit (1-1.5 % seen)
             assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
+
+
+ROWS = [3, 16, 40]  # batch sizes: padded to 16, exactly 16, padded to 64
+
+
+def _bare_norm(x, kind):
+    """The norm without scale or shift, row by row, in fp32 (small_gemm applies it to the sums unrounded)."""
+    x = x.float()
+    if kind == "layernorm":
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5)
+    if kind == "rmsnorm":
+        return F.rms_norm(x, x.shape[-1:], eps=1e-5)
+    return x
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("norm, stats_dot", [(None, False), ("layernorm", False), ("rmsnorm", False),
+                                             ("layernorm", True), ("rmsnorm", True)])
+def test_small_gemm_one_matrix_with_norm_bias_residual(M, norm, stats_dot):
+    from measure.gemm_small import small_gemm
+
+    torch.manual_seed(M)
+    x, w, bias, res = _rand(M, 512), _rand(96, 512, scale=512 ** -0.5), _rand(96), _rand(M, 96)
+    want = (_bare_norm(x, norm) @ w.float().T + bias.float()).to(torch.bfloat16).float() + res.float()
+    got = small_gemm(x, w, bias=bias, residual=res, norm=norm, row_sums=w.float().sum(1), stats_dot=stats_dot)
+    assert got.shape == (M, 96) and got.dtype == torch.bfloat16
+    _close(got, want)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_small_gemm_stacked_rows_activation_on_second(M):
+    """GPT-J's QKV and MLP-up at batch M: one layernorm, two matrices, GELU on the second's columns only."""
+    from measure.gemm_small import small_gemm
+
+    torch.manual_seed(1)
+    x, w1, w2, bias = _rand(M, 256), _rand(64, 256, scale=1 / 16), _rand(128, 256, scale=1 / 16), _rand(192)
+    y = _bare_norm(x, "layernorm") @ torch.cat([w1, w2]).float().T + bias.float()
+    want = torch.cat([y[:, :64], F.gelu(y[:, 64:], approximate="tanh")], dim=1)
+    got = small_gemm(x, w1, w2=w2, stack="rows", bias=bias, norm="layernorm", act="gelu_tanh", act_from=64,
+                     row_sums=torch.cat([w1, w2]).float().sum(1))
+    _close(got, want)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_small_gemm_stacked_columns_from_a_strided_view(M):
+    """GPT-J's output and MLP-down projections into the residual; the MLP input is a column slice of the first
+    kernel's output (rows further apart than its width)."""
+    from measure.gemm_small import small_gemm
+
+    torch.manual_seed(2)
+    x1, wide = _rand(M, 256), _rand(M, 64 + 1024)
+    x2 = wide[:, 64:]
+    w1, w2, bias, res = _rand(64, 256, scale=1 / 16), _rand(64, 1024, scale=1 / 32), _rand(64), _rand(M, 64)
+    want = (x1.float() @ w1.float().T + x2.float() @ w2.float().T + bias.float()).to(torch.bfloat16).float()
+    got = small_gemm(x1, w1, w2=w2, x2=x2, stack="cols", bias=bias, residual=res)
+    _close(got, want + res.float())
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("stats_dot", [False, True])
+def test_small_gemm_gated_rows(M, stats_dot):
+    """Llama's SwiGLU at batch M: silu(gate) * up from one [2F, K] matrix, after RMSNorm."""
+    from measure.gemm_small import small_gemm
+
+    torch.manual_seed(3)
+    x, w = _rand(M, 256), _rand(2 * 64, 256, scale=1 / 16)
+    h = (_bare_norm(x, "rmsnorm") @ w.float().T).to(torch.bfloat16).float()
+    _close(small_gemm(x, w, stack="glu", norm="rmsnorm", stats_dot=stats_dot), F.silu(h[:, :64]) * h[:, 64:])
+
+
+def test_small_gemm_refuses_what_it_cannot_tile():
+    from measure.gemm_small import small_gemm
+
+    with pytest.raises(ValueError, match="65 rows, expected 1 to 64"):
+        small_gemm(_rand(65, 64), _rand(32, 64))
+    with pytest.raises(ValueError, match="blocks of 32 rows do not divide the 48 output rows"):
+        small_gemm(_rand(2, 64), _rand(48, 64))
+    with pytest.raises(ValueError, match="needs the rows' sums"):
+        small_gemm(_rand(2, 64), _rand(32, 64), norm="layernorm")
