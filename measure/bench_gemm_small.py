@@ -3,8 +3,7 @@ measure.gemm_small, as weight GB/s (and the fraction of the HBM read ceiling).
 
 --plain: each distinct weight alone as a bare product, per configuration (how _config's blocks were chosen);
 default: the fused products as the compiled decoder runs them (stacked matrices, folded norm, bias, activation,
-residual; measure.bench_gemv's list), gemm_small's own configuration with the norm's statistics on the CUDA cores
-and on the tensor cores, and a few others.
+residual; measure.bench_gemv's list), gemm_small's own configuration and a few others.
 Each timing replays a CUDA graph over copies of the weights (at least 400 MB in all, 8x the L2), so every product
 reads its weights from HBM. Run on a GPU (repository root):
   python -m measure.bench_gemm_small --out gemm-small.csv [--plain] [--batch 16,64] [--ceiling-gbps 4400]
@@ -44,7 +43,7 @@ def _time(fn, ws, steps=20) -> float:
 
 
 #: the fused products' configurations besides gemm_small's own: (block_n, block_k, stages)
-FUSED_CONFIGS = ((32, 128, 3), (32, 256, 3), (64, 128, 3), (32, 64, 5))
+FUSED_CONFIGS = ((32, 128, 3), (64, 128, 3))
 
 
 def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
@@ -60,7 +59,7 @@ def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
         nbytes = sum(a * b for a, b in p["shapes"]) * 2
         copies = max(2, -(-int(IN_FLIGHT_BYTES) // nbytes))
         sets = [_fused_args(p, batch) for _ in range(copies)]
-        variants = [("cublas", None), ("auto", {}), ("auto+stats_dot", {"stats_dot": True})]
+        variants = [("cublas", None), ("auto", {})]
         variants += [(f"{bn}x{bk}x{st}", {"block_n": bn, "block_k": bk, "num_stages": st})
                      for bn, bk, st in FUSED_CONFIGS]
         for name, kw in variants:

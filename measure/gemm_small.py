@@ -8,11 +8,13 @@ for all products of the batch-1 step (measure/data/h200-profile-batch.csv). Here
 reads one or two matrices (stacked rows [W1; W2] x, stacked columns [W1 | W2] [x1; x2], or SwiGLU's gated rows)
 and applies a folded norm to its sums, then bias, activation and residual: two kernels per GPT-J layer, four per
 Llama layer. Each program reads BN whole rows of the weights, BK columns at a time (contiguous runs), and
-multiplies them with the M input rows (from L2) on tensor cores; the norm's statistics are summed from the same
-input chunks as the product reads, so the input is read once.
+multiplies them with the M input rows (from L2) on tensor cores.
 
 Norms must be folded (measure.gemv.fold_norm): the kernel applies a bare norm to the sums, rstd (W x - mean C1)
-with C1 the rows' sums for a layernorm, rstd W x for an RMSNorm.
+with C1 the rows' sums for a layernorm, rstd W x for an RMSNorm. The rows' mean and rstd come from a small kernel
+launched first (one program per row): summed inside the product's loop instead, from the chunks the dot reads,
+they made GPT-J-6B's normed QKV+up 3.1x slower than cuBLAS at batch 16 (1.7x on the tensor cores), where the same
+kernel without a norm beat cuBLAS (measure/data/h200-gemm-small-fused-stats-in-loop.txt, commit e26ce96).
 """
 from __future__ import annotations
 
@@ -43,59 +45,43 @@ def _dot(x, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _stats(s1, s2, x, STATS: tl.constexpr, DOT_F32: tl.constexpr):
-    """Add the input chunk x [BM, BK]'s row sums and sums of squares: STATS 1 on the CUDA cores (s1, s2 [BM]);
-    STATS 2 on the tensor cores, which leaves x where the product's dot reads it: s1 [BM, 16] += x 1 (every
-    column the sum), s2 [BM, BM] += x x^T (the diagonal the sums of squares; bf16 products are exact in fp32)."""
-    if STATS == 1:
-        xf = x.to(tl.float32)
-        s1 += tl.sum(xf, 1)
-        s2 += tl.sum(xf * xf, 1)
-    elif STATS == 2:
-        s1 += _dot(x, tl.full([16, x.shape[1]], 1.0, tl.float32).to(x.dtype), DOT_F32)
-        s2 += _dot(x, x, DOT_F32)
-    return s1, s2
+def _row_stats_kernel(X, STATS, K, sx, eps, KP: tl.constexpr, NORM: tl.constexpr):
+    """mean and rstd of input row program_id (KP >= K columns at once, as measure.gemv's prologue) -> STATS[row]."""
+    row = tl.program_id(0)
+    k = tl.arange(0, KP)
+    x = tl.load(X + row * sx + k, mask=k < K, other=0.0).to(tl.float32)
+    mean = 0.0
+    if NORM == 1:
+        mean = tl.sum(x, 0) / K
+        x = tl.where(k < K, x - mean, 0.0)
+    tl.store(STATS + 2 * row, mean)
+    tl.store(STATS + 2 * row + 1, 1.0 / tl.sqrt(tl.sum(x * x, 0) / K + eps))
 
 
 @triton.jit
-def _stat_sums(s1, s2, BM: tl.constexpr, STATS: tl.constexpr):
-    """The row sums and sums of squares [BM] out of _stats' accumulators."""
-    if STATS == 2:
-        i = tl.arange(0, BM)
-        s1 = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], s1, 0.0), 1)
-        s2 = tl.sum(tl.where(i[:, None] == i[None, :], s2, 0.0), 1)
-    return s1, s2
-
-
-@triton.jit
-def _product(acc, s1, s2, X, sx, WP, K, m, mmask, BK: tl.constexpr, STATS: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc += x WP^T over K columns (WP: row pointers [BN, 1]); with STATS, each input row's sum and sum of
-    squares too (for the norm, see _stats)."""
+def _product(acc, X, sx, WP, K, m, mmask, BK: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x WP^T over K columns (WP: row pointers [BN, 1])."""
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
-        x = _chunk(X, sx, m, mmask, k)
-        acc += _dot(x, tl.load(WP + k[None, :]), DOT_F32)
-        s1, s2 = _stats(s1, s2, x, STATS, DOT_F32)
-    return acc, s1, s2
+        acc += _dot(_chunk(X, sx, m, mmask, k), tl.load(WP + k[None, :]), DOT_F32)
+    return acc
 
 
 @triton.jit
-def _normed_sums(acc, s1, s2, C1, cols, K, eps, NORM: tl.constexpr):
+def _normed_sums(acc, mean, rstd, C1, cols, NORM: tl.constexpr):
     """acc = W x of the raw input -> W norm(x), the norm without scale or shift (folded into W)."""
     if NORM == 0:
         return acc
     if NORM == 1:
-        mean = s1 / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
         return rstd[:, None] * (acc - mean[:, None] * tl.load(C1 + cols)[None, :])
-    return (1.0 / tl.sqrt(s2 / K + eps))[:, None] * acc
+    return rstd[:, None] * acc
 
 
 @triton.jit
-def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, M, K, K2, N, ROWS1, F, ACT_FROM, sx, sx2, eps,
+def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, M, K, K2, N, ROWS1, F, ACT_FROM, sx, sx2,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
                        ACT: tl.constexpr, STACK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                       STATS_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+                       DOT_F32: tl.constexpr):
     """STACK: 0 one matrix; 1 rows of W then rows of W2 (ROWS1 rows in W); 2 columns [W | W2] times [X; X2];
     3 gated: silu(W[c] x) * (W[F + c] x). Output [M, N] contiguous; X and X2 rows sx and sx2 elements apart."""
     pid = tl.program_id(0)
@@ -103,13 +89,11 @@ def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, M, K, K2, N, ROWS1, F, 
     m = tl.arange(0, BM)
     mmask = m < M
     acc = tl.zeros([BM, BN], tl.float32)
-    STATS: tl.constexpr = 0 if NORM == 0 else 2 if STATS_DOT else 1
-    if STATS == 2:
-        s1 = tl.zeros([BM, 16], tl.float32)
-        s2 = tl.zeros([BM, BM], tl.float32)
-    else:
-        s1 = tl.zeros([BM], tl.float32)
-        s2 = tl.zeros([BM], tl.float32)
+    mean = tl.zeros([BM], tl.float32)
+    rstd = tl.zeros([BM], tl.float32)
+    if NORM != 0:  # the rows' statistics, from _row_stats_kernel
+        mean = tl.load(STATS + 2 * m, mask=mmask, other=0.0)
+        rstd = tl.load(STATS + 2 * m + 1, mask=mmask, other=0.0)
     if STACK == 3:
         up = tl.zeros([BM, BN], tl.float32)
         for k0 in range(0, K, BK):
@@ -117,25 +101,21 @@ def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, M, K, K2, N, ROWS1, F, 
             x = _chunk(X, sx, m, mmask, k)
             acc += _dot(x, tl.load(W + cols[:, None] * K + k[None, :]), DOT_F32)
             up += _dot(x, tl.load(W + (cols + F)[:, None] * K + k[None, :]), DOT_F32)
-            s1, s2 = _stats(s1, s2, x, STATS, DOT_F32)
-        s1, s2 = _stat_sums(s1, s2, BM, STATS)
         # the unfused path rounds both products to bf16 before the gate
-        g = _normed_sums(acc, s1, s2, C1, cols, K, eps, NORM).to(tl.bfloat16).to(tl.float32)
-        u = _normed_sums(up, s1, s2, C1, cols + F, K, eps, NORM).to(tl.bfloat16).to(tl.float32)
+        g = _normed_sums(acc, mean, rstd, C1, cols, NORM).to(tl.bfloat16).to(tl.float32)
+        u = _normed_sums(up, mean, rstd, C1, cols + F, NORM).to(tl.bfloat16).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
     else:
         if STACK == 1:
             if pid * BN >= ROWS1:
-                acc, s1, s2 = _product(acc, s1, s2, X, sx, W2 + (cols - ROWS1)[:, None] * K, K, m, mmask, BK, STATS,
-                                       DOT_F32)
+                acc = _product(acc, X, sx, W2 + (cols - ROWS1)[:, None] * K, K, m, mmask, BK, DOT_F32)
             else:
-                acc, s1, s2 = _product(acc, s1, s2, X, sx, W + cols[:, None] * K, K, m, mmask, BK, STATS, DOT_F32)
+                acc = _product(acc, X, sx, W + cols[:, None] * K, K, m, mmask, BK, DOT_F32)
         else:
-            acc, s1, s2 = _product(acc, s1, s2, X, sx, W + cols[:, None] * K, K, m, mmask, BK, STATS, DOT_F32)
-        s1, s2 = _stat_sums(s1, s2, BM, STATS)
-        y = _normed_sums(acc, s1, s2, C1, cols, K, eps, NORM)
+            acc = _product(acc, X, sx, W + cols[:, None] * K, K, m, mmask, BK, DOT_F32)
+        y = _normed_sums(acc, mean, rstd, C1, cols, NORM)
         if STACK == 2:  # the second matrix's columns add to the same sums (no norm on this input)
-            y, s1, s2 = _product(y, s1, s2, X2, sx2, W2 + cols[:, None] * K2, K2, m, mmask, BK, 0, DOT_F32)
+            y = _product(y, X2, sx2, W2 + cols[:, None] * K2, K2, m, mmask, BK, DOT_F32)
         if HAS_BIAS:
             y += tl.load(BIAS + cols).to(tl.float32)[None, :]
         if ACT == 1:
@@ -162,16 +142,15 @@ def _block_k(k: int, want: int) -> int:
 
 
 def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=None, row_sums=None,
-               eps=1e-5, act=None, act_from=0, out=None, block_n=None, block_k=None, num_warps=4, num_stages=None,
-               stats_dot=False):
+               eps=1e-5, act=None, act_from=0, out=None, block_n=None, block_k=None, num_warps=4, num_stages=None):
     """One product of M <= 64 rows, x [M, K] bf16 (rows may be a strided view):
       stack None:   act(norm(x) @ w^T + bias) + residual                 w [N, K]
       stack 'rows': norm(x) @ [w; w2]^T, act on output columns >= act_from  w [N1, K], w2 [N2, K]
       stack 'cols': norm(x) @ w^T + x2 @ w2^T (+ bias + residual)          w [N, K], w2 [N, K2], x2 [M, K2]
       stack 'glu':  silu(norm(x) @ w[:F]^T) * (norm(x) @ w[F:]^T)          w [2F, K]
     `norm` ('layernorm', 'rmsnorm') has no scale or shift (folded into w by gemv.fold_norm); a layernorm needs
-    `row_sums`, the fp32 sums of the rows of w (and w2). `stats_dot`: the norm's statistics on the tensor cores
-    (see _stats). Returns [M, N] (or writes `out`)."""
+    `row_sums`, the fp32 sums of the rows of w (and w2); the rows' statistics come from a small kernel first.
+    Returns [M, N] (or writes `out`)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"small_gemm: x must be [M, K] with contiguous rows, got shape {tuple(x.shape)}")
     M, K = x.shape
@@ -197,13 +176,16 @@ def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, 
     if out is None:
         out = torch.empty(M, n, dtype=x.dtype, device=x.device)
     dummy = x
+    stats = dummy
+    if norm:
+        stats = torch.empty(M, 2, dtype=torch.float32, device=x.device)
+        _row_stats_kernel[(M,)](x, stats, K, x.stride(0), eps, KP=triton.next_power_of_2(K), NORM=NORMS[norm])
     _small_gemm_kernel[(n // bn,)](
         x, w, w2 if w2 is not None else w, x2 if x2 is not None else dummy, out,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
-        row_sums if row_sums is not None else dummy, M, K, K2, n, rows1, n if mode == 3 else 0, act_from,
-        x.stride(0), x2.stride(0) if x2 is not None else 0, eps,
+        row_sums if row_sums is not None else dummy, stats, M, K, K2, n, rows1, n if mode == 3 else 0, act_from,
+        x.stride(0), x2.stride(0) if x2 is not None else 0,
         BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, NORM=NORMS[norm], ACT=ACTS[act], STACK=mode,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS_DOT=stats_dot, DOT_F32=DOT_FP32,
-        num_warps=num_warps,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, DOT_F32=DOT_FP32, num_warps=num_warps,
         num_stages=stages)
     return out
