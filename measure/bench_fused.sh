@@ -5,7 +5,7 @@
 # Usage (repository root): bash measure/bench_fused.sh OUTDIR [MODELS]
 # KERNEL=write_first,l2_hints runs the grid with those fused-attention options (kfsim measure --kernel-options)
 # into $gpu-compiled-write_first_l2_hints.csv; TESTS=0 skips the kernel checks, ATTENTION=0
-# the attention kernels alone, GEMV=0 the products.
+# the attention kernels alone, GEMV=0 the products; BATCH=16 runs the grid at that batch only (default 1,16,64).
 set -uo pipefail
 out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
 models=${2:-gpt-j-6b,llama-3-8b}
@@ -29,10 +29,10 @@ ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; prin
 [ "${GEMV:-1}" = 0 ] || timeout 200 python3 -m measure.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
 kernel=${KERNEL:-}
-name=$gpu-compiled${kernel:+-${kernel//,/_}}  # '_' joins the options: a '+' in a file name does not travel everywhere
+name=$gpu-compiled${kernel:+-${kernel//,/_}}${BATCH:+-batch${BATCH//,/_}}  # '_' joins the options: a '+' in a file name does not travel everywhere
 opts=(); [ -z "$kernel" ] || opts=(--kernel-options "$kernel")
-timeout "${FULL_S:-300}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch 1,16,64 \
+timeout "${FULL_S:-300}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch "${BATCH:-1,16,64}" \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$name.csv"
-timeout "${KF_S:-200}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch 1,16,64 \
+timeout "${KF_S:-200}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch "${BATCH:-1,16,64}" \
   --context 1024,4096,16384 --kv-ratio 0.5,0.2 --policy keyformer --steps 50 --out "$out/$name.csv"
 python3 -m measure.fused_table "$out/$name.csv" "$micro" | tee "$out/${name/compiled/fused-table}.md" | tail -4

@@ -57,6 +57,11 @@ def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
     return kv + state + temp
 
 
+try:  # a Triton kernel whose blocks do not fit an SM's shared memory or registers (compiled engine)
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no Triton: nothing raises it
+    OutOfResources = ()
+
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
@@ -109,7 +114,7 @@ class Runner:
             return {**row, **result, "status": "ok"}
         except torch.OutOfMemoryError as exc:
             return {**row, "status": "oom", "error": str(exc).splitlines()[0][:200]}
-        except KfsimError as exc:  # a shape the engine's kernels do not take (fused_attention.INT32_MAX)
+        except (KfsimError, OutOfResources) as exc:  # a shape the engine's kernels do not take (offsets, memory)
             return {**row, "status": "unsupported", "error": str(exc)[:200]}
         finally:
             torch.cuda.empty_cache()

@@ -83,7 +83,7 @@ def _product(x, w, **kw):
 class CompiledDecoder:
     """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
     the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported), and with
-    `small_gemm` a step of 2-64 sequences on the fused products of measure.gemm_small."""
+    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small."""
 
     def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None,
                  small_gemm: bool = False):
@@ -253,8 +253,9 @@ class CompiledDecoder:
                         bias=m.lm_head.bias)
 
 
-#: the most sequences measure.gemm_small takes (its tiles pad the batch to 16, 32 or 64 rows)
-SMALL_GEMM_ROWS = 64
+#: the most sequences the decoder runs on measure.gemm_small: at 16 its fused products matched cuBLAS's products
+#: (glue not counted) on the H200, at 64 they were up to 1.4x slower (measure/data/h200-gemm-small-fused.txt)
+SMALL_GEMM_ROWS = 16
 
 
 def _tiles_small_gemm(w) -> bool:

@@ -106,11 +106,10 @@ def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, M, K, K2, N, ROW
         u = _normed_sums(up, mean, rstd, C1, cols + F, NORM).to(tl.bfloat16).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
     else:
-        if STACK == 1:
-            if pid * BN >= ROWS1:
-                acc = _product(acc, X, sx, W2 + (cols - ROWS1)[:, None] * K, K, m, mmask, BK, DOT_F32)
-            else:
-                acc = _product(acc, X, sx, W + cols[:, None] * K, K, m, mmask, BK, DOT_F32)
+        if STACK == 1:  # one loop over the block's rows of W or W2 (a loop per branch doubled the shared memory)
+            second = pid * BN >= ROWS1
+            rows = tl.where(second, cols - ROWS1, cols)
+            acc = _product(acc, X, sx, tl.where(second, W2, W) + rows[:, None] * K, K, m, mmask, BK, DOT_F32)
         else:
             acc = _product(acc, X, sx, W + cols[:, None] * K, K, m, mmask, BK, DOT_F32)
         y = _normed_sums(acc, mean, rstd, C1, cols, NORM)
@@ -128,10 +127,12 @@ def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, M, K, K2, N, ROW
 
 def _config(rows: int, stack) -> tuple[int, int, int]:
     """(rows per program, columns per load, pipeline stages), from bench_gemm_small on the H200
-    (measure/data/h200-gemm-small.csv: 32 rows x 256 columns x 5 stages fastest for most products at batch 16,
-    32 x 128 x 5 at batch 64); gated rows load two tiles per step, so one stage less fits in shared memory."""
-    bk = 256 if rows <= 16 else 128
-    return 32, bk, 4 if stack == "glu" else 5
+    (measure/data/h200-gemm-small-plain.csv: 32 rows x 256 columns x 5 stages fastest for most products at batch
+    16, 32 x 128 x 5 at batch 64); gated rows load two tiles per step and stacked columns run two loops, so fewer
+    stages fit in shared memory past 16 rows."""
+    if rows <= 16:
+        return 32, 256, 4 if stack == "glu" else 5
+    return 32, 128, 4 if stack in ("glu", "cols") else 5
 
 
 def _block_k(k: int, want: int) -> int:

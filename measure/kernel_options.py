@@ -12,7 +12,7 @@ KERNEL_OPTIONS = {
 }
 #: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)
 DECODER_OPTIONS = {
-    "small_gemm": {"small_gemm": True},      # batch 2-64: the fused products of measure.gemm_small, not cuBLAS
+    "small_gemm": {"small_gemm": True},      # batch 2-16: the fused products of measure.gemm_small, not cuBLAS
 }
 ALL_OPTIONS = {**KERNEL_OPTIONS, **DECODER_OPTIONS}
 
