@@ -71,11 +71,14 @@ def main(argv=None):
     t = table(argv[0], argv[1], engine)
     print(markdown_table(t.astype(object).where(t.notna(), "")))
     s = summary(t)
-    lo, hi = s["batch1_bw_fraction"]
-    print(f"\nbatch-1 full-cache bandwidth / read ceiling: min {lo:.3f}, max {hi:.3f}")
-    for model, (lo, hi) in s["batch1_bw_fraction_by_model"].items():
-        print(f"  {model}: {lo:.3f}-{hi:.3f}")
-    print("  points at >= 0.85: {} of {}".format(*s["batch1_points_at_0.85"]))
+    if s["batch1_points_at_0.85"][1]:
+        lo, hi = s["batch1_bw_fraction"]
+        print(f"\nbatch-1 full-cache bandwidth / read ceiling: min {lo:.3f}, max {hi:.3f}")
+        for model, (lo, hi) in s["batch1_bw_fraction_by_model"].items():
+            print(f"  {model}: {lo:.3f}-{hi:.3f}")
+        print("  points at >= 0.85: {} of {}".format(*s["batch1_points_at_0.85"]))
+    else:
+        print("\nno batch-1 full-cache points (the batch-1 bandwidth goal needs them)")
     if "over_ideal_reduced_step" in s:
         o, r = s["over_ideal_reduced_step"], s["speedup_over_predicted"]
         print(f"Keyformer step / ideal reduced-cache step: max {o['worst']:.3f} (median {o['median']:.3f}; worst at "

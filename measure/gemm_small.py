@@ -1,5 +1,5 @@
-"""Products of a few rows (decode steps of batch 2-64) in Triton, with the glue around them fused in: the batch-M
-counterpart of measure.gemv, which does the same for one row.
+"""Products of a few rows (decode steps of batch 2-64; the decoder uses it up to 16) in Triton, with the glue
+around them fused in: the batch-M counterpart of measure.gemv, which does the same for one row.
 
 At batch 16 a decode step is still a chain of weight reads, but it runs as four cuBLAS GEMMs per layer plus
 torch.compile's kernels for norms, activations and residuals between them; on the H200 GPT-J-6B's batch-16

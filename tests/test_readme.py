@@ -125,3 +125,29 @@ def test_fused_decoder_goal_figures_match_the_committed_grids():
         assert over[column] == f"{o['median']:.2f}, {o['worst']:.2f}", column
         assert by_batch[column] == " / ".join(f"{o['worst_by_batch'][b]:.2f}" for b in (1, 16, 64)), column
         assert speedup[column] == f"{r['median']:.2f}, {r['worst']:.2f}", column
+
+
+def test_small_gemm_batch16_figures_match_the_committed_grids():
+    """The README's small_gemm paragraph: the batch-16 grid with small_gemm against the options grid's batch 16."""
+    pd = pytest.importorskip("pandas")
+    from measure.fused_table import table
+
+    data = ROOT / "measure" / "data"
+    micro = str(data / "h200-microbench.csv")
+    base = table(str(data / "h200-compiled-write_first_fast_log_l2_hints.csv"), micro)
+    small = table(str(data / "h200-compiled-write_first_fast_log_l2_hints_small_gemm-batch16.csv"), micro)
+    keys = ["model", "context", "policy", "kv_ratio"]
+    m = base[base.batch == 16].merge(small, on=keys, suffixes=("_base", "_small"))
+    assert len(m) == 30
+    change = m.step_ms_small / m.step_ms_base - 1
+    text = " ".join(README.split())
+    assert (f"by a median {-change.median() * 100:.1f} % ({change.max() * 100:.1f} % longer to "
+            f"{-change.min() * 100:.1f} % shorter)") in text
+    at205 = m[(m.context == 205) & (m.policy == "full")].set_index("model")
+    for model, name in (("gpt-j-6b", "GPT-J-6B"), ("llama-3-8b", "Llama-3-8B")):
+        r = at205.loc[model]
+        assert f"{r.bw_fraction_of_ceiling_base:.3f} to {r.bw_fraction_of_ceiling_small:.3f}" in text, model
+    ratio = {v: m[f"speedup_over_predicted_{v}"].dropna() for v in ("base", "small")}
+    assert (f"median {ratio['base'].median():.3f} (worst {ratio['base'].min():.3f}) to "
+            f"{ratio['small'].median():.3f} (worst {ratio['small'].min():.3f})") in text
+    assert pd.read_csv(data / "h200-compiled-write_first_fast_log_l2_hints_small_gemm-batch16.csv").throttle.gt(0).sum() == 7
