@@ -62,6 +62,7 @@ try:  # a Triton kernel whose blocks do not fit an SM's shared memory or registe
 except ImportError:  # no Triton: nothing raises it
     OutOfResources = ()
 
+
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 

@@ -202,10 +202,10 @@ class CompiledDecoder:
         return self.head(x, m.norm.weight, getattr(m.norm, "bias", None), m.lm_head.weight, m.lm_head.bias)
 
     def decode_fused(self, tokens, pos, caches):
-        """A step on the fused products (measure.gemv for one sequence, measure.gemm_small for up to 64): per
-        layer, norm + products + bias + activation + residual in two kernels (GPT-J's parallel attention and MLP)
-        or four (sequential layers), plus attention (which applies rotary itself on the fused caches; otherwise a
-        kernel of its own before it). Activations are [B, width] rows throughout."""
+        """A step on the fused products (measure.gemv for one sequence, measure.gemm_small for up to
+        SMALL_GEMM_ROWS): per layer, norm + products + bias + activation + residual in two kernels (GPT-J's parallel
+        attention and MLP) or four (sequential layers), plus attention (which applies rotary itself on the fused
+        caches; otherwise a kernel of its own before it). Activations are [B, width] rows throughout."""
         m, w = self.model, self.w
         B = tokens.shape[0]
         norm = "rmsnorm" if w.norm == "rmsnorm" else "layernorm"
@@ -259,7 +259,7 @@ SMALL_GEMM_ROWS = 16
 
 
 def _tiles_small_gemm(w) -> bool:
-    """Whether measure.gemm_small's blocks (32 output rows, inputs in multiples of 128) fit every product."""
-    up = (2 if w.ffn_type == "swiglu" else 1) * w.ffn_dim
-    rows = (w.q_dim + 2 * w.kv_dim, w.d_model, up // (2 if w.ffn_type == "swiglu" else 1), w.vocab_size)
+    """Whether measure.gemm_small's blocks (32 output rows, inputs in multiples of 128) fit every product (the
+    MLP's up product has ffn_dim output rows, SwiGLU's gated rows too)."""
+    rows = (w.q_dim + 2 * w.kv_dim, w.d_model, w.ffn_dim, w.vocab_size)
     return all(n % 32 == 0 for n in rows) and all(k % 128 == 0 for k in (w.d_model, w.q_dim, w.ffn_dim))

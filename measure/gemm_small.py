@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACTS, NORMS, _gelu_tanh
+from .gemv import ACTS, NORMS, _block_k, _gelu_tanh
 
 #: Triton's CPU interpreter gets bf16 dots wrong (tests/test_gemv), so under it the tiles go to fp32 first
 DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -133,13 +133,6 @@ def _config(rows: int, stack) -> tuple[int, int, int]:
     if rows <= 16:
         return 32, 256, 4 if stack == "glu" else 5
     return 32, 128, 4 if stack in ("glu", "cols") else 5
-
-
-def _block_k(k: int, want: int) -> int:
-    for bk in (256, 128, 64, 32, 16):
-        if bk <= want and k % bk == 0:
-            return bk
-    raise ValueError(f"small_gemm: input width {k} is not a multiple of 16")
 
 
 def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=None, row_sums=None,
