@@ -23,23 +23,16 @@ from kfsim.workload import get_workload
 from . import timing
 from .env import environment
 from .nvml import Nvml
+from .profile_step import weight_shapes
 
 IN_FLIGHT_BYTES = 400e6
 CONFIGS = tuple(itertools.product((16, 32, 64), (64, 128, 256), (4,), (3, 5)))  # block_n, block_k, warps, stages
 
 
-def shapes(model: str) -> dict[str, tuple[int, int]]:
-    """name -> (N, K) of each distinct weight of a layer, and the LM head."""
-    w = get_workload(model)
-    up = (2 if w.ffn_type == "swiglu" else 1) * w.ffn_dim
-    return {"qkv": (w.q_dim + 2 * w.kv_dim, w.d_model), "out": (w.d_model, w.q_dim), "up": (up, w.d_model),
-            "down": (w.d_model, w.ffn_dim), "lm_head": (w.vocab_size, w.d_model)}
-
-
-def _time(fn, ws, steps=20) -> float:
-    """Microseconds per product, over a graph of one product per weight copy."""
-    g = timing.capture_graph(lambda: [fn(w) for w in ws])
-    return timing.time_steps(g.replay, steps, 3).median_ms * 1e3 / len(ws)
+def _time(step, copies: int, steps=20) -> float:
+    """Microseconds per product: `step` runs `copies` products (one per weight copy), replayed from a graph."""
+    g = timing.capture_graph(step)
+    return timing.time_steps(g.replay, steps, 3).median_ms * 1e3 / copies
 
 
 #: the fused products' configurations besides gemm_small's own: (block_n, block_k, stages)
@@ -68,15 +61,13 @@ def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
             else:
                 fn = lambda x, w, k, kw=kw: small_gemm(x, w, **k, **kw)  # noqa: E731
             try:
-                g = timing.capture_graph(lambda fn=fn: [fn(x, w, k) for x, w, k in sets])
+                us = _time(lambda fn=fn: [fn(x, w, k) for x, w, k in sets], copies)
             except (ValueError, RuntimeError, OutOfResources) as exc:  # blocks that do not divide, or do not fit
                 print(f"  {model} {p['name']} B={batch} {name}: {type(exc).__name__}: {str(exc)[:80]}")
                 continue
-            us = timing.time_steps(g.replay, 20, 3).median_ms * 1e3 / copies
             gbps = nbytes / (us * 1e-6) / 1e9
             out.append({"model": model, "product": p["name"], "batch": batch, "kernel": name, "us": round(us, 2),
                         "gbps": round(gbps, 1), "fraction": round(gbps / ceiling, 3) if ceiling else ""})
-            del g
         del sets
         torch.cuda.empty_cache()
         rows = [r for r in out if r["product"] == p["name"]]
@@ -127,9 +118,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for model in a.models.split(","):
                 for batch in (int(b) for b in a.batch.split(",")):
-                    rows += fused_rows(model, batch, a.ceiling_gbps)
-                    sm = nvml.state().get("sm_mhz")
-                    rows = [{**r, "sm_mhz": r.get("sm_mhz", sm)} for r in rows]
+                    new = fused_rows(model, batch, a.ceiling_gbps)
+                    sm = nvml.state().get("sm_mhz")  # right after the timings, at load clocks
+                    rows += [{**r, "sm_mhz": sm} for r in new]
         import pandas as pd
 
         pd.DataFrame(rows).assign(**env).to_csv(a.out, index=False)
@@ -140,13 +131,13 @@ def main(argv=None) -> int:
         out = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         out.writeheader()
         for model in a.models.split(","):
-            for name, (n, k) in shapes(model).items():
+            for name, (n, k) in weight_shapes(get_workload(model)).items():
                 copies = max(2, -(-int(IN_FLIGHT_BYTES) // (n * k * 2)))
                 ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5 for _ in range(copies)]
                 for batch in (int(b) for b in a.batch.split(",")):
                     x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
                     ref = F.linear(x, ws[0])
-                    results = [("cublas", _time(lambda w: F.linear(x, w), ws))]
+                    results = [("cublas", _time(lambda: [F.linear(x, w) for w in ws], copies))]
                     for bn, bk, warps, stages in CONFIGS:
                         if n % bn or k % bk:
                             continue
@@ -161,7 +152,7 @@ def main(argv=None) -> int:
                                   f"{(got.float() - ref.float()).abs().max().item():.3g})")
                             continue
                         results.append((f"{bn}x{bk}x{warps}x{stages}",
-                                        _time(lambda w, kw=kw: small_gemm(x, w, **kw), ws)))
+                                        _time(lambda kw=kw: [small_gemm(x, w, **kw) for w in ws], copies)))
                     best = min(results[1:], key=lambda r: r[1], default=None)
                     sm_mhz = nvml.state().get("sm_mhz")  # right after the timings, at load clocks
                     for kernel, us in results:

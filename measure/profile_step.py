@@ -56,14 +56,17 @@ def kernel_times(step, steps: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def weight_shapes(w) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of each distinct weight of a layer of workload `w`, and the LM head."""
+    up = (2 if w.ffn_type == "swiglu" else 1) * w.ffn_dim
+    return {"qkv": (w.q_dim + 2 * w.kv_dim, w.d_model), "out": (w.d_model, w.q_dim), "up": (up, w.d_model),
+            "down": (w.d_model, w.ffn_dim), "lm_head": (w.vocab_size, w.d_model)}
+
+
 def gemm_rates(w, batch: int, steps: int = 20) -> list[dict]:
     """Each distinct weight of a layer, and the LM head, alone as F.linear at `batch` rows: GB/s of weight read."""
-    swiglu = w.ffn_type == "swiglu"
-    shapes = {"qkv": (w.q_dim + 2 * w.kv_dim, w.d_model), "out": (w.d_model, w.q_dim),
-              "up": ((2 if swiglu else 1) * w.ffn_dim, w.d_model), "down": (w.d_model, w.ffn_dim),
-              "lm_head": (w.vocab_size, w.d_model)}
     rows = []
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in weight_shapes(w).items():
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # >= 256 MB in flight: far past the 50 MB L2
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
         x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
