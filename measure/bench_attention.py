@@ -175,6 +175,7 @@ def main(argv=None) -> int:
         print("Error: bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
+    from triton.runtime.errors import OutOfResources
 
     from . import fused_attention  # needs triton
     from .env import environment
@@ -204,6 +205,10 @@ def main(argv=None) -> int:
                     except KfsimError as exc:  # a shape the kernel does not take (fused_attention.INT32_MAX)
                         print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} skipped: {exc}", flush=True)
                         break
+                    except OutOfResources as exc:  # a configuration whose blocks do not fit an SM: the next one
+                        print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} {block_n}x{warps}x{stages}: "
+                              f"{type(exc).__name__}", flush=True)
+                        continue
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
                          "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "split_rule": rule,
                          "programs_per_sm": per_sm,

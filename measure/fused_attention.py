@@ -180,7 +180,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
     if HAS_POS:
         new_slot = _free_slot(CANDV, CANDI, pid, NSPLIT, BLOCK_S)
-        cur = tl.load(CUR)
+        cur = tl.load(CUR).to(POS.dtype.element_ty)  # int32 positions (pos32) compare in 32 bits
     else:
         new_slot = n_valid - 1
     knew = _rotated(KNEW, new_row, d, COS, SIN, d < D, ROT, ROT_DIM)
@@ -317,7 +317,8 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     mzmax = tl.max(mz, 1)
     mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
     logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
-    _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, tl.load(cur), window,
+    cur_pos = tl.load(cur).to(POS.dtype.element_ty)
+    _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
                          (b * HKV + hk) * S, split * split_len, S, split_len, pid * NSPLIT + split, BLOCK_N, BLOCKS,
                          Z_READ)
 
@@ -568,7 +569,9 @@ class FusedKeyformerCache:
         self.plain = plain  # an EvictingCache holding the state
         self.fused = None
         self.split_tokens = split_tokens
-        self.kernel = kernel or {}  # FusedDecoder's block_n / num_warps
+        self.kernel = dict(kernel or {})  # FusedDecoder's block_n / num_warps / options, and pos32
+        if self.kernel.pop("pos32", False):  # the positions as int32: 4 bytes per slot read by each kernel, not 8
+            plain.pos = plain.pos.to(torch.int32)
         self.state = state or StepState(plain.k.device)
         self.first, self.last = first, last
         self.noise_tensor = None  # tests: [B, H, S] fp32 shared with the plain path
@@ -616,7 +619,7 @@ class FusedFullCache:
 
     def __init__(self, plain, split_tokens=None, kernel=None):
         self.plain, self.split_tokens, self.fused = plain, split_tokens, None
-        self.kernel = kernel or {}
+        self.kernel = {k: v for k, v in (kernel or {}).items() if k != "pos32"}  # no positions here
 
     def __getattr__(self, name):
         return getattr(self.plain, name)

@@ -9,6 +9,7 @@ KERNEL_OPTIONS = {
     "fold_combine": {"fold_combine": True},  # full cache: the last split merges (no combine launch)
     "wave": {"split_rule": "wave"},          # one wave of resident programs per SM instead of ~4 programs per SM
     "fast_log": {"fast_log": True},          # Keyformer's Gumbel noise: both logs on the special-function unit
+    "pos32": {"pos32": True},                # Keyformer's token positions int32: half the bytes the loop reads
 }
 #: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)
 DECODER_OPTIONS = {

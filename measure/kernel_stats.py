@@ -78,7 +78,8 @@ def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, ba
 
     score = policy == "keyformer"
     slots = -(-(tokens + 1) // SLOT_ALIGN) * SLOT_ALIGN if score else tokens + 1
-    kernel = {k: v for k, v in options.items() if k != "split_rule"}  # the split is sized here, for `sms`
+    # the split is sized here, for `sms`; pos32 is the positions' dtype, not a decoder keyword
+    kernel = {k: v for k, v in options.items() if k not in ("split_rule", "pos32")}
     split = split_length(slots, batch * kv_heads, options.get("block_n") or _blocks(head_dim), sms,
                          rule=options.get("split_rule"))
     dec = FusedDecoder(1, heads, kv_heads, slots, head_dim, "cpu", split_tokens=split, scoring=score, **kernel)
@@ -88,7 +89,7 @@ def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, ba
                 v_new=torch.empty(1, kv_heads, head_dim, **bf16), k_cache=cache, v_cache=cache, n_valid=slots,
                 out=torch.empty(1, heads, head_dim, **bf16))
     if score:  # bench_attention's window (kv_policies' default share of the budget)
-        step.update(pos=torch.empty(1, kv_heads, slots, dtype=torch.int64),
+        step.update(pos=torch.empty(1, kv_heads, slots, dtype=torch.int32 if options.get("pos32") else torch.int64),
                     score_buf=torch.empty(1, kv_heads, slots, dtype=torch.float32), state=StepState("cpu"),
                     window=max(1, int(0.3 * tokens)))
     return dec, step

@@ -103,7 +103,8 @@ EMPTY, PADDING = -1, -2  # `pos` of a slot that holds no token yet, and of an al
 class EvictingCache:
     """A budget of kept tokens plus one free slot (plus alignment padding). `kind`: keyformer | h2o | window.
 
-    State per sequence and KV head: `pos` (token position in each slot; EMPTY or PADDING), `score` (fp32
+    State per sequence and KV head: `pos` (token position in each slot; EMPTY or PADDING; int64, or int32 where
+    the fused kernels' pos32 option made it so), `score` (fp32
     accumulated score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer
     deterministic.
     """
@@ -210,7 +211,7 @@ class EvictingCache:
         self.k.scatter_(2, idx, k)
         self.v.scatter_(2, idx, v)
         pos_t = torch.as_tensor(pos, device=self.pos.device)
-        self.pos.scatter_(2, self.free, pos_t.expand(B, Hkv, 1).long())
+        self.pos.scatter_(2, self.free, pos_t.expand(B, Hkv, 1).to(self.pos.dtype))
         self.score.scatter_(2, self.free, 0.0)
         qg = split_heads_gqa(q, Hkv)  # [B, Hkv, G, D]
         logits = torch.matmul(qg, self.k.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, S]

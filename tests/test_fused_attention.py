@@ -36,7 +36,8 @@ def cases():
 CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}], ids=["shipped", "candidate", "offsets64"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}],
+                         ids=["shipped", "candidate", "offsets64", "pos32"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -48,6 +49,7 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     for name in ("k", "v", "pos", "score", "free", "step"):
         getattr(twin, name).copy_(getattr(plain, name))
     fused = FusedKeyformerCache(twin, split_tokens=split, kernel=kernel)
+    assert twin.pos.dtype == (torch.int32 if kernel.get("pos32") else torch.int64)
     S = plain.slots
     t = budget * 2
     for _ in range(3):
@@ -63,7 +65,7 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
         assert torch.allclose(a, b, atol=2e-4, rtol=2e-4)
         assert torch.allclose(plain.score, twin.score, atol=1e-4, rtol=1e-4)
         assert torch.equal(plain.free, twin.free)
-        assert torch.equal(plain.pos, twin.pos)
+        assert torch.equal(plain.pos, twin.pos.long())
         assert torch.equal(plain.k, twin.k) and torch.equal(plain.v, twin.v)
         assert float(plain.step) == float(twin.step)
         t += 1

@@ -77,18 +77,20 @@ def planted(P=40, D=16, heavy=(3, 11, 25)):
     return q, k, torch.randn(1, 1, P, D), q_dir
 
 
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])  # int32: the fused kernels' pos32 option
 @pytest.mark.parametrize("kind", ["keyformer", "h2o"])
-def test_planted_heavy_tokens_are_kept(kind):
+def test_planted_heavy_tokens_are_kept(kind, pos_dtype):
     heavy = (3, 11, 25)
     q, k, v, q_dir = planted(heavy=heavy)
     cache = EvictingCache(kind, 1, 1, budget=8, window=4, head_dim=16, dtype=torch.float32, device="cpu")
+    cache.pos = cache.pos.to(pos_dtype)
     cache.prefill(q, k, v)
     kept = set(cache.pos[0, 0, :8].tolist())
     assert set(heavy) <= kept and {36, 37, 38, 39} <= kept  # key tokens + recent window
     for step in range(10):  # decoding keeps them: new tokens are light and age out of the window
         cache.decode((q_dir * 4).view(1, 1, 1, 16), 0.1 * torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), 40 + step)
     kept = set(cache.pos[0, 0].tolist())
-    assert set(heavy) <= kept
+    assert set(heavy) <= kept and cache.pos.dtype == pos_dtype
     assert len(kept - {-1, -2}) == cache.used == 9  # a full cache: budget + the newest token
 
 
