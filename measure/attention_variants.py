@@ -11,6 +11,15 @@ import statistics
 import sys
 from collections import defaultdict
 
+from .kernel_options import KEYFORMER_ONLY_NAMES
+
+
+def full_cache_variant(variant: str) -> str:
+    """The variant whose full-cache time stands for `variant`'s: its name less the Keyformer-only options
+    (bench_attention times the full cache once for variants that differ only in those)."""
+    names = [n for n in variant.split("+") if n not in KEYFORMER_ONLY_NAMES]
+    return "+".join(names) or "shipped"
+
 
 def compare(rows: list[dict]) -> dict:
     """{variant: {"points": {(model, batch, tokens): {"full": us, "keyformer": us, "ratio": kf/full}},
@@ -30,6 +39,9 @@ def compare(rows: list[dict]) -> dict:
         points = {}
         for (key, policy), us in times.items():
             points.setdefault(key, {})[policy] = us
+        for key, p in points.items():
+            if "full" not in p and (us := best.get(full_cache_variant(variant), {}).get((key, "full"))):
+                p["full"] = us
         for p in points.values():
             if "full" in p and "keyformer" in p:
                 p["ratio"] = round(p["keyformer"] / p["full"], 3)

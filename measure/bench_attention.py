@@ -21,7 +21,7 @@ from kfsim.errors import KfsimError
 from kfsim.values import parse_list
 
 from . import timing
-from .kernel_options import KERNEL_OPTIONS, decoder_keywords
+from .kernel_options import KERNEL_OPTIONS, KEYFORMER_ONLY, decoder_keywords
 from .kv_policies import EvictingCache, FullCache
 
 #: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
@@ -190,13 +190,19 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
-                best, line = None, []
+                best, line, seen = None, [], set()
                 combines = a.combine if policy == "full" else [""]
                 for (block_n, warps, stages, maxnreg), (rule, per_sm), combine, hints, first, variant in \
                         itertools.product(a.configs, splits, combines, a.l2_hints, a.write_first, a.variants):
                     options = {} if variant == "shipped" else decoder_keywords(variant.split("+"))
                     if options.get("split_rule", rule) != rule:  # a variant's 'wave' runs with --split-rule wave
                         continue
+                    if policy == "full":  # variants that differ in Keyformer-only options: the full cache once
+                        same = (block_n, warps, stages, maxnreg, rule, per_sm, combine, hints, first,
+                                tuple(sorted((k, v) for k, v in options.items() if k not in KEYFORMER_ONLY)))
+                        if same in seen:
+                            continue
+                        seen.add(same)
                     fused_attention.PROGRAMS_PER_SM = fused_attention.RESIDENT_PER_SM = per_sm
                     try:
                         timed = time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg,

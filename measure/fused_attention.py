@@ -84,13 +84,14 @@ def kernel_noise(n: int, step: int, device, fast_log: bool = False) -> torch.Ten
 
 
 @triton.jit
-def _free_slot(CANDV, CANDI, row, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The slot to write the new token into: the lowest-ranked candidate over the splits of the last step."""
-    s = tl.arange(0, BLOCK_S)
-    vals = tl.load(CANDV + row * NSPLIT + s, mask=s < NSPLIT, other=float("inf"))
-    idx = tl.load(CANDI + row * NSPLIT + s, mask=s < NSPLIT, other=2147483647)
+def _free_slot(CANDV, CANDI, row, NCAND: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The slot to write the new token into: the lowest-ranked of the row's NCAND candidates of the last step
+    (one per split, or per finish chunk)."""
+    s = tl.arange(0, BLOCK_C)
+    vals = tl.load(CANDV + row * NCAND + s, mask=s < NCAND, other=float("inf"))
+    idx = tl.load(CANDI + row * NCAND + s, mask=s < NCAND, other=2147483647)
     v = tl.min(vals, 0)
-    first = tl.min(tl.where(vals == v, s, BLOCK_S), 0)
+    first = tl.min(tl.where(vals == v, s, BLOCK_C), 0)
     return tl.sum(tl.where(s == first, idx, 0), 0)
 
 
@@ -146,7 +147,8 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
                   WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
-                  ROWS_APART: tl.constexpr):
+                  ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -177,9 +179,12 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     rows_c = b * H + hk * G + gc
     mz = tl.full([GP], float("-inf"), tl.float32)
     lz = tl.zeros([GP], tl.float32)
+    if LANE_PARTIALS:  # the Gumbel partials kept per token lane, reduced over the tokens once, after the loop
+        mz_lane = tl.full([GP, BLOCK_N], float("-inf"), tl.float32)
+        lz_lane = tl.zeros([GP, BLOCK_N], tl.float32)
     # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
     if HAS_POS:
-        new_slot = _free_slot(CANDV, CANDI, pid, NSPLIT, BLOCK_S)
+        new_slot = _free_slot(CANDV, CANDI, pid, NCAND, BLOCK_C)
         cur = tl.load(CUR).to(POS.dtype.element_ty)  # int32 positions (pos32) compare in 32 bits
     else:
         new_slot = n_valid - 1
@@ -199,6 +204,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         step = tl.load(STEP)
         seed = step.to(tl.int32)
         tau = tau_init + step * tau_delta
+        inv_tau = 1.0 / tau
     # a constant trip count (BLOCKS x BLOCK_N = split_len) and no branch in the body, so Triton software-pipelines
     # the K and V loads (num_stages) and the next blocks stream in while this one is computed; blocks past the
     # last valid token (the tail of the last split) are masked loads, which read nothing
@@ -236,13 +242,28 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
             offs = rows_c[:, None] * S + n[None, :]
             lmask = gcmask[:, None] & nmask[None, :]
-            z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) / tau
-            z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
-            tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-            mz_new = tl.maximum(mz, tl.max(z, 1))
-            mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-            lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
-            mz = mz_new
+            if LANE_PARTIALS:
+                # no reduction over the block's tokens here (each costs the program a barrier): an online
+                # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division
+                z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) * inv_tau
+                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
+                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
+                mz_new = tl.maximum(mz_lane, z)
+                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+                lz_lane = lz_lane * tl.exp(mz_lane - mz_safe) + tl.exp(z - mz_safe)
+                mz_lane = mz_new
+            else:
+                z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) / tau
+                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
+                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
+                mz_new = tl.maximum(mz, tl.max(z, 1))
+                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+                lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
+                mz = mz_new
+    if SCORE and LANE_PARTIALS:
+        mz = tl.max(mz_lane, 1)
+        mz_safe = tl.where(mz == float("-inf"), 0.0, mz)
+        lz = tl.sum(lz_lane * tl.exp(mz_lane - mz_safe[:, None]), 1)
     if FINISH:  # one split holds the whole row (large batch): output, log Z and scores right here, no partials
         out = acc / tl.where(gmask, l_i, 1.0)[:, None]
         tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -294,16 +315,18 @@ def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, split_len,
+def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, chunk_len,
                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   Z_READ: tl.constexpr):
+                   Z_READ: tl.constexpr, NCAND: tl.constexpr):
+    """One program per (sequence, KV head, chunk of chunk_len slots): a split's tokens (NCAND = NSPLIT), or with
+    `short_finish` one finish block's, so that many short programs, not a few long loops, read z and the scores."""
     pid = tl.program_id(0)
-    split = tl.program_id(1)
+    chunk = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
-    for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the splits' programs
-        if split == gi % NSPLIT:
+    for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the chunks' programs
+        if chunk == gi % NCAND:
             _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, "")
     g = tl.arange(0, GP)
     gmask = g < G
@@ -319,7 +342,7 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
     cur_pos = tl.load(cur).to(POS.dtype.element_ty)
     _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
-                         (b * HKV + hk) * S, split * split_len, S, split_len, pid * NSPLIT + split, BLOCK_N, BLOCKS,
+                         (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS,
                          Z_READ)
 
 
@@ -433,7 +456,8 @@ class FusedDecoder:
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, write_first=False, fast_log=False, scratch=None, offsets64=None):
+                 l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
+                 scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
                              f"offsets: batch {batch} x {heads} heads x {slots} slots = {batch * heads * slots} "
@@ -454,11 +478,17 @@ class FusedDecoder:
         self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
         self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
         self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
+        self.lane_partials = lane_partials  # Keyformer's Gumbel partials reduced after the loop (see _split_kernel)
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
-        self.FBLOCK = min(FINISH_BLOCK, triton.next_power_of_2(self.split_len))  # a split's tokens per finish block
+        # Keyformer's finish kernel: a program per split of the row (the split's eviction candidate), or, given
+        # `finish_chunk` and more than one split, per finish_chunk slots (short_finish: one block, no loop)
+        self.chunk_len = finish_chunk if finish_chunk and self.NSPLIT > 1 else self.split_len
+        self.FBLOCK = min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))  # a chunk's tokens per finish block
+        self.NCAND = triton.cdiv(slots, self.chunk_len)
+        self.BLOCK_C = max(2, triton.next_power_of_2(self.NCAND))
         f32 = dict(dtype=torch.float32, device=device)
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
         self.l = torch.empty_like(self.m)
@@ -468,21 +498,21 @@ class FusedDecoder:
             # z lives for one layer's step: with l2_hints, the layers that share `scratch` (a dict) share one
             # buffer, which can then stay in L2 from layer to layer
             self.z = _scratch(scratch if l2_hints else None, "z", batch * heads * slots, f32)
-            self.cand_val = torch.empty(batch * kv_heads * self.NSPLIT, **f32)
-            self.cand_idx = torch.empty(batch * kv_heads * self.NSPLIT, dtype=torch.int32, device=device)
+            self.cand_val = torch.empty(batch * kv_heads * self.NCAND, **f32)
+            self.cand_idx = torch.empty(batch * kv_heads * self.NCAND, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.done = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)  # splits finished, per row
 
     def set_free(self, free):
         """Make the next step write into `free` [B, HKV] (as if the last step's candidates had chosen it)."""
-        self.cand_val.view(self.B, self.HKV, self.NSPLIT).fill_(float("inf"))
-        self.cand_val.view(self.B, self.HKV, self.NSPLIT)[..., 0] = float("-inf")
-        self.cand_idx.view(self.B, self.HKV, self.NSPLIT)[..., 0] = free.view(self.B, self.HKV).int()
+        self.cand_val.view(self.B, self.HKV, self.NCAND).fill_(float("inf"))
+        self.cand_val.view(self.B, self.HKV, self.NCAND)[..., 0] = float("-inf")
+        self.cand_idx.view(self.B, self.HKV, self.NCAND)[..., 0] = free.view(self.B, self.HKV).int()
 
     def free(self):
         """The slot the next step will write into, [B, HKV, 1] (int64), from the candidates."""
-        vals = self.cand_val.view(self.B, self.HKV, self.NSPLIT)
-        return self.cand_idx.view(self.B, self.HKV, self.NSPLIT).gather(-1, vals.argmin(-1, keepdim=True)).long()
+        vals = self.cand_val.view(self.B, self.HKV, self.NCAND)
+        return self.cand_idx.view(self.B, self.HKV, self.NCAND).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
     def _combines(self, score: bool) -> bool:
         """Whether the split kernel merges the full cache's partials itself."""
@@ -513,6 +543,7 @@ class FusedDecoder:
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=self.FBLOCK,
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
+            LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
@@ -529,10 +560,11 @@ class FusedDecoder:
     def finish_launch(self, out, pos, score_buf, state, window):
         """Keyformer's finish kernel (more than one split): grid, arguments, constants, options."""
         args = (self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
-                self.cand_idx, state.cur, window, self.S, self.split_len)
+                self.cand_idx, state.cur, window, self.S, self.chunk_len)
         meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=self.FBLOCK, NSPLIT=self.NSPLIT,
-                    BLOCKS=triton.cdiv(self.split_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict)
-        return (self.B * self.HKV, self.NSPLIT), args, meta, dict(num_warps=self.num_warps)
+                    BLOCKS=triton.cdiv(self.chunk_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict,
+                    NCAND=self.NCAND)
+        return (self.B * self.HKV, self.NCAND), args, meta, dict(num_warps=self.num_warps)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
         """Full cache: q [B, H, D], k_new/v_new [B, HKV, D] -> [B, H, D]; the new token goes to slot n_valid - 1.

@@ -10,7 +10,13 @@ KERNEL_OPTIONS = {
     "wave": {"split_rule": "wave"},          # one wave of resident programs per SM instead of ~4 programs per SM
     "fast_log": {"fast_log": True},          # Keyformer's Gumbel noise: both logs on the special-function unit
     "pos32": {"pos32": True},                # Keyformer's token positions int32: half the bytes the loop reads
+    "lane_partials": {"lane_partials": True},  # Keyformer's Gumbel max and sum per token lane: no reduction in the loop
+    "short_finish": {"finish_chunk": 256},   # Keyformer's finish kernel: one program per 256 slots (no loop)
 }
+#: FusedDecoder keywords that change Keyformer's kernels only (the full cache runs the same code with or without)
+KEYFORMER_ONLY = ("pos32", "lane_partials", "finish_chunk")
+#: option names of KERNEL_OPTIONS that change Keyformer's kernels only
+KEYFORMER_ONLY_NAMES = tuple(n for n, kw in KERNEL_OPTIONS.items() if set(kw) <= set(KEYFORMER_ONLY))
 #: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)
 DECODER_OPTIONS = {
     "small_gemm": {"small_gemm": True},      # batch 2-16: the fused products of measure.gemm_small, not cuBLAS

@@ -37,3 +37,14 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
         w.writerows([_row("shipped", "full", 10.0), _row("shipped", "keyformer", 11.0)])
     assert attention_variants.main([str(good), "--json"]) == 0
     assert '"ratio": 1.1' in capsys.readouterr().out
+
+
+def test_keyformer_only_variants_borrow_the_full_cache_time_of_their_base():
+    # bench_attention times the full cache once for variants that differ only in Keyformer-only options
+    rows = [_row("write_first", "full", 8.0), _row("write_first", "keyformer", 10.0),
+            _row("write_first+pos32+lane_partials", "keyformer", 9.0)]
+    out = attention_variants.compare(rows)
+    assert out["write_first+pos32+lane_partials"]["points"][("gpt-j-6b", 1, 820)] == {
+        "full": 8.0, "keyformer": 9.0, "ratio": 1.125}
+    assert attention_variants.full_cache_variant("pos32+short_finish") == "shipped"
+    assert attention_variants.full_cache_variant("write_first+pos32+l2_hints") == "write_first+l2_hints"
