@@ -6,7 +6,8 @@
 # Usage (repository root): bash measure/bench_keyformer.sh OUTDIR
 # OPTIONS=... the options every variant has (default below); VARIANTS=... the variants ('+'-joined option sets);
 # TESTS_K=... the pytest -k expression of the kernel tests; CONFIGS=... the configurations (bench_attention
-# --configs); VARIANTS_S, SWEEP_S, PROFILE_S: time limits of the parts, seconds.
+# --configs), SWEEP=0 skips them; POINTS=... the profiled steps (MODEL,B,C,POLICY,R, space-separated);
+# VARIANTS_S, SWEEP_S, PROFILE_S: time limits of the parts, seconds.
 export OUT=${1:?usage: bench_keyformer.sh OUTDIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ! python3 -c "import click, yaml, pynvml" 2>/dev/null; then
@@ -24,12 +25,12 @@ tail -1 "$OUT/$gpu-keyformer-tests.txt"
 timeout "${VARIANTS_S:-200}" python3 -m measure.bench_attention --batch 1,16,64 --tokens 3277,8192 --configs default \
   --variants "$variants" --ceiling-gbps "$ceiling" --out "$OUT/$gpu-attention-variants.csv" \
   > "$OUT/$gpu-attention-variants.txt" 2>&1
-timeout "${SWEEP_S:-120}" python3 -m measure.bench_attention --batch 1,16,64 --tokens 3277,8192 \
-  --configs "${CONFIGS:-0x4x3,64x4x2,128x4x2}" --variants "$last" \
+[ "${SWEEP:-1}" = 0 ] || timeout "${SWEEP_S:-120}" python3 -m measure.bench_attention --batch 1,16,64 \
+  --tokens 3277,8192 --configs "${CONFIGS:-0x4x3,64x4x2,128x4x2}" --variants "$last" \
   --ceiling-gbps "$ceiling" --out "$OUT/$gpu-attention-configs.csv" > "$OUT/$gpu-attention-configs.txt" 2>&1
+points=${POINTS:-llama-3-8b,16,16384,keyformer,0.5 llama-3-8b,16,8192,full,1 gpt-j-6b,1,16384,keyformer,0.5 gpt-j-6b,1,8192,full,1}
 timeout "${PROFILE_S:-100}" python3 -m measure.profile_step --kernel-options "${last//+/,}" --no-gemms \
-  --out "$OUT/$gpu-profile-keyformer.csv" --point llama-3-8b,16,16384,keyformer,0.5 --point llama-3-8b,16,8192,full,1 \
-  --point gpt-j-6b,1,16384,keyformer,0.5 --point gpt-j-6b,1,8192,full,1 > "$OUT/$gpu-profile-keyformer.txt" 2>&1
+  --out "$OUT/$gpu-profile-keyformer.csv" $(printf -- "--point %s " $points) > "$OUT/$gpu-profile-keyformer.txt" 2>&1
 python3 -m measure.attention_variants "$OUT/$gpu-attention-variants.csv"
-python3 -m measure.attention_variants "$OUT/$gpu-attention-configs.csv"
+[ "${SWEEP:-1}" = 0 ] || python3 -m measure.attention_variants "$OUT/$gpu-attention-configs.csv"
 grep -E "step |_split|_finish|_combine" "$OUT/$gpu-profile-keyformer.txt" | head -24

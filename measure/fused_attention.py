@@ -49,13 +49,14 @@ def _lg2_approx(x):
 
 
 @triton.jit
-def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr):
+def _noise(NOISE, seed, offs, mask, USE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr):
     """Standard Gumbel noise -log(-log U) per element: read from NOISE (tests), or U from an integer hash of the
     element's offset and the step (a few integer ops: uniform and independent enough to break ties and explore,
     which is all Keyformer asks of it; Philox costs more integer work than the attention itself here).
-    FAST_LOG takes both logs on the special-function unit (GPU only: Triton's interpreter has no PTX)."""
+    FAST_LOG takes both logs on the special-function unit (GPU only: Triton's interpreter has no PTX). `mask`:
+    the elements NOISE holds (0 elsewhere, so that noise is finite wherever it is added)."""
     if USE_NOISE:
-        return tl.load(NOISE + offs)
+        return tl.load(NOISE + offs, mask=mask, other=0.0)
     # lowbias32-style mixing (xor-shift, multiply by odd constants); constants below 2^31 keep the math in uint32
     h = offs.to(tl.uint32) ^ (seed.to(tl.uint32) * 0x27D4EB2D)
     h = (h ^ (h >> 16)) * 0x7FEB352D
@@ -73,7 +74,7 @@ def _noise(NOISE, seed, offs, USE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr):
 @triton.jit
 def _noise_kernel(OUT, seed, n, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(OUT + offs, _noise(OUT, seed, offs, False, FAST_LOG), mask=offs < n)
+    tl.store(OUT + offs, _noise(OUT, seed, offs, offs < n, False, FAST_LOG), mask=offs < n)
 
 
 def kernel_noise(n: int, step: int, device, fast_log: bool = False) -> torch.Tensor:
@@ -180,7 +181,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     mz = tl.full([GP], float("-inf"), tl.float32)
     lz = tl.zeros([GP], tl.float32)
     if LANE_PARTIALS:  # the Gumbel partials kept per token lane, reduced over the tokens once, after the loop
-        mz_lane = tl.full([GP, BLOCK_N], float("-inf"), tl.float32)
+        mz_lane = tl.full([GP, BLOCK_N], -1e30, tl.float32)
         lz_lane = tl.zeros([GP, BLOCK_N], tl.float32)
     # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
     if HAS_POS:
@@ -244,16 +245,15 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             lmask = gcmask[:, None] & nmask[None, :]
             if LANE_PARTIALS:
                 # no reduction over the block's tokens here (each costs the program a barrier): an online
-                # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division
-                z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) * inv_tau
-                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
+                # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division; x is
+                # -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
+                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
                 tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
                 mz_new = tl.maximum(mz_lane, z)
-                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-                lz_lane = lz_lane * tl.exp(mz_lane - mz_safe) + tl.exp(z - mz_safe)
+                lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
                 mz_lane = mz_new
             else:
-                z = (xc + _noise(NOISE, seed, offs, USE_NOISE, FAST_LOG)) / tau
+                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) / tau
                 z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
                 tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
                 mz_new = tl.maximum(mz, tl.max(z, 1))
@@ -486,7 +486,9 @@ class FusedDecoder:
         # Keyformer's finish kernel: a program per split of the row (the split's eviction candidate), or, given
         # `finish_chunk` and more than one split, per finish_chunk slots (short_finish: one block, no loop)
         self.chunk_len = finish_chunk if finish_chunk and self.NSPLIT > 1 else self.split_len
-        self.FBLOCK = min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))  # a chunk's tokens per finish block
+        # a chunk's tokens per finish block: a given chunk in one block (no loop), a split in blocks of FINISH_BLOCK
+        self.FBLOCK = triton.next_power_of_2(self.chunk_len) if self.chunk_len == finish_chunk else \
+            min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))
         self.NCAND = triton.cdiv(slots, self.chunk_len)
         self.BLOCK_C = max(2, triton.next_power_of_2(self.NCAND))
         f32 = dict(dtype=torch.float32, device=device)
