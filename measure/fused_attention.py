@@ -485,7 +485,8 @@ class FusedDecoder:
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
         # Keyformer's finish kernel: a program per split of the row (the split's eviction candidate), or, given
         # `finish_chunk` and more than one split, per finish_chunk slots (short_finish: one block, no loop)
-        self.chunk_len = finish_chunk if finish_chunk and self.NSPLIT > 1 else self.split_len
+        # (never longer than a split: short splits, at batch 1, keep their one program each)
+        self.chunk_len = min(finish_chunk, self.split_len) if finish_chunk and self.NSPLIT > 1 else self.split_len
         # a chunk's tokens per finish block: a given chunk in one block (no loop), a split in blocks of FINISH_BLOCK
         self.FBLOCK = triton.next_power_of_2(self.chunk_len) if self.chunk_len == finish_chunk else \
             min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))

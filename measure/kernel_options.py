@@ -12,7 +12,6 @@ KERNEL_OPTIONS = {
     "pos32": {"pos32": True},                # Keyformer's token positions int32: half the bytes the loop reads
     "lane_partials": {"lane_partials": True},  # Keyformer's Gumbel max and sum per token lane: no reduction in the loop
     "short_finish": {"finish_chunk": 256},   # Keyformer's finish kernel: one program per 256 slots (no loop)
-    "wide_finish": {"finish_chunk": 1024},   # the same per 1024 slots: more loads in flight per thread
 }
 #: FusedDecoder keywords that change Keyformer's kernels only (the full cache runs the same code with or without)
 KEYFORMER_ONLY = ("pos32", "lane_partials", "finish_chunk")
