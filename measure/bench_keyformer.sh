@@ -7,6 +7,7 @@
 # OPTIONS=... the options every variant has (default below); VARIANTS=... the variants ('+'-joined option sets);
 # TESTS_K=... the pytest -k expression of the kernel tests; CONFIGS=... the configurations (bench_attention
 # --configs), SWEEP=0 skips them; POINTS=... the profiled steps (MODEL,B,C,POLICY,R, space-separated);
+# PER_SM=2,4: the variants also at these programs per SM of the split (bench_attention --programs-per-sm);
 # VARIANTS_S, SWEEP_S, PROFILE_S: time limits of the parts, seconds.
 export OUT=${1:?usage: bench_keyformer.sh OUTDIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -23,7 +24,8 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_fuse
   -k "${TESTS_K:-pos32 or lean or gumbel}" 2>&1 | tail -3 > "$OUT/$gpu-keyformer-tests.txt"
 tail -1 "$OUT/$gpu-keyformer-tests.txt"
 timeout "${VARIANTS_S:-200}" python3 -m measure.bench_attention --batch 1,16,64 --tokens 3277,8192 --configs default \
-  --variants "$variants" --ceiling-gbps "$ceiling" --out "$OUT/$gpu-attention-variants.csv" \
+  --variants "$variants" ${PER_SM:+--programs-per-sm $PER_SM} --ceiling-gbps "$ceiling" \
+  --out "$OUT/$gpu-attention-variants.csv" \
   > "$OUT/$gpu-attention-variants.txt" 2>&1
 [ "${SWEEP:-1}" = 0 ] || timeout "${SWEEP_S:-120}" python3 -m measure.bench_attention --batch 1,16,64 \
   --tokens 3277,8192 --configs "${CONFIGS:-0x4x3,64x4x2,128x4x2}" --variants "$last" \

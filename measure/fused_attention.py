@@ -149,7 +149,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
                   WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
                   ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -271,7 +271,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             logz = tl.where(gcmask, mz + tl.log(tl.where(gcmask, lz, 1.0)), 0.0)
             tl.debug_barrier()  # z stored by this program's threads above is read back by others below
             _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window, kv_base, start,
-                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT)
+                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT, "")
     else:
         part = (b * H + heads) * NSPLIT + split
         tl.store(M + part, m_i, mask=gmask)
@@ -286,6 +286,10 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             if done == NSPLIT - 1:
                 for gi in tl.static_range(G):
                     _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, ".cg")
+                if SCORE:  # fold_finish: and the finish kernel's work, for the whole row (no finish launch)
+                    logz = _log_z(MZ, LZ, rows_c, gcmask, NSPLIT, BLOCK_S, ".cg")
+                    _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window,
+                                         kv_base, 0, S, S, pid, FBLOCK, ROW_BLOCKS, "", ".cg")  # .cg: no hint
                 tl.store(DONE + pid, 0)  # ready for the next step (no other program of this row is left)
 
 
@@ -331,36 +335,44 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * H + hk * G + g
-    # log Z of each query head, from every split's Gumbel partials
-    s = tl.arange(0, BLOCK_S)
-    parts = rows[:, None] * NSPLIT + s[None, :]
-    pmask = gmask[:, None] & (s < NSPLIT)[None, :]
-    mz = tl.load(MZ + parts, mask=pmask, other=float("-inf"))
-    lz = tl.load(LZ + parts, mask=pmask, other=0.0)
-    mzmax = tl.max(mz, 1)
-    mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
-    logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
+    logz = _log_z(MZ, LZ, rows, gmask, NSPLIT, BLOCK_S, "")
     cur_pos = tl.load(cur).to(POS.dtype.element_ty)
     _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
                          (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS,
-                         Z_READ)
+                         Z_READ, "")
+
+
+@triton.jit
+def _log_z(MZ, LZ, rows, gmask, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """log Z of each query head `rows`, from every split's Gumbel partials (CACHE as for _combine_row)."""
+    s = tl.arange(0, BLOCK_S)
+    parts = rows[:, None] * NSPLIT + s[None, :]
+    pmask = gmask[:, None] & (s < NSPLIT)[None, :]
+    mz = tl.load(MZ + parts, mask=pmask, other=float("-inf"), cache_modifier=CACHE)
+    lz = tl.load(LZ + parts, mask=pmask, other=0.0, cache_modifier=CACHE)
+    mzmax = tl.max(mz, 1)
+    mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
+    return mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
 
 
 @triton.jit
 def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window, kv_base, start,
-                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr):
+                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr,
+                         CACHE: tl.constexpr):
     """Add f = exp(z - log Z), summed over the query heads `rows`, to the score of each token of the split
     [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand]; `Z_READ` is
-    the eviction policy of z's last read."""
+    the eviction policy of z's last read; CACHE ".cg" where other programs wrote z and the positions (L2, not
+    a stale L1 line), else ""."""
     end = start + split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
     for i in range(0, BLOCKS):  # BLOCKS x BLOCK_N >= split_len (blocks here are wider than the split kernel's)
         n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = (n < S) & (n < end)
-        pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
+        pos = tl.load(POS + kv_base + n, mask=nmask, other=-2, cache_modifier=CACHE)
         lmask = gmask[:, None] & nmask[None, :]
-        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ)
+        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ,
+                    cache_modifier=CACHE)
         f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
         score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
         tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
@@ -380,6 +392,10 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
 #: in 64 bits (with 32, GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200,
 #: measure/data/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
 INT32_MAX = 2**31 - 1
+
+#: fold_finish folds the finish into the split kernel only for rows of at most this many splits: one program then
+#: scores the whole row in a loop, which at batch 1 (tens of splits, a few rows) would be a long serial tail
+FOLD_FINISH_MAX_SPLITS = 4
 
 #: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
 #: wide blocks keep the chain of dependent loads short.
@@ -457,6 +473,7 @@ class FusedDecoder:
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
                  l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
+                 fold_finish=False,
                  scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
@@ -490,7 +507,10 @@ class FusedDecoder:
         # a chunk's tokens per finish block: a given chunk in one block (no loop), a split in blocks of FINISH_BLOCK
         self.FBLOCK = triton.next_power_of_2(self.chunk_len) if self.chunk_len == finish_chunk else \
             min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))
-        self.NCAND = triton.cdiv(slots, self.chunk_len)
+        # fold_finish: the last of a row's splits to finish does the finish kernel's work (one candidate per row),
+        # where a row has few splits (large batch: many rows, so the finishing programs overlap others' loops)
+        self.fold_finish = fold_finish and scoring and 1 < self.NSPLIT <= FOLD_FINISH_MAX_SPLITS
+        self.NCAND = 1 if self.fold_finish else triton.cdiv(slots, self.chunk_len)
         self.BLOCK_C = max(2, triton.next_power_of_2(self.NCAND))
         f32 = dict(dtype=torch.float32, device=device)
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
@@ -518,8 +538,9 @@ class FusedDecoder:
         return self.cand_idx.view(self.B, self.HKV, self.NCAND).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
     def _combines(self, score: bool) -> bool:
-        """Whether the split kernel merges the full cache's partials itself."""
-        return not score and self.NSPLIT > 1 and self.fold_combine
+        """Whether the split kernel merges the partials itself (the full cache's, or with fold_finish Keyformer's
+        too, and then scores the row)."""
+        return self.NSPLIT > 1 and (self.fold_finish if score else self.fold_combine)
 
     def split_launch(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
                      noise=None, tau_delta=0.0, window=0, rotary=None):
@@ -547,6 +568,7 @@ class FusedDecoder:
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
             LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
+            ROW_BLOCKS=triton.cdiv(self.S, self.FBLOCK),
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
@@ -586,7 +608,7 @@ class FusedDecoder:
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
                     window, rotary)
-        if self.NSPLIT > 1:
+        if self.NSPLIT > 1 and not self.fold_finish:
             grid, args, meta, options = self.finish_launch(out, pos, score_buf, state, window)
             _finish_kernel[grid](*args, **meta, **options)
         return out

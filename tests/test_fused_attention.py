@@ -40,8 +40,9 @@ CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 LEAN = {**CANDIDATE, "pos32": True, "lane_partials": True, "finish_chunk": 8}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN],
-                         ids=["shipped", "candidate", "offsets64", "pos32", "lean"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN,
+                                    {**LEAN, "fold_finish": True}],
+                         ids=["shipped", "candidate", "offsets64", "pos32", "lean", "lean_fold"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
