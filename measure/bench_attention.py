@@ -149,9 +149,10 @@ def main(argv=None) -> int:
                     "Keyformer's budget)")
     ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
-    ap.add_argument("--split-rule", default="fill", type=_words("split-rule", ("fill", "wave")),
-                    help="how the cache is split: 'fill' (shipped: about PROGRAMS_PER_SM programs per SM) and/or "
-                         "'wave' (one wave of RESIDENT_PER_SM resident programs per SM), a list (default: %(default)s)")
+    ap.add_argument("--split-rule", default="fill", type=_words("split-rule", ("fill", "wave", "rows")),
+                    help="how the cache is split: 'fill' (shipped: about PROGRAMS_PER_SM programs per SM), "
+                         "'wave' (one wave of RESIDENT_PER_SM resident programs per SM) and/or 'rows' (fill, with "
+                         "FEW_ROWS_PER_SM where the rows are fewer than the SMs), a list (default: %(default)s)")
     ap.add_argument("--programs-per-sm", type=_ints("programs-per-sm"), default=None,
                     help="programs per SM the split aims at, a list (default: fused_attention's PROGRAMS_PER_SM for "
                          "'fill', RESIDENT_PER_SM for 'wave')")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     env = {**environment(nvml), "triton": triton.__version__}
 
     splits = [(rule, p) for rule in a.split_rule for p in a.programs_per_sm or
-              [fused_attention.PROGRAMS_PER_SM if rule == "fill" else fused_attention.RESIDENT_PER_SM]]
+              [fused_attention.RESIDENT_PER_SM if rule == "wave" else fused_attention.PROGRAMS_PER_SM]]
     rows = []
     with torch.inference_mode():
         for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):

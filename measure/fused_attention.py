@@ -149,7 +149,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
                   WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
                   ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
-                  BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+                  BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -271,7 +271,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             logz = tl.where(gcmask, mz + tl.log(tl.where(gcmask, lz, 1.0)), 0.0)
             tl.debug_barrier()  # z stored by this program's threads above is read back by others below
             _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window, kv_base, start,
-                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT, "")
+                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT)
     else:
         part = (b * H + heads) * NSPLIT + split
         tl.store(M + part, m_i, mask=gmask)
@@ -286,10 +286,6 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             if done == NSPLIT - 1:
                 for gi in tl.static_range(G):
                     _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, ".cg")
-                if SCORE:  # fold_finish: and the finish kernel's work, for the whole row (no finish launch)
-                    logz = _log_z(MZ, LZ, rows_c, gcmask, NSPLIT, BLOCK_S, ".cg")
-                    _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window,
-                                         kv_base, 0, S, S, pid, FBLOCK, ROW_BLOCKS, "", ".cg")  # .cg: no hint
                 tl.store(DONE + pid, 0)  # ready for the next step (no other program of this row is left)
 
 
@@ -335,44 +331,36 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * H + hk * G + g
-    logz = _log_z(MZ, LZ, rows, gmask, NSPLIT, BLOCK_S, "")
-    cur_pos = tl.load(cur).to(POS.dtype.element_ty)
-    _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
-                         (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS,
-                         Z_READ, "")
-
-
-@triton.jit
-def _log_z(MZ, LZ, rows, gmask, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
-    """log Z of each query head `rows`, from every split's Gumbel partials (CACHE as for _combine_row)."""
+    # log Z of each query head, from every split's Gumbel partials
     s = tl.arange(0, BLOCK_S)
     parts = rows[:, None] * NSPLIT + s[None, :]
     pmask = gmask[:, None] & (s < NSPLIT)[None, :]
-    mz = tl.load(MZ + parts, mask=pmask, other=float("-inf"), cache_modifier=CACHE)
-    lz = tl.load(LZ + parts, mask=pmask, other=0.0, cache_modifier=CACHE)
+    mz = tl.load(MZ + parts, mask=pmask, other=float("-inf"))
+    lz = tl.load(LZ + parts, mask=pmask, other=0.0)
     mzmax = tl.max(mz, 1)
     mzmax = tl.where(mzmax == float("-inf"), 0.0, mzmax)
-    return mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
+    logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
+    cur_pos = tl.load(cur).to(POS.dtype.element_ty)
+    _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
+                         (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS,
+                         Z_READ)
 
 
 @triton.jit
 def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window, kv_base, start,
-                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr,
-                         CACHE: tl.constexpr):
+                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr):
     """Add f = exp(z - log Z), summed over the query heads `rows`, to the score of each token of the split
     [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand]; `Z_READ` is
-    the eviction policy of z's last read; CACHE ".cg" where other programs wrote z and the positions (L2, not
-    a stale L1 line), else ""."""
+    the eviction policy of z's last read."""
     end = start + split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
     for i in range(0, BLOCKS):  # BLOCKS x BLOCK_N >= split_len (blocks here are wider than the split kernel's)
         n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = (n < S) & (n < end)
-        pos = tl.load(POS + kv_base + n, mask=nmask, other=-2, cache_modifier=CACHE)
+        pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
         lmask = gmask[:, None] & nmask[None, :]
-        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ,
-                    cache_modifier=CACHE)
+        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ)
         f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
         score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
         tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
@@ -393,10 +381,6 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
 #: measure/data/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
 INT32_MAX = 2**31 - 1
 
-#: fold_finish folds the finish into the split kernel only for rows of at most this many splits: one program then
-#: scores the whole row in a loop, which at batch 1 (tens of splits, a few rows) would be a long serial tail
-FOLD_FINISH_MAX_SPLITS = 4
-
 #: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
 #: wide blocks keep the chain of dependent loads short.
 FINISH_BLOCK = 256
@@ -412,6 +396,11 @@ def _blocks(head_dim: int) -> int:
 #: floor(RESIDENT_PER_SM x SMs / rows), one wave of resident programs and no partial wave trailing.
 SPLIT_RULE = "fill"
 PROGRAMS_PER_SM = 4
+#: The "rows" rule (option batch1_split): where sequences x KV heads are fewer than the SMs (batch 1), about this
+#: many programs per SM instead: with write_first 3 programs are resident per SM, so 2 per SM is one wave and 4 a
+#: wave and a third (H200, measure/data/h200-attention-variants-per-sm.csv: GPT-J-6B at 8192 tokens 45.3 -> 39.6 us
+#: per layer for the full cache, Llama-3-8B 17.0 -> 14.5; at batch 16 and 64, 2 per SM is slower)
+FEW_ROWS_PER_SM = 2
 #: Programs of the split kernel resident on one SM at a time: its K and V pipeline (3 stages of a [BLOCK_N, D] bf16
 #: K and V tile, 96 KB) leaves room for two in the 228 KB of shared memory of an H100 or H200 SM.
 RESIDENT_PER_SM = 2
@@ -429,12 +418,17 @@ def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int 
     """
     if split_tokens is None:
         rule = rule or SPLIT_RULE
+        if rule == "rows":  # "fill", with FEW_ROWS_PER_SM where the rows are fewer than the SMs (batch 1)
+            rule = "fill"
+            per_sm = FEW_ROWS_PER_SM if rows < sms else PROGRAMS_PER_SM
+        else:
+            per_sm = PROGRAMS_PER_SM
         if rule == "fill":
-            splits = -(-PROGRAMS_PER_SM * sms // rows)
+            splits = -(-per_sm * sms // rows)
         elif rule == "wave":
             splits = RESIDENT_PER_SM * sms // rows
         else:
-            raise ValueError(f"split rule {rule!r}: expected fill or wave")
+            raise ValueError(f"split rule {rule!r}: expected fill, wave or rows")
         blocks = -(-slots // block)
         return -(-blocks // max(1, splits)) * block
     return max(block, -(-split_tokens // block) * block)
@@ -473,7 +467,6 @@ class FusedDecoder:
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
                  l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
-                 fold_finish=False,
                  scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
@@ -507,10 +500,7 @@ class FusedDecoder:
         # a chunk's tokens per finish block: a given chunk in one block (no loop), a split in blocks of FINISH_BLOCK
         self.FBLOCK = triton.next_power_of_2(self.chunk_len) if self.chunk_len == finish_chunk else \
             min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))
-        # fold_finish: the last of a row's splits to finish does the finish kernel's work (one candidate per row),
-        # where a row has few splits (large batch: many rows, so the finishing programs overlap others' loops)
-        self.fold_finish = fold_finish and scoring and 1 < self.NSPLIT <= FOLD_FINISH_MAX_SPLITS
-        self.NCAND = 1 if self.fold_finish else triton.cdiv(slots, self.chunk_len)
+        self.NCAND = triton.cdiv(slots, self.chunk_len)
         self.BLOCK_C = max(2, triton.next_power_of_2(self.NCAND))
         f32 = dict(dtype=torch.float32, device=device)
         self.m = torch.empty(batch * heads * self.NSPLIT, **f32)
@@ -538,9 +528,8 @@ class FusedDecoder:
         return self.cand_idx.view(self.B, self.HKV, self.NCAND).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
     def _combines(self, score: bool) -> bool:
-        """Whether the split kernel merges the partials itself (the full cache's, or with fold_finish Keyformer's
-        too, and then scores the row)."""
-        return self.NSPLIT > 1 and (self.fold_finish if score else self.fold_combine)
+        """Whether the split kernel merges the full cache's partials itself."""
+        return not score and self.NSPLIT > 1 and self.fold_combine
 
     def split_launch(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
                      noise=None, tau_delta=0.0, window=0, rotary=None):
@@ -568,7 +557,6 @@ class FusedDecoder:
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
             LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
-            ROW_BLOCKS=triton.cdiv(self.S, self.FBLOCK),
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
@@ -608,7 +596,7 @@ class FusedDecoder:
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
                     window, rotary)
-        if self.NSPLIT > 1 and not self.fold_finish:
+        if self.NSPLIT > 1:
             grid, args, meta, options = self.finish_launch(out, pos, score_buf, state, window)
             _finish_kernel[grid](*args, **meta, **options)
         return out

@@ -131,10 +131,9 @@ def compile_step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: 
 
     dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, options, sms)
     out = {"split": aot_compile(_split_kernel, *dec.split_launch(**step)[1:], arch)}
-    if policy == "keyformer":
-        if dec.NSPLIT > 1 and not dec.fold_finish:
-            launch = dec.finish_launch(step["out"], step["pos"], step["score_buf"], step["state"], step["window"])
-            out["finish"] = aot_compile(_finish_kernel, *launch[1:], arch)
+    if dec.NSPLIT > 1 and policy == "keyformer":
+        launch = dec.finish_launch(step["out"], step["pos"], step["score_buf"], step["state"], step["window"])
+        out["finish"] = aot_compile(_finish_kernel, *launch[1:], arch)
     elif dec.NSPLIT > 1 and not dec._combines(False):
         out["combine"] = aot_compile(_combine_kernel, *dec.combine_launch(step["out"])[1:], arch)
     return out
