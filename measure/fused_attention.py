@@ -26,6 +26,9 @@ The cache is split so that (sequences x KV heads x splits) fills the GPU about f
 flash-decoding does. Noise is generated in A only, from a hash of the step and the element's offset, or, for
 tests, read from a tensor shared with the plain path. `fold_combine`, `split_rule="wave"` and `l2_hints` are off
 by default: the committed grids ran without them, and they await a GPU measurement (bench_attention compares).
+Off by default too, for Keyformer only: int32 positions (FusedKeyformerCache's `pos32`), `lane_partials` (the
+Gumbel partials per token lane, reduced after the loop) and `finish_chunk` (finish programs of that many slots);
+and `split_rule="rows"` (fewer programs per SM at batch 1). measure/kernel_options.py names them all.
 """
 from __future__ import annotations
 

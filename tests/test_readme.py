@@ -93,6 +93,8 @@ GOAL_COLUMNS = {  # the fused-decoder table's measured columns -> the grid each 
     "H100": ("h100-sxm-compiled.csv", "h100-sxm-microbench.csv"),
     "H200": ("h200-compiled.csv", "h200-microbench.csv"),
     "H200, options on": ("h200-compiled-write_first_fast_log_l2_hints.csv", "h200-microbench.csv"),
+    "H200, all options": ("h200-compiled-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_"
+                          "batch1_split.csv", "h200-microbench.csv"),
 }
 
 
