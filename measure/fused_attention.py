@@ -263,10 +263,9 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                 mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
                 lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
                 mz = mz_new
-    if SCORE and LANE_PARTIALS:
+    if SCORE and LANE_PARTIALS:  # mz_lane starts finite, so mz is too
         mz = tl.max(mz_lane, 1)
-        mz_safe = tl.where(mz == float("-inf"), 0.0, mz)
-        lz = tl.sum(lz_lane * tl.exp(mz_lane - mz_safe[:, None]), 1)
+        lz = tl.sum(lz_lane * tl.exp(mz_lane - mz[:, None]), 1)
     if FINISH:  # one split holds the whole row (large batch): output, log Z and scores right here, no partials
         out = acc / tl.where(gmask, l_i, 1.0)[:, None]
         tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
