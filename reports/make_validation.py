@@ -100,23 +100,29 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
     return mask
 
 
+def fit_and_hold_out(measured: str, name: str, grid: Path, gpu: str, micro: Path, hold: Path, what: str) -> None:
+    """engines/NAME.yaml fitted on every `measured` row of `grid` (measured on `gpu`), and into `hold` a fit on a
+    random half validated on the other half."""
+    # the compiled decoder scores Keyformer inside attention and runs fused Triton GEMVs at batch 1
+    fused = ["--fused-scorer", "--matvec-max-batch", "1"] if measured == "compiled" else []
+    kfsim("calibrate", rel(grid), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
+          "--out", f"engines/{name}.yaml", *fused)
+    hold.mkdir(parents=True, exist_ok=True)
+    rows = measurements.load([grid], measured)
+    mask = split_half(rows)
+    rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
+    rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
+    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", f"{name}-{gpu.lower()}-half",
+          "--out", rel(hold / "engine.yaml"), *fused)
+    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
+          "--title", f"{what}: held-out half of the {gpu} rows (engine fitted on the other half)")
+
+
 def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path, hold: Path, cross: Path,
                   what: str) -> None:
     """Steps 1-3 for one measured engine: the shipped engine from every H100 row, a fit on a random half
     validated on the other half, and the shipped engine validated on every H200 row."""
-    # the compiled decoder scores Keyformer inside attention and runs fused Triton GEMVs at batch 1
-    fused = ["--fused-scorer", "--matvec-max-batch", "1"] if measured == "compiled" else []
-    kfsim("calibrate", rel(h100), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
-          "--out", f"engines/{name}.yaml", *fused)
-    hold.mkdir(parents=True, exist_ok=True)
-    rows = measurements.load([h100], measured)
-    mask = split_half(rows)
-    rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
-    rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
-    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", f"{name}-h100-half",
-          "--out", rel(hold / "engine.yaml"), *fused)
-    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
-          "--title", f"{what}: held-out half of the H100 rows (engine fitted on the other half)")
+    fit_and_hold_out(measured, name, h100, "H100", micro, hold, what)
     kfsim("validate", rel(h200), "--measured-engine", measured, "--engine", f"engines/{name}.yaml",
           "--out", rel(cross), "--title", f"{what}: H200 rows predicted by the engine fitted on H100")
 
@@ -152,21 +158,8 @@ OPTIONS_GRID = DATA / ("h200-compiled-write_first_fast_log_l2_hints_small_gemm_p
 def compiled_options_engine() -> None:
     """Step 6: the options grid has no H100 counterpart yet, so its engine is checked on a held-out half of the
     same GPU only (not yet across GPUs)."""
-    micro = DATA / "h200-microbench.csv"
-    fused = ["--fused-scorer", "--matvec-max-batch", "1"]
-    kfsim("calibrate", rel(OPTIONS_GRID), "--measured-engine", "compiled", "--microbench", rel(micro),
-          "--name", "compiled-options", "--out", "engines/compiled-options.yaml", *fused)
-    hold = REPORTS / "compiled-options-h200-holdout"
-    hold.mkdir(parents=True, exist_ok=True)
-    rows = measurements.load([OPTIONS_GRID], "compiled")
-    mask = split_half(rows)
-    rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
-    rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
-    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "compiled-options-h200-half",
-          "--out", rel(hold / "engine.yaml"), *fused)
-    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
-          "--title", "Compiled engine, every kernel option on: held-out half of the H200 rows (engine fitted on "
-                     "the other half)")
+    fit_and_hold_out("compiled", "compiled-options", OPTIONS_GRID, "H200", DATA / "h200-microbench.csv",
+                     REPORTS / "compiled-options-h200-holdout", "Compiled engine, every kernel option on")
 
 
 def main() -> None:
