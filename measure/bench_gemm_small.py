@@ -37,6 +37,9 @@ def _time(step, copies: int, steps=20) -> float:
 
 #: the fused products' configurations besides gemm_small's own: (block_n, block_k, stages)
 FUSED_CONFIGS = ((32, 128, 3), (64, 128, 3))
+#: and its split along the inputs (split_k): name -> small_gemm keywords
+SPLIT_CONFIGS = {"auto split": {"split_k": "auto"}, "split 2": {"split_k": 2}, "split 4": {"split_k": 4},
+                 "64x128x3 auto split": {"block_n": 64, "block_k": 128, "num_stages": 3, "split_k": "auto"}}
 
 
 def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
@@ -55,6 +58,7 @@ def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
         variants = [("cublas", None), ("auto", {})]
         variants += [(f"{bn}x{bk}x{st}", {"block_n": bn, "block_k": bk, "num_stages": st})
                      for bn, bk, st in FUSED_CONFIGS]
+        variants += [(name, {**kw, "counts": {}}) for name, kw in SPLIT_CONFIGS.items()]
         for name, kw in variants:
             if kw is None:
                 fn = lambda x, w, k: [F.linear(x, w), F.linear(k.get("x2", x), k["w2"]) if "w2" in k else None]  # noqa: E731
