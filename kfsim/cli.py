@@ -159,8 +159,7 @@ def list_cmd(what, as_json):
                    "(write_first, l2_hints, fold_combine, wave, batch1_split, fast_log; Keyformer's kernels only: "
                    "pos32, lane_partials, short_finish; measure/fused_attention.py says what each does), and of the "
                    "decoder around it (small_gemm: batch 2-16 on the fused products of measure/gemm_small.py instead "
-                   "of cuBLAS; small_gemm_64: the same up to batch 64; split_k: those products split along their "
-                   "inputs where their output blocks are too few to fill the GPU). "
+                   "of cuBLAS). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")

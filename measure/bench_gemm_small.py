@@ -37,14 +37,14 @@ def _time(step, copies: int, steps=20) -> float:
 
 #: the fused products' configurations besides gemm_small's own: (block_n, block_k, stages)
 FUSED_CONFIGS = ((32, 128, 3), (64, 128, 3))
-#: and its split along the inputs (split_k): name -> small_gemm keywords
-SPLIT_CONFIGS = {"auto split": {"split_k": "auto"}, "split 2": {"split_k": 2}, "split 4": {"split_k": 4},
-                 "64x128x3 auto split": {"block_n": 64, "block_k": 128, "num_stages": 3, "split_k": "auto"}}
 
 
-def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
+def fused_rows(model: str, batch: int, ceiling: float, match: str = "") -> list[dict]:
     """Each fused product of the decoder's layer at `batch` rows: cuBLAS (F.linear per matrix, no glue) and
-    gemm_small (glue included), microseconds and weight GB/s."""
+    gemm_small (glue included; the variants whose name `match` finds, as a regular expression), microseconds and
+    weight GB/s; a variant whose output differs from gemm_small's own configuration's is reported, not timed."""
+    import re
+
     from triton.runtime.errors import OutOfResources
 
     from .bench_gemv import products
@@ -58,13 +58,17 @@ def fused_rows(model: str, batch: int, ceiling: float) -> list[dict]:
         variants = [("cublas", None), ("auto", {})]
         variants += [(f"{bn}x{bk}x{st}", {"block_n": bn, "block_k": bk, "num_stages": st})
                      for bn, bk, st in FUSED_CONFIGS]
-        variants += [(name, {**kw, "counts": {}}) for name, kw in SPLIT_CONFIGS.items()]
+        variants = [v for v in variants if v[0] in ("cublas", "auto") or re.search(match, v[0])]
+        want = small_gemm(sets[0][0], sets[0][1], **sets[0][2]).float()
         for name, kw in variants:
             if kw is None:
                 fn = lambda x, w, k: [F.linear(x, w), F.linear(k.get("x2", x), k["w2"]) if "w2" in k else None]  # noqa: E731
             else:
                 fn = lambda x, w, k, kw=kw: small_gemm(x, w, **k, **kw)  # noqa: E731
             try:
+                if kw is not None and not torch.allclose(got := fn(*sets[0]).float(), want, atol=5e-2, rtol=5e-2):
+                    print(f"  {model} {p['name']} B={batch} {name}: WRONG (max err {(got - want).abs().max():.3g})")
+                    continue
                 us = _time(lambda fn=fn: [fn(x, w, k) for x, w, k in sets], copies)
             except (ValueError, RuntimeError, OutOfResources) as exc:  # blocks that do not divide, or do not fit
                 print(f"  {model} {p['name']} B={batch} {name}: {type(exc).__name__}: {str(exc)[:80]}")
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gpt-j-6b,llama-3-8b")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0)
     ap.add_argument("--plain", action="store_true", help="bare products per weight and configuration")
+    ap.add_argument("--match", default="", metavar="REGEX",
+                    help="fused products: only the gemm_small variants whose name this finds (and cuBLAS, auto)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_gemm_small needs a CUDA GPU", file=sys.stderr)
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for model in a.models.split(","):
                 for batch in (int(b) for b in a.batch.split(",")):
-                    new = fused_rows(model, batch, a.ceiling_gbps)
+                    new = fused_rows(model, batch, a.ceiling_gbps, a.match)
                     sm = nvml.state().get("sm_mhz")  # right after the timings, at load clocks
                     rows += [{**r, "sm_mhz": sm} for r in new]
         import pandas as pd

@@ -7,8 +7,6 @@ as pytorch-labs' gpt-fast does, leaving GEMMs, a few fused elementwise kernels a
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -69,9 +67,9 @@ def gemv_supported(model: Decoder) -> bool:
     return True
 
 
-def _product(x, w, split_k=1, counts=None, **kw):
+def _product(x, w, **kw):
     """One fused product of the rows of x [M, K] -> [M, N]: measure.gemv for one row (flat vectors), else
-    measure.gemm_small (`split_k`, `counts`: its split along the inputs)."""
+    measure.gemm_small."""
     if x.shape[0] == 1:
         from .gemv import gemv
 
@@ -79,17 +77,16 @@ def _product(x, w, split_k=1, counts=None, **kw):
         return gemv(x.reshape(-1), w, **flat).view(1, -1)
     from .gemm_small import small_gemm
 
-    return small_gemm(x, w, split_k=split_k, counts=counts, **kw)
+    return small_gemm(x, w, **kw)
 
 
 class CompiledDecoder:
     """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
     the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported), and with
-    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS; `small_gemm_rows` up to 64) on the fused products of
-    measure.gemm_small, with `split_k` those of few output blocks split along their inputs (gemm_small.split_count)."""
+    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small."""
 
     def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None,
-                 small_gemm: bool = False, small_gemm_rows: int | None = None, split_k: bool = False):
+                 small_gemm: bool = False):
         w = model.w
         self.model, self.w = model, w
         rms = w.norm == "rmsnorm"
@@ -142,11 +139,6 @@ class CompiledDecoder:
             (torch.compile(f, dynamic=False) for f in fns) if compile else fns)
         self.gemv = batch1_gemv if batch1_gemv is not None else gemv_supported(model)
         self.small_gemm = small_gemm and self.gemv and _tiles_small_gemm(w)
-        self.small_gemm_rows = small_gemm_rows or SMALL_GEMM_ROWS
-        if not 2 <= self.small_gemm_rows <= 64:
-            raise ValueError(f"small_gemm_rows {self.small_gemm_rows}: expected 2 to 64 (measure.gemm_small's rows)")
-        # gemm_small's split along the inputs ("auto": where the output blocks are too few), and its counters
-        self.split = {"split_k": "auto" if split_k else 1, "counts": {}}
         self._consts = {}
         if self.gemv:
             self._fold_norms()
@@ -190,7 +182,7 @@ class CompiledDecoder:
 
     def decode(self, tokens, pos, caches):
         B = tokens.shape[0]
-        if (self.gemv and B == 1) or (self.small_gemm and B <= self.small_gemm_rows):
+        if (self.gemv and B == 1) or (self.small_gemm and B <= SMALL_GEMM_ROWS):
             return self.decode_fused(tokens, pos, caches)
         m, w = self.model, self.w
         positions = torch.as_tensor(pos, device=tokens.device).reshape(1)
@@ -223,17 +215,16 @@ class CompiledDecoder:
         if m.rotary is not None:
             cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
         qkv_rows = w.q_dim + 2 * w.kv_dim
-        prod = functools.partial(_product, **self.split)
         rotary = None if cos is None else (cos.reshape(-1), sin.reshape(-1), m.rotary.dim, m.rotary.interleaved)
         for i, (block, cache) in enumerate(zip(m.blocks, caches)):
             a, mlp = block.attn, block.mlp
             c = self._layer_consts(i, block)
             if w.parallel_residual:
-                hu = prod(x, a.qkv.weight, w2=mlp.up.weight, stack="rows", bias=c["first"], act="gelu_tanh",
+                hu = _product(x, a.qkv.weight, w2=mlp.up.weight, stack="rows", bias=c["first"], act="gelu_tanh",
                               act_from=qkv_rows, norm=norm, row_sums=c["first_sums"])
                 qkv, u = hu[:, :qkv_rows], hu[:, qkv_rows:]
             else:
-                qkv = prod(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
+                qkv = _product(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
             if rotary is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
                 # column slices of the products, handed over without a copy (the kernel takes their row stride)
                 q, k, v = (t.view(B, -1, 1, w.head_dim) for t in qkv.split([w.q_dim, w.kv_dim, w.kv_dim], dim=1))
@@ -242,23 +233,23 @@ class CompiledDecoder:
                 q, k, v = self.heads(qkv.reshape(B, 1, -1), cos, sin)
                 y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(B, -1)
             if w.parallel_residual:
-                x = prod(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
+                x = _product(y, a.out.weight, w2=mlp.down.weight, x2=u, stack="cols", bias=c["second"], residual=x)
                 continue
-            x = prod(y, a.out.weight, bias=a.out.bias, residual=x)
+            x = _product(y, a.out.weight, bias=a.out.bias, residual=x)
             if w.ffn_type == "swiglu":
-                h = prod(x, mlp.up.weight, stack="glu", norm=norm, row_sums=c["up_sums"])
+                h = _product(x, mlp.up.weight, stack="glu", norm=norm, row_sums=c["up_sums"])
             else:
-                h = prod(x, mlp.up.weight, bias=mlp.up.bias, act="gelu_tanh", norm=norm, row_sums=c["up_sums"])
-            x = prod(h, mlp.down.weight, bias=mlp.down.bias, residual=x)
+                h = _product(x, mlp.up.weight, bias=mlp.up.bias, act="gelu_tanh", norm=norm, row_sums=c["up_sums"])
+            x = _product(h, mlp.down.weight, bias=mlp.down.bias, residual=x)
         fn = m.norm
         if self.fold_head:
             if "head" not in self._consts:
                 self._consts["head"] = m.lm_head.weight.sum(1, dtype=torch.float32) if norm == "layernorm" else None
-            return prod(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"])
+            return _product(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, row_sums=self._consts["head"])
         if B == 1:  # a tied head (the embedding) keeps its norm's scale and shift: gemv applies them per chunk
-            return prod(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
+            return _product(x, m.lm_head.weight, bias=m.lm_head.bias, norm=norm, norm_weight=fn.weight,
                             norm_bias=getattr(fn, "bias", None))
-        return prod(_norm(x, fn.weight, getattr(fn, "bias", None), norm == "rmsnorm"), m.lm_head.weight,
+        return _product(_norm(x, fn.weight, getattr(fn, "bias", None), norm == "rmsnorm"), m.lm_head.weight,
                         bias=m.lm_head.bias)
 
 

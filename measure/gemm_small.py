@@ -29,9 +29,6 @@ from .gemv import ACTS, NORMS, _block_k, _gelu_tanh
 #: Triton's CPU interpreter gets bf16 dots wrong (tests/test_gemv), so under it the tiles go to fp32 first
 DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64
-#: split_k="auto": the programs (output blocks x parts) wanted per SM, and the fewest loads of BK columns per part
-SPLIT_PROGRAMS_PER_SM = 2
-SPLIT_MIN_CHUNKS = 4
 
 
 @triton.jit
@@ -62,9 +59,9 @@ def _row_stats_kernel(X, STATS, K, sx, eps, KP: tl.constexpr, NORM: tl.constexpr
 
 
 @triton.jit
-def _product(acc, X, sx, WP, k_lo, k_hi, m, mmask, BK: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc += x WP^T over columns [k_lo, k_hi) (WP: row pointers [BN, 1])."""
-    for k0 in range(k_lo, k_hi, BK):
+def _product(acc, X, sx, WP, K, m, mmask, BK: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x WP^T over K columns (WP: row pointers [BN, 1])."""
+    for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         acc += _dot(_chunk(X, sx, m, mmask, k), tl.load(WP + k[None, :]), DOT_F32)
     return acc
@@ -81,16 +78,43 @@ def _normed_sums(acc, mean, rstd, C1, cols, NORM: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, up, OUT, BIAS, RES, C1, mean, rstd, cols, m, mmask, N, F, ACT_FROM, NORM: tl.constexpr,
-              ACT: tl.constexpr, STACK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """The sums acc (and SwiGLU's up) of a [BM, BN] block -> norm, bias, activation, residual -> OUT."""
+def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, M, K, K2, N, ROWS1, F, ACT_FROM, sx, sx2,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+                       ACT: tl.constexpr, STACK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+    """STACK: 0 one matrix; 1 rows of W then rows of W2 (ROWS1 rows in W); 2 columns [W | W2] times [X; X2];
+    3 gated: silu(W[c] x) * (W[F + c] x). Output [M, N] contiguous; X and X2 rows sx and sx2 elements apart."""
+    pid = tl.program_id(0)
+    cols = pid * BN + tl.arange(0, BN)
+    m = tl.arange(0, BM)
+    mmask = m < M
+    acc = tl.zeros([BM, BN], tl.float32)
+    mean = tl.zeros([BM], tl.float32)
+    rstd = tl.zeros([BM], tl.float32)
+    if NORM != 0:  # the rows' statistics, from _row_stats_kernel
+        mean = tl.load(STATS + 2 * m, mask=mmask, other=0.0)
+        rstd = tl.load(STATS + 2 * m + 1, mask=mmask, other=0.0)
     if STACK == 3:
+        up = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            x = _chunk(X, sx, m, mmask, k)
+            acc += _dot(x, tl.load(W + cols[:, None] * K + k[None, :]), DOT_F32)
+            up += _dot(x, tl.load(W + (cols + F)[:, None] * K + k[None, :]), DOT_F32)
         # the unfused path rounds both products to bf16 before the gate
         g = _normed_sums(acc, mean, rstd, C1, cols, NORM).to(tl.bfloat16).to(tl.float32)
         u = _normed_sums(up, mean, rstd, C1, cols + F, NORM).to(tl.bfloat16).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
     else:
-        y = _normed_sums(acc, mean, rstd, C1, cols, NORM)  # stacked columns take no norm: the sum of both products
+        if STACK == 1:  # one loop over the block's rows of W or W2 (a loop per branch doubled the shared memory)
+            second = pid * BN >= ROWS1
+            rows = tl.where(second, cols - ROWS1, cols)
+            acc = _product(acc, X, sx, tl.where(second, W2, W) + rows[:, None] * K, K, m, mmask, BK, DOT_F32)
+        else:
+            acc = _product(acc, X, sx, W + cols[:, None] * K, K, m, mmask, BK, DOT_F32)
+        y = _normed_sums(acc, mean, rstd, C1, cols, NORM)
+        if STACK == 2:  # the second matrix's columns add to the same sums (no norm on this input)
+            y = _product(y, X2, sx2, W2 + cols[:, None] * K2, K2, m, mmask, BK, DOT_F32)
         if HAS_BIAS:
             y += tl.load(BIAS + cols).to(tl.float32)[None, :]
         if ACT == 1:
@@ -99,78 +123,6 @@ def _epilogue(acc, up, OUT, BIAS, RES, C1, mean, rstd, cols, m, mmask, N, F, ACT
     if HAS_RES:
         y = y.to(tl.bfloat16).to(tl.float32) + tl.load(RES + offs, mask=mmask[:, None], other=0.0).to(tl.float32)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mmask[:, None])
-
-
-@triton.jit
-def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, WS, COUNT, M, K, K2, N, ROWS1, F, ACT_FROM, sx, sx2,
-                       KS, SPLITS1, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-                       ACT: tl.constexpr, STACK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                       DOT_F32: tl.constexpr, SPLITS: tl.constexpr):
-    """STACK: 0 one matrix; 1 rows of W then rows of W2 (ROWS1 rows in W); 2 columns [W | W2] times [X; X2];
-    3 gated: silu(W[c] x) * (W[F + c] x). Output [M, N] contiguous; X and X2 rows sx and sx2 elements apart.
-    SPLITS > 1 (split_k): program (block, s) sums KS input columns, split s of the first input's (of the second's
-    from split SPLITS1 on, stacked columns), stores its fp32 partial sums in WS and counts itself in COUNT[block];
-    the block's last program to finish adds up the partials and applies the epilogue (no second launch)."""
-    pid = tl.program_id(0)
-    cols = pid * BN + tl.arange(0, BN)
-    m = tl.arange(0, BM)
-    mmask = m < M
-    acc = tl.zeros([BM, BN], tl.float32)
-    up = tl.zeros([BM, BN], tl.float32)
-    mean = tl.zeros([BM], tl.float32)
-    rstd = tl.zeros([BM], tl.float32)
-    if NORM != 0:  # the rows' statistics, from _row_stats_kernel
-        mean = tl.load(STATS + 2 * m, mask=mmask, other=0.0)
-        rstd = tl.load(STATS + 2 * m + 1, mask=mmask, other=0.0)
-    # this program's input columns: [k_lo, k_hi) of X, [k2_lo, k2_hi) of X2 (stacked columns)
-    k_lo, k_hi, k2_lo, k2_hi = 0, K, 0, K2
-    if SPLITS > 1:
-        s = tl.program_id(1)
-        k_lo = tl.minimum(s * KS, K)
-        k_hi = tl.minimum(k_lo + KS, K)
-        if STACK == 2:
-            k2_lo = tl.minimum(tl.maximum(s - SPLITS1, 0) * KS, K2)
-            k2_hi = tl.where(s >= SPLITS1, tl.minimum(k2_lo + KS, K2), k2_lo)
-    if STACK == 3:
-        for k0 in range(k_lo, k_hi, BK):
-            k = k0 + tl.arange(0, BK)
-            x = _chunk(X, sx, m, mmask, k)
-            acc += _dot(x, tl.load(W + cols[:, None] * K + k[None, :]), DOT_F32)
-            up += _dot(x, tl.load(W + (cols + F)[:, None] * K + k[None, :]), DOT_F32)
-    else:
-        if STACK == 1:  # one loop over the block's rows of W or W2 (a loop per branch doubled the shared memory)
-            second = pid * BN >= ROWS1
-            rows = tl.where(second, cols - ROWS1, cols)
-            acc = _product(acc, X, sx, tl.where(second, W2, W) + rows[:, None] * K, k_lo, k_hi, m, mmask, BK,
-                           DOT_F32)
-        else:
-            acc = _product(acc, X, sx, W + cols[:, None] * K, k_lo, k_hi, m, mmask, BK, DOT_F32)
-        if STACK == 2:  # the second matrix's columns add to the same sums
-            acc = _product(acc, X2, sx2, W2 + cols[:, None] * K2, k2_lo, k2_hi, m, mmask, BK, DOT_F32)
-    if SPLITS > 1:
-        tile = (m[:, None] * BN + tl.arange(0, BN)[None, :])
-        PARTS: tl.constexpr = 2 if STACK == 3 else 1
-        nb = tl.num_programs(0)
-        part = WS + (tl.program_id(1) * nb + pid) * (PARTS * BM * BN)
-        tl.store(part + tile, acc)
-        if STACK == 3:
-            tl.store(part + BM * BN + tile, up)
-        tl.debug_barrier()  # all of this program's partials are stored before its count is released
-        done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:
-            acc = tl.zeros([BM, BN], tl.float32)
-            up = tl.zeros([BM, BN], tl.float32)
-            for j in range(SPLITS):  # in split order, so that the sums do not depend on which program came last
-                part = WS + (j * nb + pid) * (PARTS * BM * BN)
-                acc += tl.load(part + tile, cache_modifier=".cg")  # from L2: L1 may hold a line from before
-                if STACK == 3:
-                    up += tl.load(part + BM * BN + tile, cache_modifier=".cg")
-            _epilogue(acc, up, OUT, BIAS, RES, C1, mean, rstd, cols, m, mmask, N, F, ACT_FROM, NORM, ACT, STACK,
-                      HAS_BIAS, HAS_RES)
-            tl.store(COUNT + pid, 0)  # ready for the next call (no other program of this block is left)
-    else:
-        _epilogue(acc, up, OUT, BIAS, RES, C1, mean, rstd, cols, m, mmask, N, F, ACT_FROM, NORM, ACT, STACK,
-                  HAS_BIAS, HAS_RES)
 
 
 def _config(rows: int, stack) -> tuple[int, int, int]:
@@ -183,22 +135,8 @@ def _config(rows: int, stack) -> tuple[int, int, int]:
     return 32, 128, 4 if stack in ("glu", "cols") else 5
 
 
-def split_count(blocks: int, chunks: int, sms: int) -> int:
-    """How many parts split_k="auto" cuts each block's input columns into: none where the output blocks alone
-    give every SM SPLIT_PROGRAMS_PER_SM programs, else enough parts for that, at least SPLIT_MIN_CHUNKS loads each."""
-    if blocks >= SPLIT_PROGRAMS_PER_SM * sms:
-        return 1
-    return max(1, min(-(-SPLIT_PROGRAMS_PER_SM * sms // blocks), chunks // SPLIT_MIN_CHUNKS))
-
-
-def _sm_count(device) -> int:
-    device = torch.device(device)
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, norm=None, row_sums=None,
-               eps=1e-5, act=None, act_from=0, out=None, block_n=None, block_k=None, num_warps=4, num_stages=None,
-               split_k=1, counts=None):
+               eps=1e-5, act=None, act_from=0, out=None, block_n=None, block_k=None, num_warps=4, num_stages=None):
     """One product of M <= 64 rows, x [M, K] bf16 (rows may be a strided view):
       stack None:   act(norm(x) @ w^T + bias) + residual                 w [N, K]
       stack 'rows': norm(x) @ [w; w2]^T, act on output columns >= act_from  w [N1, K], w2 [N2, K]
@@ -206,10 +144,6 @@ def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, 
       stack 'glu':  silu(norm(x) @ w[:F]^T) * (norm(x) @ w[F:]^T)          w [2F, K]
     `norm` ('layernorm', 'rmsnorm') has no scale or shift (folded into w by gemv.fold_norm); a layernorm needs
     `row_sums`, the fp32 sums of the rows of w (and w2); the rows' statistics come from a small kernel first.
-    `split_k`: parts each block's input columns are cut into (1: none, as the committed grids ran; "auto":
-    split_count's rule), for products of few output blocks (Llama-3-8B's QKV, output and down products at batch 64
-    have 128-192 blocks of 32 rows for 132 SMs). `counts`: a dict that keeps the split path's per-block counters
-    between calls (they are left at zero), so that a captured step launches no fill for them.
     Returns [M, N] (or writes `out`)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"small_gemm: x must be [M, K] with contiguous rows, got shape {tuple(x.shape)}")
@@ -240,32 +174,12 @@ def small_gemm(x, w, *, w2=None, x2=None, stack=None, bias=None, residual=None, 
     if norm:
         stats = torch.empty(M, 2, dtype=torch.float32, device=x.device)
         _row_stats_kernel[(M,)](x, stats, K, x.stride(0), eps, KP=triton.next_power_of_2(K), NORM=NORMS[norm])
-    blocks, BM = n // bn, max(16, triton.next_power_of_2(M))
-    chunks = (K + K2) // bk
-    if split_k == "auto":
-        split_k = split_count(blocks, chunks, _sm_count(x.device))
-    if not isinstance(split_k, int) or not 1 <= split_k <= chunks:
-        raise ValueError(f"small_gemm: split_k {split_k!r}: expected 'auto' or 1 to {chunks} (loads of {bk} columns)")
-    splits = splits1 = 1
-    ks = -(-chunks // split_k) * bk  # input columns per part, whole loads
-    if split_k > 1:  # stacked columns: parts of x's columns first, then x2's (no part takes both)
-        splits1 = -(-K // ks)
-        splits = splits1 + (-(-K2 // ks) if mode == 2 else 0)
-    ws = count = dummy
-    if splits > 1:
-        ws = torch.empty(splits * blocks * (2 if mode == 3 else 1) * BM * bn, dtype=torch.float32, device=x.device)
-        key = ("counts", x.device, blocks)
-        count = counts.get(key) if counts is not None else None
-        if count is None:
-            count = torch.zeros(blocks, dtype=torch.int32, device=x.device)
-            if counts is not None:
-                counts[key] = count
-    _small_gemm_kernel[(blocks, splits)](
+    _small_gemm_kernel[(n // bn,)](
         x, w, w2 if w2 is not None else w, x2 if x2 is not None else dummy, out,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
-        row_sums if row_sums is not None else dummy, stats, ws, count, M, K, K2, n, rows1, n if mode == 3 else 0,
-        act_from, x.stride(0), x2.stride(0) if x2 is not None else 0, ks, splits1,
-        BM=BM, BN=bn, BK=bk, NORM=NORMS[norm], ACT=ACTS[act], STACK=mode,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, DOT_F32=DOT_FP32, SPLITS=splits,
-        num_warps=num_warps, num_stages=stages)
+        row_sums if row_sums is not None else dummy, stats, M, K, K2, n, rows1, n if mode == 3 else 0, act_from,
+        x.stride(0), x2.stride(0) if x2 is not None else 0,
+        BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, NORM=NORMS[norm], ACT=ACTS[act], STACK=mode,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, DOT_F32=DOT_FP32, num_warps=num_warps,
+        num_stages=stages)
     return out

@@ -21,8 +21,6 @@ KEYFORMER_ONLY_NAMES = tuple(n for n, kw in KERNEL_OPTIONS.items() if set(kw) <=
 #: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)
 DECODER_OPTIONS = {
     "small_gemm": {"small_gemm": True},      # batch 2-16: the fused products of measure.gemm_small, not cuBLAS
-    "small_gemm_64": {"small_gemm": True, "small_gemm_rows": 64},  # the same up to batch 64
-    "split_k": {"split_k": True},            # gemm_small: products of few output blocks split along their inputs
 }
 ALL_OPTIONS = {**KERNEL_OPTIONS, **DECODER_OPTIONS}
 

@@ -155,25 +155,22 @@ def test_folding_norms_keeps_the_function(name):
                               atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 20])
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name, fused", [("gpt-j-6b", False), ("cerebras-gpt-111m", False), ("mpt-7b", False),
                                          ("llama-3-8b", False), ("gpt-j-6b", True), ("llama-3-8b", True)])
-def test_fused_products_decoder_matches_decoder(name, fused, batch, monkeypatch):
+def test_fused_products_decoder_matches_decoder(name, fused, batch):
     """The compiled engine's fused-product path (norms folded; products and residuals on gemv at batch 1, on
-    gemm_small with `small_gemm` at batch 3, and at batch 20 with `small_gemm_64` and `split_k`, every product
-    split in parts of one load) gives the logits of the decoder it was built from; with the fused
+    gemm_small with `small_gemm` at batch 3) gives the logits of the decoder it was built from; with the fused
     attention cache, rotary runs inside the attention kernel (GPT-J's interleaved pairs on part of each head,
     Llama's halves), which reads q, k and v as column slices of the products."""
     import copy
     import dataclasses
 
     from kfsim.workload import get_workload
-    from measure import gemm_small
     from measure.compiled import CompiledDecoder
     from measure.decoder import build
     from measure.kv_policies import FullCache
 
-    monkeypatch.setattr(gemm_small, "SPLIT_MIN_CHUNKS", 1)  # these small products split too
     w = get_workload(name)
     heads, kv = (4, 2) if w.n_kv_heads < w.n_heads else (4, 4)
     D = 16 if batch == 1 else 32  # gemm_small's blocks: 32 output rows, inputs in multiples of 128
@@ -182,8 +179,7 @@ def test_fused_products_decoder_matches_decoder(name, fused, batch, monkeypatch)
     model = build(w, dtype=torch.bfloat16, device=DEVICE)
     _random_norms(model)
     reference = copy.deepcopy(model)
-    options = {"small_gemm_rows": 64, "split_k": True} if batch > 16 else {}
-    fast = CompiledDecoder(model, compile=False, batch1_gemv=True, small_gemm=True, **options)  # folds the norms
+    fast = CompiledDecoder(model, compile=False, batch1_gemv=True, small_gemm=True)  # folds the norms into `model`
     assert fast.small_gemm == (batch > 1)  # batch 1's dims do not tile; that decoder uses cuBLAS past batch 1
     caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
               for _ in range(2)]
@@ -220,28 +216,21 @@ def _bare_norm(x, kind):
     return x
 
 
-#: small_gemm's split_k: none, and parts of whole loads (2 of 2 loads each; stacked columns: 1 of x's then 2 of x2's)
-SPLITS = [1, 3]
-
-
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("norm", [None, "layernorm", "rmsnorm"])
-@pytest.mark.parametrize("split_k", SPLITS)
-def test_small_gemm_one_matrix_with_norm_bias_residual(M, norm, split_k):
+def test_small_gemm_one_matrix_with_norm_bias_residual(M, norm):
     from measure.gemm_small import small_gemm
 
     torch.manual_seed(M)
     x, w, bias, res = _rand(M, 512), _rand(96, 512, scale=512 ** -0.5), _rand(96), _rand(M, 96)
     want = (_bare_norm(x, norm) @ w.float().T + bias.float()).to(torch.bfloat16).float() + res.float()
-    got = small_gemm(x, w, bias=bias, residual=res, norm=norm, row_sums=w.float().sum(1), block_k=128,
-                     split_k=split_k)
+    got = small_gemm(x, w, bias=bias, residual=res, norm=norm, row_sums=w.float().sum(1))
     assert got.shape == (M, 96) and got.dtype == torch.bfloat16
     _close(got, want)
 
 
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("split_k", SPLITS)
-def test_small_gemm_stacked_rows_activation_on_second(M, split_k):
+def test_small_gemm_stacked_rows_activation_on_second(M):
     """GPT-J's QKV and MLP-up at batch M: one layernorm, two matrices, GELU on the second's columns only."""
     from measure.gemm_small import small_gemm
 
@@ -250,13 +239,12 @@ def test_small_gemm_stacked_rows_activation_on_second(M, split_k):
     y = _bare_norm(x, "layernorm") @ torch.cat([w1, w2]).float().T + bias.float()
     want = torch.cat([y[:, :64], F.gelu(y[:, 64:], approximate="tanh")], dim=1)
     got = small_gemm(x, w1, w2=w2, stack="rows", bias=bias, norm="layernorm", act="gelu_tanh", act_from=64,
-                     row_sums=torch.cat([w1, w2]).float().sum(1), block_k=64, split_k=split_k)
+                     row_sums=torch.cat([w1, w2]).float().sum(1))
     _close(got, want)
 
 
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("split_k", SPLITS + [5])
-def test_small_gemm_stacked_columns_from_a_strided_view(M, split_k):
+def test_small_gemm_stacked_columns_from_a_strided_view(M):
     """GPT-J's output and MLP-down projections into the residual; the MLP input is a column slice of the first
     kernel's output (rows further apart than its width)."""
     from measure.gemm_small import small_gemm
@@ -266,20 +254,19 @@ def test_small_gemm_stacked_columns_from_a_strided_view(M, split_k):
     x2 = wide[:, 64:]
     w1, w2, bias, res = _rand(64, 256, scale=1 / 16), _rand(64, 1024, scale=1 / 32), _rand(64), _rand(M, 64)
     want = (x1.float() @ w1.float().T + x2.float() @ w2.float().T + bias.float()).to(torch.bfloat16).float()
-    got = small_gemm(x1, w1, w2=w2, x2=x2, stack="cols", bias=bias, residual=res, block_k=128, split_k=split_k)
+    got = small_gemm(x1, w1, w2=w2, x2=x2, stack="cols", bias=bias, residual=res)
     _close(got, want + res.float())
 
 
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("split_k", SPLITS)
-def test_small_gemm_gated_rows(M, split_k):
+def test_small_gemm_gated_rows(M):
     """Llama's SwiGLU at batch M: silu(gate) * up from one [2F, K] matrix, after RMSNorm."""
     from measure.gemm_small import small_gemm
 
     torch.manual_seed(3)
     x, w = _rand(M, 256), _rand(2 * 64, 256, scale=1 / 16)
     h = (_bare_norm(x, "rmsnorm") @ w.float().T).to(torch.bfloat16).float()
-    _close(small_gemm(x, w, stack="glu", norm="rmsnorm", block_k=64, split_k=split_k), F.silu(h[:, :64]) * h[:, 64:])
+    _close(small_gemm(x, w, stack="glu", norm="rmsnorm"), F.silu(h[:, :64]) * h[:, 64:])
 
 
 def test_small_gemm_refuses_what_it_cannot_tile():
@@ -291,28 +278,3 @@ def test_small_gemm_refuses_what_it_cannot_tile():
         small_gemm(_rand(2, 64), _rand(48, 64))
     with pytest.raises(ValueError, match="needs the rows' sums"):
         small_gemm(_rand(2, 64), _rand(32, 64), norm="layernorm")
-    with pytest.raises(ValueError, match="split_k 5: expected 'auto' or 1 to 4"):
-        small_gemm(_rand(2, 256), _rand(32, 256), block_k=64, split_k=5)
-
-
-def test_small_gemm_split_leaves_its_counters_at_zero_for_the_next_call():
-    """A split product's counters, kept in `counts`, are back at zero after each call, so a second call (or a
-    replayed graph) merges its own partials, not the first call's."""
-    from measure.gemm_small import small_gemm
-
-    torch.manual_seed(4)
-    counts = {}
-    w = _rand(64, 512, scale=512 ** -0.5)
-    for seed in range(2):
-        x = _rand(5, 512) + seed
-        _close(small_gemm(x, w, block_k=128, split_k=4, counts=counts), x.float() @ w.float().T)
-        assert [int(c.sum()) for c in counts.values()] == [0]
-
-
-def test_split_count_fills_the_sms_only_where_the_blocks_do_not():
-    from measure.gemm_small import split_count
-
-    assert split_count(448, 32, 132) == 1      # Llama-3-8B's gated MLP at batch 64: 448 blocks of 32 rows
-    assert split_count(128, 112, 132) == 3     # its down product: 128 blocks, 14336 columns in loads of 128
-    assert split_count(192, 32, 132) == 2      # QKV: 6144 rows
-    assert split_count(128, 8, 132) == 2       # few loads: at least 4 per part

@@ -153,3 +153,23 @@ def test_small_gemm_batch16_figures_match_the_committed_grids():
     assert (f"median {ratio['base'].median():.3f} (worst {ratio['base'].min():.3f}) to "
             f"{ratio['small'].median():.3f} (worst {ratio['small'].min():.3f})") in text
     assert pd.read_csv(data / "h200-compiled-write_first_fast_log_l2_hints_small_gemm-batch16.csv").throttle.gt(0).sum() == 7
+
+
+def test_split_k_figures_match_the_committed_runs():
+    """The README's sentence on small_gemm_64 and split_k: whole steps with both options against every option alone,
+    measured in one run."""
+    pd = pytest.importorskip("pandas")
+    data = ROOT / "measure" / "data"
+    name = "h200-step-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split"
+    base, new = (pd.read_csv(data / f"{name}{extra}.csv") for extra in ("", "_small_gemm_64_split_k"))
+    keys = ["model", "batch", "context", "policy", "kv_ratio"]
+    m = base.merge(new, on=keys, suffixes=("_base", "_new"))
+    assert len(m) == 20 and (m.status_base == "ok").all() and (m.status_new == "ok").all()
+    change = (m.step_ms_new / m.step_ms_base - 1) * 100
+    text = " ".join(README.split())
+    assert f"were {change.min():.1f} to {change.max():.1f} % longer" in text
+    r = m.set_index(keys).loc[("llama-3-8b", 64, 820, "full", 1.0)]
+    assert f"{r.step_ms_new:.3f} against {r.step_ms_base:.3f} ms" in text
+    split = pd.read_csv(data / "h200-gemm-small-split.csv").set_index(["model", "product", "batch", "kernel"])
+    down = split.loc[("llama-3-8b", "down", 64)].us
+    assert f"{down['auto']:.1f} us unsplit, {down['auto split']:.1f} in 3 parts, {down['split 2']:.1f} in 2" in text
