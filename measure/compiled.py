@@ -80,13 +80,29 @@ def _product(x, w, **kw):
     return small_gemm(x, w, **kw)
 
 
+def _kernel_rotary(model, cos, sin):
+    """The new token's rotary as the fused attention kernels take it (cos, sin, dim, interleaved), or None."""
+    if cos is None:
+        return None
+    return cos.reshape(-1), sin.reshape(-1), model.rotary.dim, model.rotary.interleaved
+
+
+def _qkv_slices(qkv, w):
+    """q, k, v [B, heads, 1, D] as column slices of the QKV product [B, q + 2 kv], without a copy (the fused kernels
+    take their row stride)."""
+    B = qkv.shape[0]
+    return (t.view(B, -1, 1, w.head_dim) for t in qkv.split([w.q_dim, w.kv_dim, w.kv_dim], dim=1))
+
+
 class CompiledDecoder:
     """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
     the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported), and with
-    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small."""
+    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small. With
+    `fused_rotary`, a step on cuBLAS's products hands q, k and v to a fused attention cache as column slices of the
+    QKV product and lets its kernel rotate them, as the fused-product steps do (no rotary or copy kernels)."""
 
     def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None,
-                 small_gemm: bool = False):
+                 small_gemm: bool = False, fused_rotary: bool = False):
         w = model.w
         self.model, self.w = model, w
         rms = w.norm == "rmsnorm"
@@ -109,6 +125,11 @@ class CompiledDecoder:
         def pre(x, nw, nb, wqkv, bqkv, cos, sin):
             h = _norm(x, nw, nb, rms)
             return (h, *heads(F.linear(h, wqkv, bqkv), cos, sin))
+
+        def pre_qkv(x, nw, nb, wqkv, bqkv):
+            """pre without the heads: the projections [B, q + 2 kv] for an attention kernel that rotates itself."""
+            h = _norm(x, nw, nb, rms)
+            return h, F.linear(h, wqkv, bqkv).reshape(x.shape[0], -1)
 
         swiglu = w.ffn_type == "swiglu"
 
@@ -134,11 +155,12 @@ class CompiledDecoder:
         def head(x, nw, nb, wl, bl):
             return F.linear(_norm(x, nw, nb, rms), wl, bl)[:, 0]
 
-        fns = (pre, post, head, heads)
-        self.pre, self.post, self.head, self.heads = (
+        fns = (pre, post, head, heads, pre_qkv)
+        self.pre, self.post, self.head, self.heads, self.pre_qkv = (
             (torch.compile(f, dynamic=False) for f in fns) if compile else fns)
         self.gemv = batch1_gemv if batch1_gemv is not None else gemv_supported(model)
         self.small_gemm = small_gemm and self.gemv and _tiles_small_gemm(w)
+        self.fused_rotary = fused_rotary
         self._consts = {}
         if self.gemv:
             self._fold_norms()
@@ -190,11 +212,16 @@ class CompiledDecoder:
         cos = sin = None
         if m.rotary is not None:
             cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
+        rotary = _kernel_rotary(m, cos, sin)
         for block, cache in zip(m.blocks, caches):
             a = block.attn
-            h, q, k, v = self.pre(x, block.norm1.weight, getattr(block.norm1, "bias", None), a.qkv.weight,
-                                  a.qkv.bias, cos, sin)
-            y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None)
+            n1 = (block.norm1.weight, getattr(block.norm1, "bias", None), a.qkv.weight, a.qkv.bias)
+            if self.fused_rotary and rotary is not None and getattr(cache, "rotates", False):
+                h, qkv = self.pre_qkv(x, *n1)
+                y = cache.decode(*_qkv_slices(qkv, w), pos, rotary=rotary)
+            else:
+                h, q, k, v = self.pre(x, *n1, cos, sin)
+                y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None)
             n2 = block.norm2
             x = self.post(x, h, y, a.out.weight, a.out.bias, None if n2 is None else n2.weight,
                           None if n2 is None else getattr(n2, "bias", None), block.mlp.up.weight, block.mlp.up.bias,
@@ -215,7 +242,7 @@ class CompiledDecoder:
         if m.rotary is not None:
             cos, sin = m.rotary.cos[positions].to(x.dtype), m.rotary.sin[positions].to(x.dtype)
         qkv_rows = w.q_dim + 2 * w.kv_dim
-        rotary = None if cos is None else (cos.reshape(-1), sin.reshape(-1), m.rotary.dim, m.rotary.interleaved)
+        rotary = _kernel_rotary(m, cos, sin)
         for i, (block, cache) in enumerate(zip(m.blocks, caches)):
             a, mlp = block.attn, block.mlp
             c = self._layer_consts(i, block)
@@ -227,8 +254,7 @@ class CompiledDecoder:
                 qkv = _product(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
             if rotary is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
                 # column slices of the products, handed over without a copy (the kernel takes their row stride)
-                q, k, v = (t.view(B, -1, 1, w.head_dim) for t in qkv.split([w.q_dim, w.kv_dim, w.kv_dim], dim=1))
-                y = cache.decode(q, k, v, pos, rotary=rotary).reshape(B, -1)
+                y = cache.decode(*_qkv_slices(qkv, w), pos, rotary=rotary).reshape(B, -1)
             else:
                 q, k, v = self.heads(qkv.reshape(B, 1, -1), cos, sin)
                 y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(B, -1)

@@ -24,8 +24,9 @@ def cases():
     # (batch, kv heads, query heads per KV head, head dim, budget, split tokens)
     # split None: the adaptive split (a few splits on the CPU interpreter, one per SM share on a GPU)
     # split >= slots: one split per row, finished inside the split kernel (no combine / finish launch)
+    # split 256 of blocks of 64 tokens: four blocks per split, so that the loop's running values carry over blocks
     small = [(2, 2, 1, 16, 40, 16), (1, 2, 4, 32, 70, 32), (1, 2, 1, 16, 150, None), (1, 1, 4, 16, 150, None),
-             (2, 2, 1, 16, 40, 64), (2, 2, 4, 16, 40, 64)]
+             (2, 2, 1, 16, 40, 64), (2, 2, 4, 16, 40, 64), (1, 2, 4, 16, 300, 256)]
     big = [(2, 16, 1, 256, 1000, 256), (4, 8, 4, 128, 3000, 512), (1, 8, 4, 128, 8192, 512),
            (1, 16, 1, 256, 819, None), (1, 8, 4, 128, 3277, None), (16, 8, 4, 128, 2048, None),
            (64, 16, 1, 256, 205, None), (64, 8, 4, 128, 820, None)]
@@ -40,8 +41,9 @@ CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 LEAN = {**CANDIDATE, "pos32": True, "lane_partials": True, "finish_chunk": 8}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN],
-                         ids=["shipped", "candidate", "offsets64", "pos32", "lean"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN,
+                                    {**LEAN, "one_exp": True}],
+                         ids=["shipped", "candidate", "offsets64", "pos32", "lean", "lean_one_exp"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -321,3 +323,46 @@ def test_a_cache_past_32_bit_offsets_matches_plain(policy):
     assert torch.allclose(want.float(), got.float(), atol=2e-2, rtol=2e-2)
     assert torch.equal(plain.k[-1, :, S - 5], twin.k[-1, :, S - 5]) and torch.equal(plain.v[-1], twin.v[-1])
     assert torch.allclose(plain.score, twin.score, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["gpt-j-6b", "llama-3-8b"])
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_compiled_step_with_rotary_in_the_kernel_equals_rotating_first(name, policy):
+    """fused_rotary: a step on cuBLAS's products hands q, k and v to the fused cache unrotated, as column slices of
+    the QKV product, and its kernel rotates them: the logits and cache of the glue that rotates them first
+    (uncompiled here, fp32; GPT-J's interleaved pairs on part of each head, Llama's halves and shared KV heads)."""
+    import dataclasses
+
+    from kfsim.workload import get_workload
+    from measure.compiled import CompiledDecoder, fuse_caches
+    from measure.decoder import build
+
+    w = get_workload(name)
+    heads, kv = (4, 2) if w.n_kv_heads < w.n_heads else (4, 4)
+    w = dataclasses.replace(w, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=kv, head_dim=16, ffn_dim=96,
+                            vocab_size=101, max_context=128, rotary_dim=8 if w.family == "gptj" else None)
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device=DEVICE)
+
+    def caches():
+        torch.manual_seed(1)
+        if policy == "full":
+            plain = [FullCache(2, kv, 48, 16, torch.float32, DEVICE) for _ in range(w.n_layers)]
+        else:
+            plain = [EvictingCache("keyformer", 2, kv, 40, 10, 16, torch.float32, DEVICE) for _ in range(w.n_layers)]
+        for c in plain:
+            c.fill_random(40 if policy == "full" else 80)
+        return plain, fuse_caches(plain)
+
+    (pa, a), (pb, b) = caches(), caches()
+    first = CompiledDecoder(model, compile=False, batch1_gemv=False)
+    in_kernel = CompiledDecoder(model, compile=False, batch1_gemv=False, fused_rotary=True)
+    token = torch.tensor([3, 7], device=DEVICE)
+    with torch.no_grad():
+        for i in range(2):
+            want, got = first.decode(token, 80 + i, a), in_kernel.decode(token, 80 + i, b)
+            assert torch.allclose(want, got, atol=1e-4, rtol=1e-4), (want - got).abs().max()
+    for x, y in zip(pa, pb):
+        assert torch.allclose(x.k, y.k, atol=1e-5) and torch.equal(x.v, y.v)
+        if policy == "keyformer":
+            assert torch.allclose(x.score, y.score, atol=1e-5) and torch.equal(x.pos, y.pos)
