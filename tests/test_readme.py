@@ -170,6 +170,40 @@ def test_split_k_figures_match_the_committed_runs():
     assert f"were {change.min():.1f} to {change.max():.1f} % longer" in text
     r = m.set_index(keys).loc[("llama-3-8b", 64, 820, "full", 1.0)]
     assert f"{r.step_ms_new:.3f} against {r.step_ms_base:.3f} ms" in text
-    split = pd.read_csv(data / "h200-gemm-small-split.csv").set_index(["model", "product", "batch", "kernel"])
+    split = pd.read_csv(data / "h200-gemm-small-split.csv").set_index(["model", "product", "batch", "kernel"]).sort_index()
     down = split.loc[("llama-3-8b", "down", 64)].us
     assert f"{down['auto']:.1f} us unsplit, {down['auto split']:.1f} in 3 parts, {down['split 2']:.1f} in 2" in text
+
+
+def test_fused_rotary_figures_match_the_committed_grids():
+    """The README's sentences on fused_rotary: its grid against the all-options grid, its goal figures, and the run
+    of both option sets side by side."""
+    pd = pytest.importorskip("pandas")
+    from measure.fused_table import summary, table
+
+    data = ROOT / "measure" / "data"
+    all_options = "h200-compiled-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split"
+    a, b = (pd.read_csv(data / f"{all_options}{extra}.csv") for extra in ("", "_fused_rotary"))
+    keys = ["model", "batch", "context", "policy", "kv_ratio"]
+    m = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    m = m[(m.status_a == "ok") & (m.status_b == "ok")]
+    change = m.step_ms_b / m.step_ms_a - 1
+    text = " ".join(README.split())
+    assert (b.status == "ok").sum() == 86 and (b.throttle > 0).sum() == 25
+    ok = b[b.status == "ok"]
+    assert f"at {ok[ok.throttle > 0].sm_mhz.min():.0f}-{ok[ok.throttle > 0].sm_mhz.max():.0f} MHz" in text
+    assert f"a median {-change[m.batch == 64].median() * 100:.1f} % shorter" in text
+    assert change[m.batch < 64].abs().max() < 0.003  # "within 0.3 %"
+    s = summary(table(str(data / f"{all_options}_fused_rotary.csv"), str(data / "h200-microbench.csv")))
+    o, r = s["over_ideal_reduced_step"], s["speedup_over_predicted"]
+    assert ("batch 1 at {:.3f}-{:.3f} of the read ceiling".format(*s["batch1_bw_fraction"]) + f", Keyformer's step at "
+            f"most {o['worst']:.2f}x the ideal reduced step (median {o['median']:.2f}), its speedup at least "
+            f"{r['worst']:.2f} of the ideal engine's (median {r['median']:.2f})") in text
+    base, new = (pd.read_csv(data / f"h200-step-{all_options[len('h200-compiled-'):]}{extra}.csv")
+                 for extra in ("-run2", "_fused_rotary_one_exp"))
+    s2 = base.merge(new, on=keys, suffixes=("_a", "_b"))
+    s2["change"] = (s2.step_ms_b / s2.step_ms_a - 1) * 100
+    full64 = s2[(s2.batch == 64) & (s2.policy == "full")].change
+    assert f"by {-full64.max():.1f}-{-full64.min():.1f} %" in text
+    kf16 = s2[(s2.batch == 16) & (s2.policy == "keyformer")].change
+    assert f"by {kf16.min():.1f} to +{kf16.max():.1f} %" in text
