@@ -157,7 +157,7 @@ def list_cmd(what, as_json):
 @click.option("--kernel-options", default="", metavar="LIST",
               help="--engine compiled: opt-in options of the fused attention kernel, e.g. write_first,l2_hints "
                    "(write_first, l2_hints, fold_combine, wave, batch1_split, fast_log; Keyformer's kernels only: "
-                   "pos32, lane_partials, short_finish, side_finish; measure/fused_attention.py says what each does), and of the "
+                   "pos32, lane_partials, short_finish; measure/fused_attention.py says what each does), and of the "
                    "decoder around it (small_gemm: batch 2-16 on the fused products of measure/gemm_small.py instead "
                    "of cuBLAS; fused_rotary: steps on cuBLAS hand q, k, v to the attention kernel unrotated). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")

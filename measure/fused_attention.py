@@ -27,9 +27,7 @@ flash-decoding does. Noise is generated in A only, from a hash of the step and t
 tests, read from a tensor shared with the plain path. `fold_combine`, `split_rule="wave"` and `l2_hints` are off
 by default: the committed grids ran without them, and they await a GPU measurement (bench_attention compares).
 Off by default too, for Keyformer only: int32 positions (FusedKeyformerCache's `pos32`), `lane_partials` (the
-Gumbel partials per token lane, reduced after the loop), `finish_chunk` (finish programs of that many slots) and
-`side_finish` (the finish kernel's scoring on a side stream, overlapping the layer's products; _combine_kernel
-merges the output, and the next layer's kernels wait for the scoring);
+Gumbel partials per token lane, reduced after the loop) and `finish_chunk` (finish programs of that many slots);
 and `split_rule="rows"` (fewer programs per SM at batch 1). measure/kernel_options.py names them all.
 """
 from __future__ import annotations
@@ -322,18 +320,16 @@ def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK
 def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, chunk_len,
                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   Z_READ: tl.constexpr, NCAND: tl.constexpr, COMBINE_ROWS: tl.constexpr):
+                   Z_READ: tl.constexpr, NCAND: tl.constexpr):
     """One program per (sequence, KV head, chunk of chunk_len slots): a split's tokens (NCAND = NSPLIT), or with
-    `short_finish` one finish block's, so that many short programs, not a few long loops, read z and the scores.
-    COMBINE_ROWS: the programs of the first chunks also merge the attention output (else _combine_kernel does)."""
+    `short_finish` one finish block's, so that many short programs, not a few long loops, read z and the scores."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
-    if COMBINE_ROWS:
-        for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the chunks' programs
-            if chunk == gi % NCAND:
-                _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, "")
+    for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the chunks' programs
+        if chunk == gi % NCAND:
+            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, "")
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * H + hk * G + g
@@ -456,23 +452,6 @@ class StepState:
         self.cur = torch.zeros((), dtype=torch.int64, device=device)
         self.step = torch.full((), float(step), dtype=torch.float32, device=device)
         self.scratch: dict[str, torch.Tensor] = {}
-        self.side = None  # side_finish: the stream the layers' scoring runs on, and whether it has work not joined
-        self.pending = False
-
-    def side_stream(self, device):
-        """The side stream of `device` (None off a GPU: the scoring then runs in order, on the same stream)."""
-        if torch.device(device).type != "cuda":
-            return None
-        if self.side is None:
-            self.side = torch.cuda.Stream(device)
-        return self.side
-
-    def join(self, device):
-        """Make the current stream wait for the scoring launched on the side stream (the last layer's, or the one
-        before the next layer's kernels)."""
-        if self.pending:
-            torch.cuda.current_stream(device).wait_stream(self.side)
-            self.pending = False
 
 
 def _scratch(shared: dict | None, name: str, numel: int, like: dict) -> torch.Tensor:
@@ -490,7 +469,7 @@ class FusedDecoder:
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
                  l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
-                 side_finish=False, scratch=None, offsets64=None):
+                 scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
                              f"offsets: batch {batch} x {heads} heads x {slots} slots = {batch * heads * slots} "
@@ -512,10 +491,6 @@ class FusedDecoder:
         self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
         self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
         self.lane_partials = lane_partials  # Keyformer's Gumbel partials reduced after the loop (see _split_kernel)
-        # Keyformer's scoring (finish kernel) on a side stream, the output merged by the combine kernel: the scores
-        # are needed only by this layer's next step, so the scoring overlaps the layer's products; the next layer's
-        # split kernel waits for it (it overwrites z, which the layers may share)
-        self.side_finish = side_finish
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
                                       split_rule)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
@@ -603,7 +578,7 @@ class FusedDecoder:
                 self.cand_idx, state.cur, window, self.S, self.chunk_len)
         meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=self.FBLOCK, NSPLIT=self.NSPLIT,
                     BLOCKS=triton.cdiv(self.chunk_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict,
-                    NCAND=self.NCAND, COMBINE_ROWS=not self.side_finish)
+                    NCAND=self.NCAND)
         return (self.B * self.HKV, self.NCAND), args, meta, dict(num_warps=self.num_warps)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
@@ -621,22 +596,11 @@ class FusedDecoder:
         """Evicting cache: as `attend`, with the new token in the slot the last step freed (pos = state.cur,
         score 0); this step's Gumbel-softmax is added to `score_buf` and each split's eviction candidate left."""
         out = torch.empty_like(q) if out is None else out
-        state.join(q.device)  # the last layer's scoring has read z (which this layer overwrites with side_finish)
         self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
                     window, rotary)
         if self.NSPLIT > 1:
-            if self.side_finish:
-                grid, args, meta, options = self.combine_launch(out)
-                _combine_kernel[grid](*args, **meta, **options)
             grid, args, meta, options = self.finish_launch(out, pos, score_buf, state, window)
-            side = state.side_stream(q.device) if self.side_finish else None
-            if side is None:
-                _finish_kernel[grid](*args, **meta, **options)
-            else:
-                side.wait_stream(torch.cuda.current_stream(q.device))
-                with torch.cuda.stream(side):
-                    _finish_kernel[grid](*args, **meta, **options)
-                state.pending = True
+            _finish_kernel[grid](*args, **meta, **options)
         return out
 
 
@@ -687,13 +651,11 @@ class FusedKeyformerCache:
                                           c.pos, c.score, self.state, c.window, self.noise_tensor, c.tau_delta,
                                           rotary=rotary)
         if self.last:
-            self.state.join(q.device)  # no scoring is left on the side stream when the step ends
             self.state.step += 1
         return out.view(B, H, 1, D)
 
     def sync(self):
         """Write the next free slot and the step count back into the plain cache's tensors."""
-        self.state.join(self.plain.k.device)
         self.plain.free.copy_(self.fused.free())
         self.plain.step.copy_(self.state.step)
 

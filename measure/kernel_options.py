@@ -12,11 +12,10 @@ KERNEL_OPTIONS = {
     "pos32": {"pos32": True},                # Keyformer's token positions int32: half the bytes the loop reads
     "lane_partials": {"lane_partials": True},  # Keyformer's Gumbel max and sum per token lane: no reduction in the loop
     "short_finish": {"finish_chunk": 256},   # Keyformer's finish kernel: one program per 256 slots (no loop)
-    "side_finish": {"side_finish": True},    # Keyformer's scoring on a side stream, overlapping the layer's products
     "batch1_split": {"split_rule": "rows"},  # fewer rows than SMs (batch 1): ~2 programs per SM, not ~4
 }
 #: FusedDecoder keywords that change Keyformer's kernels only (the full cache runs the same code with or without)
-KEYFORMER_ONLY = ("pos32", "lane_partials", "finish_chunk", "side_finish")
+KEYFORMER_ONLY = ("pos32", "lane_partials", "finish_chunk")
 #: option names of KERNEL_OPTIONS that change Keyformer's kernels only
 KEYFORMER_ONLY_NAMES = tuple(n for n, kw in KERNEL_OPTIONS.items() if set(kw) <= set(KEYFORMER_ONLY))
 #: options of the decoder around it: name -> CompiledDecoder keywords (measure.compiled)

@@ -41,9 +41,8 @@ CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 LEAN = {**CANDIDATE, "pos32": True, "lane_partials": True, "finish_chunk": 8}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN,
-                                    {**LEAN, "side_finish": True}],
-                         ids=["shipped", "candidate", "offsets64", "pos32", "lean", "lean_side_finish"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN],
+                         ids=["shipped", "candidate", "offsets64", "pos32", "lean"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -367,37 +366,3 @@ def test_compiled_step_with_rotary_in_the_kernel_equals_rotating_first(name, pol
         assert torch.allclose(x.k, y.k, atol=1e-5) and torch.allclose(x.v, y.v, atol=1e-5)
         if policy == "keyformer":
             assert torch.allclose(x.score, y.score, atol=1e-5) and torch.equal(x.pos, y.pos)
-
-
-@pytest.mark.parametrize("G", [1, 4])
-def test_side_finish_layers_equal_the_same_layers_in_order(G):
-    """side_finish: each layer's scoring runs on a side stream (on a GPU), and the next layer's split kernel, which
-    overwrites the z the layers share, waits for it; three layers over three steps give the outputs, scores and
-    evictions of the same kernels run in order."""
-    from measure.fused_attention import StepState
-
-    B, HKV, D, budget = 2, 2, 16, 300
-
-    def layers(kernel):
-        torch.manual_seed(3)
-        plain = [EvictingCache("keyformer", B, HKV, budget, 40, D, torch.float32, DEVICE, tau_delta=0.05)
-                 for _ in range(3)]
-        for c in plain:
-            c.fill_random(budget * 2)
-            c.score.uniform_()
-        state = StepState(DEVICE)
-        return plain, [FusedKeyformerCache(c, 64, state, first=i == 0, last=i == 2, kernel=kernel)
-                       for i, c in enumerate(plain)]
-
-    kernel = {**LEAN, "finish_chunk": 32}
-    (pa, a), (pb, b) = layers(kernel), layers({**kernel, "side_finish": True})
-    torch.manual_seed(4)
-    for t in range(budget * 2, budget * 2 + 3):
-        for la, lb in zip(a, b):
-            q = torch.randn(B, HKV * G, 1, D, device=DEVICE)
-            k, v = torch.randn(B, HKV, 1, D, device=DEVICE), torch.randn(B, HKV, 1, D, device=DEVICE)
-            assert torch.equal(la.decode(q, k, v, t), lb.decode(q, k, v, t))
-    for la, lb in zip(a, b):
-        la.sync(), lb.sync()
-    for x, y in zip(pa, pb):
-        assert torch.equal(x.score, y.score) and torch.equal(x.free, y.free) and torch.equal(x.pos, y.pos)

@@ -207,3 +207,20 @@ def test_fused_rotary_figures_match_the_committed_grids():
     assert f"by {-full64.max():.1f}-{-full64.min():.1f} %" in text
     kf16 = s2[(s2.batch == 16) & (s2.policy == "keyformer")].change
     assert f"by {kf16.min():.1f} to +{kf16.max():.1f} %" in text
+
+
+def test_side_finish_figures_match_the_committed_run():
+    """The README's sentence on side_finish: Keyformer's steps with and without it, measured in one run."""
+    pd = pytest.importorskip("pandas")
+    data = ROOT / "measure" / "data"
+    name = "h200-step-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split_fused_rotary"
+    base, side = (pd.read_csv(data / f"{name}{extra}.csv") for extra in ("-keyformer", "_side_finish"))
+    keys = ["model", "batch", "context", "policy", "kv_ratio"]
+    m = base.merge(side, on=keys, suffixes=("_a", "_b"))
+    m = m[(m.status_a == "ok") & (m.status_b == "ok")]
+    assert len(m) == 15 and (m.policy == "keyformer").all()
+    change = (m.step_ms_b / m.step_ms_a - 1) * 100
+    text = " ".join(README.split())
+    b64, b16 = change[m.batch == 64], change[m.batch == 16]
+    assert f"batch-64 steps by {b64.min():.1f} to +{b64.max():.1f} %" in text
+    assert f"batch-16 steps by {b16.min():.1f}-{b16.max():.1f} %" in text
