@@ -155,23 +155,34 @@ def test_small_gemm_batch16_figures_match_the_committed_grids():
     assert pd.read_csv(data / "h200-compiled-write_first_fast_log_l2_hints_small_gemm-batch16.csv").throttle.gt(0).sum() == 7
 
 
+#: the option set of the all-options grid, as its file names spell it, and the keys of a measured point
+ALL_OPTIONS = "write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split"
+POINT = ["model", "batch", "context", "policy", "kv_ratio"]
+
+
+def _side_by_side(base: str, new: str):
+    """Two committed measurement CSVs (measure/data names) merged on the point, the points both measured, with the
+    step's change from base to new in per cent ("change"; the columns of each end in _a and _b)."""
+    pd = pytest.importorskip("pandas")
+    a, b = (pd.read_csv(ROOT / "measure" / "data" / name) for name in (base, new))
+    m = a.merge(b, on=POINT, suffixes=("_a", "_b"))
+    m = m[(m.status_a == "ok") & (m.status_b == "ok")].copy()
+    m["change"] = (m.step_ms_b / m.step_ms_a - 1) * 100
+    return m
+
+
 def test_split_k_figures_match_the_committed_runs():
     """The README's sentence on small_gemm_64 and split_k: whole steps with both options against every option alone,
     measured in one run."""
     pd = pytest.importorskip("pandas")
-    data = ROOT / "measure" / "data"
-    name = "h200-step-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split"
-    base, new = (pd.read_csv(data / f"{name}{extra}.csv") for extra in ("", "_small_gemm_64_split_k"))
-    keys = ["model", "batch", "context", "policy", "kv_ratio"]
-    m = base.merge(new, on=keys, suffixes=("_base", "_new"))
-    assert len(m) == 20 and (m.status_base == "ok").all() and (m.status_new == "ok").all()
-    change = (m.step_ms_new / m.step_ms_base - 1) * 100
+    m = _side_by_side(f"h200-step-{ALL_OPTIONS}.csv", f"h200-step-{ALL_OPTIONS}_small_gemm_64_split_k.csv")
+    assert len(m) == 20
     text = " ".join(README.split())
-    assert f"were {change.min():.1f} to {change.max():.1f} % longer" in text
-    r = m.set_index(keys).loc[("llama-3-8b", 64, 820, "full", 1.0)]
-    assert f"{r.step_ms_new:.3f} against {r.step_ms_base:.3f} ms" in text
-    split = pd.read_csv(data / "h200-gemm-small-split.csv").set_index(["model", "product", "batch", "kernel"]).sort_index()
-    down = split.loc[("llama-3-8b", "down", 64)].us
+    assert f"were {m.change.min():.1f} to {m.change.max():.1f} % longer" in text
+    r = m.set_index(POINT).loc[("llama-3-8b", 64, 820, "full", 1.0)]
+    assert f"{r.step_ms_b:.3f} against {r.step_ms_a:.3f} ms" in text
+    split = pd.read_csv(ROOT / "measure" / "data" / "h200-gemm-small-split.csv")
+    down = split.set_index(["model", "product", "batch", "kernel"]).sort_index().loc[("llama-3-8b", "down", 64)].us
     assert f"{down['auto']:.1f} us unsplit, {down['auto split']:.1f} in 3 parts, {down['split 2']:.1f} in 2" in text
 
 
@@ -181,28 +192,21 @@ def test_fused_rotary_figures_match_the_committed_grids():
     pd = pytest.importorskip("pandas")
     from measure.fused_table import summary, table
 
-    data = ROOT / "measure" / "data"
-    all_options = "h200-compiled-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split"
-    a, b = (pd.read_csv(data / f"{all_options}{extra}.csv") for extra in ("", "_fused_rotary"))
-    keys = ["model", "batch", "context", "policy", "kv_ratio"]
-    m = a.merge(b, on=keys, suffixes=("_a", "_b"))
-    m = m[(m.status_a == "ok") & (m.status_b == "ok")]
-    change = m.step_ms_b / m.step_ms_a - 1
+    grid = f"h200-compiled-{ALL_OPTIONS}_fused_rotary.csv"
+    m = _side_by_side(f"h200-compiled-{ALL_OPTIONS}.csv", grid)
     text = " ".join(README.split())
+    b = pd.read_csv(ROOT / "measure" / "data" / grid)
     assert (b.status == "ok").sum() == 86 and (b.throttle > 0).sum() == 25
-    ok = b[b.status == "ok"]
-    assert f"at {ok[ok.throttle > 0].sm_mhz.min():.0f}-{ok[ok.throttle > 0].sm_mhz.max():.0f} MHz" in text
-    assert f"a median {-change[m.batch == 64].median() * 100:.1f} % shorter" in text
-    assert change[m.batch < 64].abs().max() < 0.003  # "within 0.3 %"
-    s = summary(table(str(data / f"{all_options}_fused_rotary.csv"), str(data / "h200-microbench.csv")))
+    capped = b[(b.status == "ok") & (b.throttle > 0)]
+    assert f"at {capped.sm_mhz.min():.0f}-{capped.sm_mhz.max():.0f} MHz" in text
+    assert f"a median {-m.change[m.batch == 64].median():.1f} % shorter" in text
+    assert m.change[m.batch < 64].abs().max() < 0.3  # "within 0.3 %"
+    s = summary(table(str(ROOT / "measure" / "data" / grid), str(ROOT / "measure" / "data" / "h200-microbench.csv")))
     o, r = s["over_ideal_reduced_step"], s["speedup_over_predicted"]
     assert ("batch 1 at {:.3f}-{:.3f} of the read ceiling".format(*s["batch1_bw_fraction"]) + f", Keyformer's step at "
             f"most {o['worst']:.2f}x the ideal reduced step (median {o['median']:.2f}), its speedup at least "
             f"{r['worst']:.2f} of the ideal engine's (median {r['median']:.2f})") in text
-    base, new = (pd.read_csv(data / f"h200-step-{all_options[len('h200-compiled-'):]}{extra}.csv")
-                 for extra in ("-run2", "_fused_rotary_one_exp"))
-    s2 = base.merge(new, on=keys, suffixes=("_a", "_b"))
-    s2["change"] = (s2.step_ms_b / s2.step_ms_a - 1) * 100
+    s2 = _side_by_side(f"h200-step-{ALL_OPTIONS}-run2.csv", f"h200-step-{ALL_OPTIONS}_fused_rotary_one_exp.csv")
     full64 = s2[(s2.batch == 64) & (s2.policy == "full")].change
     assert f"by {-full64.max():.1f}-{-full64.min():.1f} %" in text
     kf16 = s2[(s2.batch == 16) & (s2.policy == "keyformer")].change
@@ -211,16 +215,10 @@ def test_fused_rotary_figures_match_the_committed_grids():
 
 def test_side_finish_figures_match_the_committed_run():
     """The README's sentence on side_finish: Keyformer's steps with and without it, measured in one run."""
-    pd = pytest.importorskip("pandas")
-    data = ROOT / "measure" / "data"
-    name = "h200-step-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_batch1_split_fused_rotary"
-    base, side = (pd.read_csv(data / f"{name}{extra}.csv") for extra in ("-keyformer", "_side_finish"))
-    keys = ["model", "batch", "context", "policy", "kv_ratio"]
-    m = base.merge(side, on=keys, suffixes=("_a", "_b"))
-    m = m[(m.status_a == "ok") & (m.status_b == "ok")]
+    m = _side_by_side(f"h200-step-{ALL_OPTIONS}_fused_rotary-keyformer.csv",
+                      f"h200-step-{ALL_OPTIONS}_fused_rotary_side_finish.csv")
     assert len(m) == 15 and (m.policy == "keyformer").all()
-    change = (m.step_ms_b / m.step_ms_a - 1) * 100
     text = " ".join(README.split())
-    b64, b16 = change[m.batch == 64], change[m.batch == 16]
+    b64, b16 = m.change[m.batch == 64], m.change[m.batch == 16]
     assert f"batch-64 steps by {b64.min():.1f} to +{b64.max():.1f} %" in text
     assert f"batch-16 steps by {b16.min():.1f}-{b16.max():.1f} %" in text
