@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Batch 16 and 64 decode steps with two option sets side by side (BASE, and NEW: by default BASE plus small_gemm),
-# after the product and attention kernel tests (TESTS=0 skips them) and, with PRODUCTS=1, gemm_small's fused
-# products against cuBLAS (measure.bench_gemm_small; MATCH=REGEX its variants, PRODUCT_BATCH=64); then where a NEW step spends its time. TEST_K="small_gemm"
-# runs only the tests that name it.
+# after the product and attention kernel tests (TESTS=0 skips them; TEST_K=... a pytest -k expression, TESTS_S its
+# time limit) and, with PRODUCTS=1, gemm_small's fused products against cuBLAS (measure.bench_gemm_small; MATCH=REGEX
+# its variants, PRODUCT_BATCH=64 its batches); then where a NEW step spends its time (POINTS="--point M,B,C,P,R ...").
+# FULL_S, KF_S, PROFILE_S: time limits of the parts, seconds.
 # Usage: [BASE=...] [NEW=...] [CONTEXTS=820,2048,4096] bash measure/bench_small_gemm.sh OUTDIR
 export OUT=${1:?usage: bench_small_gemm.sh OUTDIR}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
