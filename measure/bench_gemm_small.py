@@ -42,7 +42,8 @@ FUSED_CONFIGS = ((32, 128, 3), (64, 128, 3))
 def fused_rows(model: str, batch: int, ceiling: float, match: str = "") -> list[dict]:
     """Each fused product of the decoder's layer at `batch` rows: cuBLAS (F.linear per matrix, no glue) and
     gemm_small (glue included; the variants whose name `match` finds, as a regular expression), microseconds and
-    weight GB/s; a variant whose output differs from gemm_small's own configuration's is reported, not timed."""
+    weight GB/s; a variant whose output differs from gemm_small's own configuration's is reported, not timed (when
+    that configuration itself fails, as a product of its own, the others go unchecked)."""
     import re
 
     from triton.runtime.errors import OutOfResources
@@ -59,14 +60,18 @@ def fused_rows(model: str, batch: int, ceiling: float, match: str = "") -> list[
         variants += [(f"{bn}x{bk}x{st}", {"block_n": bn, "block_k": bk, "num_stages": st})
                      for bn, bk, st in FUSED_CONFIGS]
         variants = [v for v in variants if v[0] in ("cublas", "auto") or re.search(match, v[0])]
-        want = small_gemm(sets[0][0], sets[0][1], **sets[0][2]).float()
+        try:  # the reference output: gemm_small's own configuration (checked against PyTorch by tests/test_gemv)
+            want = small_gemm(sets[0][0], sets[0][1], **sets[0][2]).float()
+        except (ValueError, RuntimeError, OutOfResources):  # reported below as that variant's failure
+            want = None
         for name, kw in variants:
             if kw is None:
                 fn = lambda x, w, k: [F.linear(x, w), F.linear(k.get("x2", x), k["w2"]) if "w2" in k else None]  # noqa: E731
             else:
                 fn = lambda x, w, k, kw=kw: small_gemm(x, w, **k, **kw)  # noqa: E731
             try:
-                if kw is not None and not torch.allclose(got := fn(*sets[0]).float(), want, atol=5e-2, rtol=5e-2):
+                if kw and want is not None and not torch.allclose(got := fn(*sets[0]).float(), want, atol=5e-2,
+                                                                  rtol=5e-2):
                     print(f"  {model} {p['name']} B={batch} {name}: WRONG (max err {(got - want).abs().max():.3g})")
                     continue
                 us = _time(lambda fn=fn: [fn(x, w, k) for x, w, k in sets], copies)
