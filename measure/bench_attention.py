@@ -144,6 +144,8 @@ def _append(path: str, row: dict, first: bool) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="CSV to write")
+    ap.add_argument("--models", type=_words("models", tuple(s[0] for s in SHAPES)),
+                    default=",".join(s[0] for s in SHAPES), help="model shapes, a list (default: %(default)s)")
     ap.add_argument("--batch", type=_ints("batch"), default="1,16,64")
     ap.add_argument("--tokens", type=_ints("tokens"), default="205,820,3277", help="cached tokens (the full cache's context, "
                     "Keyformer's budget)")
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
               [fused_attention.RESIDENT_PER_SM if rule == "wave" else fused_attention.PROGRAMS_PER_SM]]
     rows = []
     with torch.inference_mode():
-        for (name, hkv, g, d), batch, tokens in itertools.product(SHAPES, a.batch, a.tokens):
+        shapes = [shape for shape in SHAPES if shape[0] in a.models]
+        for (name, hkv, g, d), batch, tokens in itertools.product(shapes, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
                 best, line, seen = None, [], set()
                 combines = a.combine if policy == "full" else [""]
