@@ -142,81 +142,6 @@ def _rotated(X, offs, d, COS, SIN, mask, ROT: tl.constexpr, ROT_DIM: tl.constexp
 
 
 @triton.jit
-def _dense_loop(Q, K, V, POS, Z, NOISE, COS, SIN, b, hk, kv_base, start, n_valid, S, sq, scale, seed, inv_tau,
-                ROT: tl.constexpr, ROT_DIM: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SCORE: tl.constexpr,
-                HAS_POS: tl.constexpr, USE_NOISE: tl.constexpr, IEEE: tl.constexpr, KV_EVICT: tl.constexpr,
-                Z_EVICT: tl.constexpr, FAST_LOG: tl.constexpr, ROWS_APART: tl.constexpr):
-    """The split's loop with every row of the 16-row tile in use (option dense_gqa; G query heads per KV head,
-    R = 16 / G): a block of BLOCK_N tokens is R sub-blocks of TB tokens, and tile row j * G + g is query head g
-    against sub-block j. q is block-diagonal [16, R * D] (head g's q in the columns of sub-block j), K and V
-    [TB, R * D] (sub-block j's tokens side by side), so the logits [16, TB] hold no padding rows: the softmax and
-    Keyformer's scoring run on every element once, where the plain tile computes each 2-4 times over (pads or
-    copies). P.V gives [16, R * D], of which row j * G + g keeps its own sub-block's columns. Returns the head's
-    attention partials (max, sum, output [G, D]) and Gumbel partials (max, sum), each merged over the sub-blocks."""
-    R: tl.constexpr = BLOCK_G // G
-    TB: tl.constexpr = BLOCK_N // R
-    RD: tl.constexpr = R * D
-    r = tl.arange(0, BLOCK_G)
-    rj = r // G  # the row's sub-block
-    heads = hk * G + r % G
-    c = tl.arange(0, RD)
-    cj = c // D  # the column's sub-block
-    cd = c % D
-    t = tl.arange(0, TB)
-    if ROWS_APART:
-        qrow = b * sq + heads * D
-    else:
-        qrow = (b * H + heads) * D
-    q = _rotated(Q, qrow[:, None], cd[None, :], COS, SIN, rj[:, None] == cj[None, :], ROT, ROT_DIM)
-    zrow = (b * H + heads) * S
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, RD], tl.float32)
-    mz_lane = tl.full([BLOCK_G, TB], -1e30, tl.float32)
-    lz_lane = tl.zeros([BLOCK_G, TB], tl.float32)
-    for i in range(0, BLOCKS):
-        n0 = start + i * BLOCK_N
-        nk = n0 + cj[None, :] * TB + t[:, None]  # [TB, RD]: the token of each K / V element
-        kmask = nk < n_valid
-        k = tl.load(K + (kv_base + nk) * D + cd[None, :], mask=kmask, other=0.0, eviction_policy=KV_EVICT)
-        v = tl.load(V + (kv_base + nk) * D + cd[None, :], mask=kmask, other=0.0, eviction_policy=KV_EVICT)
-        n = n0 + rj[:, None] * TB + t[None, :]  # [16, TB]: the token of each logit
-        nmask = n < n_valid
-        valid = nmask
-        if HAS_POS:
-            pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
-            valid = valid & (pos >= 0)
-        x = _qk(q, k, IEEE) * scale
-        x = tl.where(valid, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(x - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _pv(p, v, IEEE)
-        m_i = m_new
-        if SCORE:  # as the plain loop's lane partials, on [16, TB]
-            offs = zrow[:, None] + n
-            z = (x + _noise(NOISE, seed, offs, nmask, USE_NOISE, FAST_LOG)) * inv_tau
-            tl.store(Z + offs, z, mask=nmask, eviction_policy=Z_EVICT)
-            mz_new = tl.maximum(mz_lane, z)
-            lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
-            mz_lane = mz_new
-    # each row's own sub-block of P.V, then the R rows of each head merged (rows ordered sub-block-major)
-    acc = tl.sum(tl.reshape(tl.where(rj[:, None] == cj[None, :], acc, 0.0), [BLOCK_G, R, D]), 1)
-    m3 = tl.reshape(m_i, [R, G])
-    m_g = tl.max(m3, 0)
-    w = tl.exp(m3 - tl.where(m_g == float("-inf"), 0.0, m_g)[None, :])  # 0 where a row saw no valid token
-    l_g = tl.sum(tl.reshape(l_i, [R, G]) * w, 0)
-    acc_g = tl.sum(tl.reshape(acc, [R, G, D]) * w[:, :, None], 0)
-    mz3 = tl.reshape(mz_lane, [R, G, TB])
-    mz_g = tl.max(tl.max(mz3, 2), 0)  # finite: the lanes start at -1e30
-    lz_g = tl.sum(tl.sum(tl.reshape(lz_lane, [R, G, TB]) * tl.exp(mz3 - mz_g[None, :, None]), 2), 0)
-    return m_g, l_g, acc_g, mz_g, lz_g
-
-
-@triton.jit
 def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ, OUT,
                   COS, SIN, DONE, S, n_valid, split_len, scale, tau_init, tau_delta, window, sq, skv,
                   ROT: tl.constexpr, ROT_DIM: tl.constexpr,
@@ -227,7 +152,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
                   FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
                   WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
                   ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
-                  BLOCK_C: tl.constexpr, DENSE: tl.constexpr):
+                  BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -239,12 +164,10 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     # q and the new K and V: with ROWS_APART, the rows of sequence b start sq and skv elements apart (column
     # slices of a batch's stacked projections); else they are contiguous [B, heads, D] (the committed grids' code)
     if ROWS_APART:
-        if not DENSE:  # (the dense loop loads q itself)
-            q = _rotated(Q, (b * sq + heads * D)[:, None], d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
+        q = _rotated(Q, (b * sq + heads * D)[:, None], d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
         new_row = b * skv + hk * D
     else:
-        if not DENSE:
-            q = _rotated(Q, (b * H + heads)[:, None] * D, d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
+        q = _rotated(Q, (b * H + heads)[:, None] * D, d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
         new_row = pid * D
     if OFFS64:  # a layer's K or V past 2^31 elements: its offsets in 64 bits (every other buffer stays below)
         kv_base = pid.to(tl.int64) * S
@@ -277,7 +200,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if HAS_POS:
             tl.store(POS + kv_base + new_slot, cur)
             tl.store(SCORE_BUF + kv_base + new_slot, 0.0)
-    if WRITE_FIRST or DENSE:
+    if WRITE_FIRST:
         # the loop reads the new token back from the cache: K and V then go from memory straight into the dots,
         # which lets Triton pipeline their loads (a value changed in registers on the way is not pipelined)
         tl.debug_barrier()
@@ -286,73 +209,63 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         seed = step.to(tl.int32)
         tau = tau_init + step * tau_delta
         inv_tau = 1.0 / tau
-    else:
-        seed = 0
-        inv_tau = 1.0
-    if DENSE:
-        m_i, l_i, acc, mz, lz = _dense_loop(Q, K, V, POS, Z, NOISE, COS, SIN, b, hk, kv_base, start, n_valid, S, sq,
-                                            scale, seed, inv_tau, ROT, ROT_DIM, H, G, D, BLOCK_G, BLOCK_N, BLOCKS,
-                                            SCORE, HAS_POS, USE_NOISE, IEEE, KV_EVICT, Z_EVICT, FAST_LOG, ROWS_APART)
-        heads = hk * G + gc  # the partials below are per query head (G = GP here)
-        gmask = gcmask
-    else:
-        # a constant trip count (BLOCKS x BLOCK_N = split_len) and no branch in the body, so Triton software-pipelines
-        # the K and V loads (num_stages) and the next blocks stream in while this one is computed; blocks past the
-        # last valid token (the tail of the last split) are masked loads, which read nothing
-        for i in range(0, BLOCKS):
-            n0 = start + i * BLOCK_N
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < n_valid
-            k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
-                        eviction_policy=KV_EVICT)
-            v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
-                        eviction_policy=KV_EVICT)
+    # a constant trip count (BLOCKS x BLOCK_N = split_len) and no branch in the body, so Triton software-pipelines
+    # the K and V loads (num_stages) and the next blocks stream in while this one is computed; blocks past the
+    # last valid token (the tail of the last split) are masked loads, which read nothing
+    for i in range(0, BLOCKS):
+        n0 = start + i * BLOCK_N
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < n_valid
+        k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
+                    eviction_policy=KV_EVICT)
+        v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
+                    eviction_policy=KV_EVICT)
+        if not WRITE_FIRST:
+            # the loads do not wait for the new token's write: the evicted token's row is read, then replaced
+            # (this order is the shipped kernel's, whose code the committed grids ran: kernel_stats checks it)
+            is_new = n == new_slot
+            k = tl.where(is_new[:, None], knew[None, :], k)
+            v = tl.where(is_new[:, None], vnew[None, :], v)
+        valid = nmask
+        if HAS_POS:
+            pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
             if not WRITE_FIRST:
-                # the loads do not wait for the new token's write: the evicted token's row is read, then replaced
-                # (this order is the shipped kernel's, whose code the committed grids ran: kernel_stats checks it)
-                is_new = n == new_slot
-                k = tl.where(is_new[:, None], knew[None, :], k)
-                v = tl.where(is_new[:, None], vnew[None, :], v)
-            valid = nmask
-            if HAS_POS:
-                pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
-                if not WRITE_FIRST:
-                    pos = tl.where(is_new, cur, pos)
-                valid = valid & (pos >= 0)
-            x = _qk(q, k, IEEE) * scale
-            x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(x - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _pv(p, v, IEEE)
-            m_i = m_new
-            if SCORE:
-                # rows past G hold -inf, so the max over the tile's row groups picks out rows 0..GP-1
-                xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
-                offs = rows_c[:, None] * S + n[None, :]
-                lmask = gcmask[:, None] & nmask[None, :]
-                if LANE_PARTIALS:
-                    # no reduction over the block's tokens here (each costs the program a barrier): an online
-                    # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division; x is
-                    # -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
-                    z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
-                    tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-                    mz_new = tl.maximum(mz_lane, z)
-                    lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
-                    mz_lane = mz_new
-                else:
-                    z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) / tau
-                    z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
-                    tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-                    mz_new = tl.maximum(mz, tl.max(z, 1))
-                    mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-                    lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
-                    mz = mz_new
-        if SCORE and LANE_PARTIALS:  # mz_lane starts finite, so mz is too
-            mz = tl.max(mz_lane, 1)
-            lz = tl.sum(lz_lane * tl.exp(mz_lane - mz[:, None]), 1)
+                pos = tl.where(is_new, cur, pos)
+            valid = valid & (pos >= 0)
+        x = _qk(q, k, IEEE) * scale
+        x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(x - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _pv(p, v, IEEE)
+        m_i = m_new
+        if SCORE:
+            # rows past G hold -inf, so the max over the tile's row groups picks out rows 0..GP-1
+            xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
+            offs = rows_c[:, None] * S + n[None, :]
+            lmask = gcmask[:, None] & nmask[None, :]
+            if LANE_PARTIALS:
+                # no reduction over the block's tokens here (each costs the program a barrier): an online
+                # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division; x is
+                # -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
+                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
+                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
+                mz_new = tl.maximum(mz_lane, z)
+                lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
+                mz_lane = mz_new
+            else:
+                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) / tau
+                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
+                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
+                mz_new = tl.maximum(mz, tl.max(z, 1))
+                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+                lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
+                mz = mz_new
+    if SCORE and LANE_PARTIALS:  # mz_lane starts finite, so mz is too
+        mz = tl.max(mz_lane, 1)
+        lz = tl.sum(lz_lane * tl.exp(mz_lane - mz[:, None]), 1)
     if FINISH:  # one split holds the whole row (large batch): output, log Z and scores right here, no partials
         out = acc / tl.where(gmask, l_i, 1.0)[:, None]
         tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -475,26 +388,9 @@ INT32_MAX = 2**31 - 1
 FINISH_BLOCK = 256
 
 
-#: Tokens per sub-block of the dense_gqa loop: a block is 16 / G of them (128 tokens for Llama-3-8B's G = 4),
-#: so that the [16, 32] logits fill four warps' tensor-core tiles (16 x 8 each) with no copies
-DENSE_SUB_BLOCK = 32
-
-
 def _blocks(head_dim: int) -> int:
     """Tokens per block: 32 x 256 or 64 x 128 bf16 elements of K (and of V) per load."""
     return 32 if head_dim > 128 else 64
-
-
-def dense_rows(group: int) -> int:
-    """Token sub-blocks per tile of the dense_gqa loop for `group` query heads per KV head (16 / group), or 0 where
-    it does not apply (fewer than 4 heads per group, or not a power of two): those run the plain loop."""
-    return 16 // group if group >= 4 and 16 % group == 0 else 0
-
-
-def block_tokens(group: int, head_dim: int, dense_gqa: bool = False, block_n: int | None = None) -> int:
-    """Tokens per block of the split kernel: `block_n` if given, else the dense loop's or the plain loop's default."""
-    rows = dense_rows(group) if dense_gqa else 0
-    return block_n or (rows * DENSE_SUB_BLOCK if rows else _blocks(head_dim))
 
 
 #: How the cache is split when no length is given: "fill" (shipped; the committed grids ran it) makes
@@ -573,7 +469,7 @@ class FusedDecoder:
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
                  block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
                  l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
-                 dense_gqa=False, scratch=None, offsets64=None):
+                 scratch=None, offsets64=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
                              f"offsets: batch {batch} x {heads} heads x {slots} slots = {batch * heads * slots} "
@@ -586,21 +482,13 @@ class FusedDecoder:
         # fp32 temporary, which ran Keyformer's kernel out of registers (tried with bench_attention on the H100)
         self.BLOCK_G = max(16, triton.next_power_of_2(self.G))
         self.GP = triton.next_power_of_2(self.G)
-        # dense_gqa: the tile's 16 rows are R = 16 / G token sub-blocks x G query heads (see _dense_loop); for G a
-        # power of two from 4 up (R x D columns of q, K and V: 512 for Llama-3-8B), else the plain loop runs
-        rows = dense_rows(self.G) if dense_gqa else 0
-        self.dense = rows > 0
-        self.BLOCK_N = block_tokens(self.G, head_dim, dense_gqa, block_n)
-        if self.dense and (self.BLOCK_N % rows or self.BLOCK_N // rows < 16):
-            raise KfsimError(f"dense_gqa: block_n {self.BLOCK_N} must be {rows} sub-blocks of 16 tokens or more "
-                             f"({self.G} query heads per KV head)")
+        self.BLOCK_N = block_n or _blocks(head_dim)
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
         self.fold_combine = fold_combine  # full cache: the last split merges (else a combine kernel)
         # K and V stream through L2 marked first to evict; Keyformer's z, written and read back in the same step,
         # is marked last, so it stays in L2 instead of going out to HBM and back
         self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
-        # the new token written before the loop reads it (see _split_kernel); the dense loop always reads it so
-        self.write_first = write_first or self.dense
+        self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
         self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
         self.lane_partials = lane_partials  # Keyformer's Gumbel partials reduced after the loop (see _split_kernel)
         self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
@@ -670,7 +558,7 @@ class FusedDecoder:
             FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=self.FBLOCK,
             FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
             WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
-            LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C, DENSE=self.dense,
+            LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options

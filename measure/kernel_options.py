@@ -13,7 +13,6 @@ KERNEL_OPTIONS = {
     "lane_partials": {"lane_partials": True},  # Keyformer's Gumbel max and sum per token lane: no reduction in the loop
     "short_finish": {"finish_chunk": 256},   # Keyformer's finish kernel: one program per 256 slots (no loop)
     "batch1_split": {"split_rule": "rows"},  # fewer rows than SMs (batch 1): ~2 programs per SM, not ~4
-    "dense_gqa": {"dense_gqa": True},        # 4+ query heads per KV head: tile rows = token sub-blocks x heads
 }
 #: FusedDecoder keywords that change Keyformer's kernels only (the full cache runs the same code with or without)
 KEYFORMER_ONLY = ("pos32", "lane_partials", "finish_chunk")

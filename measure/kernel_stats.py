@@ -73,15 +73,15 @@ def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, ba
           sms: int):
     """A CPU FusedDecoder of one layer sized as bench_attention's (`tokens` cached, the cache split for `batch` x
     `kv_heads` rows on `sms` SMs) and the tensors of its step: (decoder, split_launch's keywords)."""
-    from .fused_attention import FusedDecoder, StepState, block_tokens, split_length
+    from .fused_attention import FusedDecoder, StepState, _blocks, split_length
     from .kv_policies import SLOT_ALIGN
 
     score = policy == "keyformer"
     slots = -(-(tokens + 1) // SLOT_ALIGN) * SLOT_ALIGN if score else tokens + 1
     # the split is sized here, for `sms`; pos32 is the positions' dtype, not a decoder keyword
     kernel = {k: v for k, v in options.items() if k not in ("split_rule", "pos32")}
-    block = block_tokens(heads // kv_heads, head_dim, options.get("dense_gqa", False), options.get("block_n"))
-    split = split_length(slots, batch * kv_heads, block, sms, rule=options.get("split_rule"))
+    split = split_length(slots, batch * kv_heads, options.get("block_n") or _blocks(head_dim), sms,
+                         rule=options.get("split_rule"))
     dec = FusedDecoder(1, heads, kv_heads, slots, head_dim, "cpu", split_tokens=split, scoring=score, **kernel)
     bf16 = dict(dtype=torch.bfloat16)
     cache = torch.empty(1, kv_heads, slots, head_dim, **bf16)

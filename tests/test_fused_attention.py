@@ -39,14 +39,10 @@ CANDIDATE = {"l2_hints": True, "split_rule": "wave", "write_first": True}
 
 # lean: every Keyformer option; finish chunks of 8 slots, so that the chunks cut across the splits
 LEAN = {**CANDIDATE, "pos32": True, "lane_partials": True, "finish_chunk": 8}
-# dense: grouped heads' tile rows as token sub-blocks x heads (the plain loop where G < 4); sub-blocks of 16 tokens
-DENSE = {**LEAN, "dense_gqa": True}
-DENSE16 = {"dense_gqa": True, "block_n": 64}
 
 
-@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN, DENSE,
-                                    DENSE16], ids=["shipped", "candidate", "offsets64", "pos32", "lean", "dense",
-                                                   "dense16"])
+@pytest.mark.parametrize("kernel", [{}, CANDIDATE, {"offsets64": True}, {**CANDIDATE, "pos32": True}, LEAN],
+                         ids=["shipped", "candidate", "offsets64", "pos32", "lean"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(0)
@@ -81,8 +77,7 @@ def test_keyformer_step_matches_plain(B, HKV, G, D, budget, split, kernel):
 
 
 @pytest.mark.parametrize("kernel", [{}, {"fold_combine": True}, {**CANDIDATE, "fold_combine": True},
-                                    {"offsets64": True}, DENSE16, {**CANDIDATE, "dense_gqa": True, "fold_combine": True}],
-                         ids=["shipped", "fold", "candidate", "offsets64", "dense16", "dense"])
+                                    {"offsets64": True}], ids=["shipped", "fold", "candidate", "offsets64"])
 @pytest.mark.parametrize("B, HKV, G, D, budget, split", cases())
 def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
     torch.manual_seed(1)
