@@ -15,9 +15,12 @@ One decode step of one layer, for an evicting cache (budget + free slot, see kv_
 K and V are read once per step; the extra traffic is one fp32 z per query head and token (written in A, read in
 B), the score read and written once and the positions read twice: 3 % (GPT-J) to 11 % (Llama-3-8B) of the K and V
 bytes (with `l2_hints`, z is marked to stay in L2 and K and V to leave it first, and the layers share one z
-buffer, so that z can stay out of HBM). The full cache runs A without scoring and `_combine_kernel`: two
-launches per layer, like Keyformer (with `fold_combine`, the last of a row's splits to finish merges the row's
-partials instead, counted by an atomic per row: one launch). When one split holds a whole row (large batches), A
+buffer, so that z can stay out of HBM; z keeps that mark only inside the L2's set-aside for persisting lines,
+which the decoder option `l2_persist` sizes (measure/l2_persist.py), and Triton puts no hint on the pipelined
+(cp.async) K and V loads, only on z's stores and the finish kernel's loads: the PTX of the split kernel).
+The full cache runs A without scoring and `_combine_kernel`: two launches per layer, like Keyformer (with
+`fold_combine`, the last of a row's splits to finish merges the row's partials instead, counted by an atomic per
+row: one launch). When one split holds a whole row (large batches), A
 does B's work (or the combine's) itself: one launch per layer.
 The query heads of one KV head are the rows of a 16-row tensor-core tile (MHA pads 15 of them); the scoring then
 runs on the real rows only. K and V loads are software-pipelined (no branch in the loop).

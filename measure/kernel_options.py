@@ -22,6 +22,7 @@ KEYFORMER_ONLY_NAMES = tuple(n for n, kw in KERNEL_OPTIONS.items() if set(kw) <=
 DECODER_OPTIONS = {
     "small_gemm": {"small_gemm": True},      # batch 2-16: the fused products of measure.gemm_small, not cuBLAS
     "fused_rotary": {"fused_rotary": True},  # steps on cuBLAS: q, k, v rotated by the attention kernel, not copied
+    "l2_persist": {"l2_persist_mib": 24},     # 24 MiB of L2 set aside for persisting lines (l2_hints' evict-last z)
 }
 ALL_OPTIONS = {**KERNEL_OPTIONS, **DECODER_OPTIONS}
 

@@ -243,7 +243,7 @@ def test_compiled_glue_matches_decoder(name):
     prompt = torch.randint(0, w.vocab_size, (2, 10))
     a = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
     b = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
-    glue = CompiledDecoder(model, compile=False)
+    glue = CompiledDecoder(model, compile=False, l2_persist_mib=24)  # a CPU model: no CUDA context to set L2 in
     with torch.no_grad():
         model.prefill(prompt, a)
         model.prefill(prompt, b)

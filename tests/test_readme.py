@@ -222,3 +222,76 @@ def test_side_finish_figures_match_the_committed_run():
     b64, b16 = m.change[m.batch == 64], m.change[m.batch == 16]
     assert f"batch-64 steps by {b64.min():.1f} to +{b64.max():.1f} %" in text
     assert f"batch-16 steps by {b16.min():.1f}-{b16.max():.1f} %" in text
+
+
+def test_keyformer_cost_figures_match_the_committed_runs():
+    """The README's paragraph on where Keyformer's extra time goes: the ablations, dense_gqa, the L2 set-aside sweep,
+    the l2_persist grid and the bytes no kernel removes."""
+    pd = pytest.importorskip("pandas")
+    from measure.ablate_keyformer import gap_shares
+    from measure.fused_table import summary, table
+
+    data = ROOT / "measure" / "data"
+    text = " ".join(README.split())
+    # the ablations
+    rows = pd.read_csv(data / "h200-ablate-keyformer-llama.csv").to_dict("records")
+    s = pd.DataFrame(gap_shares(rows))
+    at = s[(s.batch == 64) & (s.tokens == 8192)].set_index("ablation")
+    assert (f"batch 64 x 8192 tokens (full {at.full_us.iloc[0]:.1f}, Keyformer {at.keyformer_us.iloc[0]:.1f} us) the "
+            f"split kernel's store of z removes {at.gap_share['z_store']:.2f} of the gap, the finish kernel "
+            f"{at.gap_share['finish']:.2f} and the positions' read {at.gap_share['pos']:.2f}") in text
+    small = s[s.ablation.isin(["noise", "partials", "extract"])].gap_share
+    assert f"remove {small.min():.2f} to {small.max():.2f} of it at each of the 4 points" in text
+    assert f"all of Keyformer's work {s[s.ablation == 'all'].gap_share.min():.2f}-" \
+           f"{s[s.ablation == 'all'].gap_share.max():.2f}" in text
+    assert f"costs {at.keyformer_us.iloc[0] - at.us['z_store']:.0f} us" in text
+    # dense_gqa: its best configuration per point against the plain loop
+    d = pd.concat([pd.read_csv(data / f"h200-attention-dense-{n}.csv") for n in ("variants", "configs")])
+    d["dense"] = d.variant.str.contains("dense_gqa")
+    best = d.groupby(["batch", "tokens", "policy", "dense"]).us_per_layer.min().unstack()
+    change = (best[True] / best[False] - 1) * 100
+    assert f"ran {change.min():.0f} % to +{change.max():.0f} % against the plain loop" in text
+    # the L2 set-aside sweep
+    sw = pd.read_csv(data / "h200-l2-sweep-llama.csv")
+    aside = sw.groupby("l2_persist").l2_persist_bytes.first() / 2**20
+    assert f"{aside['default']:.2f} MiB on this device by the driver's default" in text
+    assert f"at most {aside['on']:.1f} MiB set aside" in text and f"24 MiB ({aside['24']:.2f} set)" in text
+    us = sw.pivot_table(index=["batch", "tokens", "ablation"], columns="l2_persist", values="us_per_layer")
+    r = us.loc[(16, 8192)]
+    assert (f"156.5 -> 145.4 us per layer, as fast as with no store of z (145.7), the full cache 129.1 -> 129.7"
+            == f"{r['default']['keyformer']:.1f} -> {r['24']['keyformer']:.1f} us per layer, as fast as with no store "
+               f"of z ({r['24']['z_store']:.1f}), the full cache {r['default']['full']:.1f} -> {r['24']['full']:.1f}")
+    assert f"{us.loc[(64, 3277, 'keyformer'), 'default']:.1f} -> {us.loc[(64, 3277, 'keyformer'), '24']:.1f}" in text
+    slower = (us["on"] / us["default"] - 1)[us.index.get_level_values("ablation") != "z_store"] * 100
+    assert f"made the kernels {slower.min():.0f}-{slower.max():.0f} % slower" in text
+    assert f"{us.loc[(64, 8192, 'full'), 'on']:.1f} us" in text
+    # the l2_persist grid against the fused_rotary grid
+    grid = f"h200-compiled-{ALL_OPTIONS}_fused_rotary_l2_persist.csv"
+    m = _side_by_side(f"h200-compiled-{ALL_OPTIONS}_fused_rotary.csv", grid).set_index(POINT)
+    fits = [("llama-3-8b", 16, 16384, "keyformer", 0.5), ("llama-3-8b", 64, 4096, "keyformer", 0.5),
+            ("llama-3-8b", 64, 16384, "keyformer", 0.2)]
+    for p in fits:
+        assert f"{m.step_ms_a[p]:.3f} -> {m.step_ms_b[p]:.3f}" in text, p
+    others = m.change.drop(fits)
+    assert others.min() > -0.01  # "at most ... longer": none shorter
+    assert f"the others at most {others.max():.1f} % longer (median {others.median():.1f} %)" in text
+    b = pd.read_csv(data / grid)
+    capped = b[(b.status == "ok") & (b.throttle > 0)]
+    assert (b.status == "ok").sum() == 86
+    assert f"{len(capped)} under the power cap at {capped.sm_mhz.min():.0f}-{capped.sm_mhz.max():.0f} MHz" in text
+    g = summary(table(str(data / grid), str(data / "h200-microbench.csv")))
+    o, sp = g["over_ideal_reduced_step"], g["speedup_over_predicted"]
+    assert ("batch 1 at {:.3f}-{:.3f} of the read ceiling".format(*g["batch1_bw_fraction"]) +
+            f", Keyformer's step at most {o['worst']:.2f}x the ideal reduced step") in text
+    assert f"(median {o['median']:.2f}), its speedup at least {sp['worst']:.2f} of the ideal engine's " \
+           f"(median {sp['median']:.2f})" in text
+    # the bytes no kernel removes, and the share of the step they take at batch 64 x 16384, kv-ratio 0.5
+    llama, gptj = (2 * 4 * 4 + 8 + 8) / 512, (2 * 4 * 1 + 8 + 8) / 1024
+    assert f"48 bytes on Llama-3-8B's 512 of K and V ({llama * 100:.1f} %), 24 on GPT-J-6B's 1024 " \
+           f"({gptj * 100:.1f} %)" in text
+    prof = (data / "h200-profile-keyformer-all-options.txt").read_text()
+    full = re.search(r"B=64 C=8192 full .*? step (\d+) us.*?\n\s+attention\s+(\d+) us", prof, re.S)
+    step, attention = int(full.group(1)) / 1e3, int(full.group(2)) / 1e3
+    assert f"attention is {attention:.1f} of its {step:.1f} ms step" in text
+    assert f"at least {llama:.3f} x {attention:.1f} = {llama * attention:.1f} ms" in text
+    assert f"{llama * attention / step * 100:.1f} % of the step" in text
