@@ -159,7 +159,8 @@ def list_cmd(what, as_json):
                    "(write_first, l2_hints, fold_combine, wave, batch1_split, fast_log; Keyformer's kernels only: "
                    "pos32, lane_partials, short_finish; measure/fused_attention.py says what each does), and of the "
                    "decoder around it (small_gemm: batch 2-16 on the fused products of measure/gemm_small.py instead "
-                   "of cuBLAS; fused_rotary: steps on cuBLAS hand q, k, v to the attention kernel unrotated). "
+                   "of cuBLAS; fused_rotary: steps on cuBLAS hand q, k, v to the attention kernel unrotated; "
+                   "l2_persist: 24 MiB of L2 set aside for the lines l2_hints marks to stay, Keyformer's z). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
