@@ -1,7 +1,9 @@
 """The weight products of GPT-J-6B and Llama-3-8B at batch 16 and 64: cuBLAS (F.linear) against
 measure.gemm_small, as weight GB/s (and the fraction of the HBM read ceiling).
 
---plain: each distinct weight alone as a bare product, per configuration (how _config's blocks were chosen);
+--plain: each distinct weight alone as a bare product, per configuration (how _config's blocks were chosen), and
+cuBLAS on the transposed product, W @ x^T (cublas_t: the result a transposed view; cublas_t_copy: made contiguous),
+where its kernel choice sees the weight rows as the long side;
 default: the fused products as the compiled decoder runs them (stacked matrices, folded norm, bias, activation,
 residual; measure.bench_gemv's list), gemm_small's own configuration and a few others.
 Each timing replays a CUDA graph over copies of the weights (at least 400 MB in all, 8x the L2), so every product
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import re
 import sys
 
 import torch
@@ -44,8 +47,6 @@ def fused_rows(model: str, batch: int, ceiling: float, match: str = "") -> list[
     gemm_small (glue included; the variants whose name `match` finds, as a regular expression), microseconds and
     weight GB/s; a variant whose output differs from gemm_small's own configuration's is reported, not timed (when
     that configuration itself fails, as a product of its own, the others go unchecked)."""
-    import re
-
     from triton.runtime.errors import OutOfResources
 
     from .bench_gemv import products
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ceiling-gbps", type=float, default=0.0)
     ap.add_argument("--plain", action="store_true", help="bare products per weight and configuration")
     ap.add_argument("--match", default="", metavar="REGEX",
-                    help="fused products: only the gemm_small variants whose name this finds (and cuBLAS, auto)")
+                    help="only the gemm_small variants whose name this finds (and cuBLAS's, and auto); --plain: "
+                         "the configurations BLOCK_NxBLOCK_KxWARPSxSTAGES")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: bench_gemm_small needs a CUDA GPU", file=sys.stderr)
@@ -153,8 +155,15 @@ def main(argv=None) -> int:
                     x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
                     ref = F.linear(x, ws[0])
                     results = [("cublas", _time(lambda: [F.linear(x, w) for w in ws], copies))]
+                    for kernel, fn in (("cublas_t", lambda w: (w @ x.t()).t()),
+                                       ("cublas_t_copy", lambda w: (w @ x.t()).t().contiguous())):
+                        if not torch.allclose(fn(ws[0]).float(), ref.float(), atol=5e-2, rtol=5e-2):
+                            print(f"  {model} {name} B={batch} {kernel}: WRONG")
+                            continue
+                        results.append((kernel, _time(lambda fn=fn: [fn(w) for w in ws], copies)))
+                    cublas = len(results)
                     for bn, bk, warps, stages in CONFIGS:
-                        if n % bn or k % bk:
+                        if n % bn or k % bk or not re.search(a.match, f"{bn}x{bk}x{warps}x{stages}"):
                             continue
                         kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
                         try:
@@ -169,6 +178,7 @@ def main(argv=None) -> int:
                         results.append((f"{bn}x{bk}x{warps}x{stages}",
                                         _time(lambda kw=kw: [small_gemm(x, w, **kw) for w in ws], copies)))
                     best = min(results[1:], key=lambda r: r[1], default=None)
+                    transposed = min(results[1:cublas], key=lambda r: r[1], default=None)
                     sm_mhz = nvml.state().get("sm_mhz")  # right after the timings, at load clocks
                     for kernel, us in results:
                         gbps = n * k * 2 / (us * 1e-6) / 1e9
@@ -179,6 +189,9 @@ def main(argv=None) -> int:
                                       "triton": env.get("triton"), "sm_mhz": sm_mhz,
                                       "date": env.get("date")})
                     cub = results[0][1]
+                    if transposed:
+                        print(f"{model:11s} {name:8s} B={batch:<3d} [{n}x{k}] cublas {cub:7.1f} us | "
+                              + "  ".join(f"{kn} {us:.1f}" for kn, us in results[1:cublas]), flush=True)
                     if best:
                         print(f"{model:11s} {name:8s} B={batch:<3d} [{n}x{k}] cublas {cub:7.1f} us "
                               f"{n * k * 2 / cub / 1e3:6.0f} GB/s | best {best[0]:12s} {best[1]:7.1f} us "

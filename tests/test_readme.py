@@ -295,3 +295,14 @@ def test_keyformer_cost_figures_match_the_committed_runs():
     assert f"attention is {attention:.1f} of its {step:.1f} ms step" in text
     assert f"at least {llama:.3f} x {attention:.1f} = {llama * attention:.1f} ms" in text
     assert f"{llama * attention / step * 100:.1f} % of the step" in text
+
+
+def test_transposed_cublas_figures_match_the_committed_run():
+    pd = pytest.importorskip("pandas")
+    d = pd.read_csv(ROOT / "measure" / "data" / "h200-gemm-cublas-transposed.csv")
+    p = d.pivot_table(index=["model", "product", "batch"], columns="kernel", values="us")
+    change, copy = (p.cublas_t / p.cublas - 1) * 100, p.cublas_t_copy - p.cublas
+    text = " ".join(README.split())
+    assert len(p) == 20
+    assert f"{change.min():.1f} to +{change.max():.1f} % against `F.linear`" in text
+    assert f"contiguous adds {copy.min():.1f}-{copy.max():.1f} us" in text
