@@ -114,8 +114,8 @@ def gap_shares(rows: list[dict]) -> list[dict]:
                 continue
             share = (kf - us) / (kf - full) if full is not None and kf is not None and kf > full else None
             out.append({"model": key[0], "batch": key[1], "tokens": key[2], "l2_persist": key[3], "ablation": name,
-                        "us": us,
-                        "full_us": full, "keyformer_us": kf, "gap_share": None if share is None else round(share, 3)})
+                        "us": us, "full_us": full, "keyformer_us": kf,
+                        "gap_share": None if share is None else round(share, 3)})
     return out
 
 

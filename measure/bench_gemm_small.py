@@ -178,7 +178,6 @@ def main(argv=None) -> int:
                         results.append((f"{bn}x{bk}x{warps}x{stages}",
                                         _time(lambda kw=kw: [small_gemm(x, w, **kw) for w in ws], copies)))
                     best = min(results[1:], key=lambda r: r[1], default=None)
-                    transposed = min(results[1:cublas], key=lambda r: r[1], default=None)
                     sm_mhz = nvml.state().get("sm_mhz")  # right after the timings, at load clocks
                     for kernel, us in results:
                         gbps = n * k * 2 / (us * 1e-6) / 1e9
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
                                       "triton": env.get("triton"), "sm_mhz": sm_mhz,
                                       "date": env.get("date")})
                     cub = results[0][1]
-                    if transposed:
+                    if cublas > 1:
                         print(f"{model:11s} {name:8s} B={batch:<3d} [{n}x{k}] cublas {cub:7.1f} us | "
                               + "  ".join(f"{kn} {us:.1f}" for kn, us in results[1:cublas]), flush=True)
                     if best:

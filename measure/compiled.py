@@ -108,8 +108,8 @@ class CompiledDecoder:
             # the CUDA context's L2 set-aside for persisting lines (measure.l2_persist): with l2_hints Keyformer's z
             # is written evict-last, which keeps it in L2 only inside the set-aside. 24 MiB: on the H200 (60 MiB of
             # L2) Keyformer's z then stays in L2 where it fits (Llama-3-8B batch 16 x 8192 tokens: 156.5 -> 145.4 us
-            # per layer) and the full cache runs as fast as with the driver's default; at 37.5 MiB (the most it
-            # allows) every kernel ran 15-20 % slower (measure/data/h200-l2-sweep-llama.csv)
+            # per layer) and the full cache runs as fast as with the driver's default (11.25 MiB); at 37.5 MiB (the
+            # most it allows) the kernels ran 7-28 % slower (measure/data/h200-l2-sweep-llama.csv)
             from .l2_persist import set_persisting_l2
 
             set_persisting_l2(l2_persist_mib << 20)
