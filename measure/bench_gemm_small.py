@@ -108,6 +108,15 @@ def _fused_args(p: dict, batch: int) -> tuple:
     return torch.randn(batch, ws[0].shape[1], **bf), ws[0], kw
 
 
+def _regex(text: str) -> str:
+    """An argparse type: a regular expression Python's re accepts."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
 def main(argv=None) -> int:
     from .gemm_small import small_gemm
 
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gpt-j-6b,llama-3-8b")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0)
     ap.add_argument("--plain", action="store_true", help="bare products per weight and configuration")
-    ap.add_argument("--match", default="", metavar="REGEX",
+    ap.add_argument("--match", default="", metavar="REGEX", type=_regex,
                     help="only the gemm_small variants whose name this finds (and cuBLAS's, and auto); --plain: "
                          "the configurations BLOCK_NxBLOCK_KxWARPSxSTAGES")
     a = ap.parse_args(argv)

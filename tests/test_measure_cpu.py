@@ -271,6 +271,15 @@ def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
         "gpt-j-6b", "decode", 64, 1024, 0.2, "keyformer")
     with pytest.raises(SystemExit):
         profile_step.main(["--point", "gpt-j-6b,1"])
+    from measure import ablate_keyformer, bench_gemm_small
+
+    for main, argv in ((bench_gemm_small.main, ["--out", "x", "--match", "("]),
+                       (ablate_keyformer.main, ["--out", "x", "--ablations", "z_store,nope"]),
+                       (ablate_keyformer.main, ["--out", "x", "--l2-persist", "half"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "not a regular expression" in capsys.readouterr().err
     from measure import bench_gemv
 
     # GPT-J-6B's stacked products: QKV (3 x 4096 rows) with MLP-up (16384), output (4096 wide) with MLP-down (16384)
