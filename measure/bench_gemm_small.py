@@ -118,8 +118,6 @@ def _regex(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .gemm_small import small_gemm
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch", default="16,64")
@@ -136,6 +134,8 @@ def main(argv=None) -> int:
     import datetime as dt
 
     import triton
+
+    from .gemm_small import small_gemm
 
     nvml = Nvml()
     env = {**environment(nvml), "triton": triton.__version__, "date": dt.date.today().isoformat()}
