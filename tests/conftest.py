@@ -5,7 +5,8 @@ import pytest
 from kfsim.inputs import make_setup
 
 # Triton's CPU interpreter has to be chosen before any kernel is defined, and the test modules import measure.* in
-# whatever order pytest collects them: chosen here, once, before any of them (on a GPU the kernels compile as usual)
+# whatever order pytest collects them: chosen here, once, before any of them, for every test module (on a GPU the
+# kernels compile as usual)
 try:
     import torch
 except ImportError:  # kfsim's own tests need no torch

@@ -2,13 +2,10 @@
 
 On a CUDA GPU the compiled kernels run; without one, Triton's interpreter runs them on the CPU (slow, small sizes).
 """
-import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 pytest.importorskip("triton")
 
 from hypothesis import given, settings  # noqa: E402
