@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's measurement campaign on one CUDA GPU, as committed under measure/data/:
+# The project's measurement campaign on one CUDA GPU, as committed under data/<gpu>-plain/:
 #   microbenchmarks; the decode grid in CUDA-graph mode with prefill points; an eager-mode subset.
 # Usage (from the repository root): bash measure/campaign.sh OUTDIR
 # Runs from a checkout without installing (PYTHONPATH=.); wheels in .whl/ supply click/pyyaml/pynvml if missing.
@@ -17,9 +17,11 @@ kf="python3 -m kfsim"
 # smoke: a tiny model through every code path (fails fast before the long grid)
 $kf measure --model cerebras-gpt-111m --batch 2 --context 512 --kv-ratio 1,0.5 --policy full,keyformer \
   --prefill 256 --steps 10 --out /tmp/smoke.csv || exit 1
-[ "${MICRO:-1}" = 1 ] && timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
+[ "${MICRO:-1}" = 1 ] && timeout 120 $kf microbench --out "$out/microbench.csv"
 timeout "${DECODE_S:-420}" $kf measure --model gpt-j-6b,llama-3-8b --batch 1,4,16,64 --context 1024,4096,16384 \
-  --kv-ratio 1,0.5,0.2 --policy full,keyformer --prefill 512,2048,8192 --steps 50 --out "$out/$gpu.csv"
+  --kv-ratio 1,0.5,0.2 --policy full,keyformer --prefill 512,2048,8192 --steps 50 --out "$out/rows.csv"
 timeout "${EAGER_S:-90}" $kf measure --eager --model gpt-j-6b,llama-3-8b --batch 1,16 --context 1024,4096 \
-  --kv-ratio 1,0.5 --policy full,keyformer --steps 30 --out "$out/$gpu.csv"
-echo "rows: $(($(wc -l < "$out/$gpu.csv") - 1))"
+  --kv-ratio 1,0.5 --policy full,keyformer --steps 30 --out "$out/rows.csv"
+python3 -m measure.manifest "$out" "bash measure/campaign.sh OUT" \
+  "the plain decoder in CUDA graphs with prefill points, and an eager subset"
+echo "rows: $(($(wc -l < "$out/rows.csv") - 1))"

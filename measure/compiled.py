@@ -109,7 +109,7 @@ class CompiledDecoder:
             # is written evict-last, which keeps it in L2 only inside the set-aside. 24 MiB: on the H200 (60 MiB of
             # L2) Keyformer's z then stays in L2 where it fits (Llama-3-8B batch 16 x 8192 tokens: 156.5 -> 145.4 us
             # per layer) and the full cache runs as fast as with the driver's default (11.25 MiB); at 37.5 MiB (the
-            # most it allows) the kernels ran 7-28 % slower (measure/data/h200-l2-sweep-llama.csv)
+            # most it allows) the kernels ran 7-28 % slower (lab/data/l2/h200-l2-sweep-llama.csv)
             from .l2_persist import set_persisting_l2
 
             set_persisting_l2(l2_persist_mib << 20)
@@ -289,7 +289,7 @@ class CompiledDecoder:
 
 
 #: the most sequences the decoder runs on measure.gemm_small: at 16 its fused products matched cuBLAS's products
-#: (glue not counted) on the H200, at 64 they were up to 1.4x slower (measure/data/h200-gemm-small-fused.txt)
+#: (glue not counted) on the H200, at 64 they were up to 1.4x slower (lab/data/gemm/h200-gemm-small-fused.txt)
 SMALL_GEMM_ROWS = 16
 
 

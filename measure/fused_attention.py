@@ -383,7 +383,7 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
 
 #: Triton indexes with int32: past this many elements in one layer's K or V the split kernel computes their offsets
 #: in 64 bits (with 32, GPT-J-6B at batch 64 x 8200 slots read out of bounds on the H200,
-#: measure/data/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
+#: lab/data/attention/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
 INT32_MAX = 2**31 - 1
 
 #: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
@@ -403,7 +403,7 @@ SPLIT_RULE = "fill"
 PROGRAMS_PER_SM = 4
 #: The "rows" rule (option batch1_split): where sequences x KV heads are fewer than the SMs (batch 1), about this
 #: many programs per SM instead: with write_first 3 programs are resident per SM, so 2 per SM is one wave and 4 a
-#: wave and a third (H200, measure/data/h200-attention-variants-per-sm.csv: GPT-J-6B at 8192 tokens 45.3 -> 39.6 us
+#: wave and a third (H200, lab/data/attention/h200-attention-variants-per-sm.csv: GPT-J-6B at 8192 tokens 45.3 -> 39.6 us
 #: per layer for the full cache, Llama-3-8B 17.0 -> 14.5; at batch 16 and 64, 2 per SM is slower)
 FEW_ROWS_PER_SM = 2
 #: Programs of the split kernel resident on one SM at a time: its K and V pipeline (3 stages of a [BLOCK_N, D] bf16
@@ -419,7 +419,7 @@ def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int 
     Why "wave": a partly filled last wave runs alone at the end of the layer. The committed spread runs fit it with
     two resident programs per SM: GPT-J-6B's 16 rows in 17 splits (272 programs, 264 resident) took 66 us per
     layer at 8k tokens, in 33 splits (two full waves) 48 us; Llama-3-8B at 16k, 264 programs (one wave) 25.5 us,
-    520 (two waves less 8) 29.3 us (measure/data/h200-attention-spread.csv).
+    520 (two waves less 8) 29.3 us (lab/data/attention/h200-attention-spread.csv).
     """
     if split_tokens is None:
         rule = rule or SPLIT_RULE

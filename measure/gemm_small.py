@@ -4,7 +4,7 @@ around them fused in: the batch-M counterpart of measure.gemv, which does the sa
 At batch 16 a decode step is still a chain of weight reads, but it runs as four cuBLAS GEMMs per layer plus
 torch.compile's kernels for norms, activations and residuals between them; on the H200 GPT-J-6B's batch-16
 step spent 3214 us in GEMMs, 237 us in 141 small fused kernels and 141 us in gaps between kernels, against 2867 us
-for all products of the batch-1 step (measure/data/h200-profile-batch.csv). Here, as in measure.gemv, one kernel
+for all products of the batch-1 step (lab/data/profiles/h200-profile-batch.csv). Here, as in measure.gemv, one kernel
 reads one or two matrices (stacked rows [W1; W2] x, stacked columns [W1 | W2] [x1; x2], or SwiGLU's gated rows)
 and applies a folded norm to its sums, then bias, activation and residual: two kernels per GPT-J layer, four per
 Llama layer. Each program reads BN whole rows of the weights, BK columns at a time (contiguous runs), and
@@ -14,7 +14,7 @@ Norms must be folded (measure.gemv.fold_norm): the kernel applies a bare norm to
 with C1 the rows' sums for a layernorm, rstd W x for an RMSNorm. The rows' mean and rstd come from a small kernel
 launched first (one program per row): summed inside the product's loop instead, from the chunks the dot reads,
 they made GPT-J-6B's normed QKV+up 3.1x slower than cuBLAS at batch 16 (1.7x on the tensor cores), where the same
-kernel without a norm beat cuBLAS (measure/data/h200-gemm-small-fused-stats-in-loop.txt, commit e26ce96).
+kernel without a norm beat cuBLAS (lab/data/gemm/h200-gemm-small-fused-stats-in-loop.txt, commit e26ce96).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def _small_gemm_kernel(X, W, W2, X2, OUT, BIAS, RES, C1, STATS, M, K, K2, N, ROW
 
 def _config(rows: int, stack) -> tuple[int, int, int]:
     """(rows per program, columns per load, pipeline stages), from bench_gemm_small on the H200
-    (measure/data/h200-gemm-small-plain.csv: 32 rows x 256 columns x 5 stages fastest for most products at batch
+    (lab/data/gemm/h200-gemm-small-plain.csv: 32 rows x 256 columns x 5 stages fastest for most products at batch
     16, 32 x 128 x 5 at batch 64); gated rows load two tiles per step and stacked columns run two loops, so fewer
     stages fit in shared memory past 16 rows."""
     if rows <= 16:

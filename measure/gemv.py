@@ -2,7 +2,7 @@
 around them fused in: the norm before (prologue), bias, activation and residual after (epilogue).
 
 A batch-1 decode step is a chain of matrix-vector products. cuBLAS runs each as its own kernel, reaching 0.67-0.88
-of the read ceiling on a decoder's 33-134 MB matrices (measure/data/h100-sxm-profile.csv), and the norms,
+of the read ceiling on a decoder's 33-134 MB matrices (lab/data/profiles/h100-sxm-profile.csv), and the norms,
 activations and residual adds between them are kernels of their own. Here one kernel may read two matrices:
   - stacked rows: [W1; W2] x, e.g. GPT-J's QKV and MLP-up projections, which read the same normed input;
   - stacked columns: [W1 | W2] [x1; x2], e.g. GPT-J's output and MLP-down projections, whose sum enters the
@@ -10,7 +10,7 @@ activations and residual adds between them are kernels of their own. Here one ke
   - gated rows (SwiGLU): silu(W[:F] x) * (W[F:] x), Llama's gate and up projections.
 Each program reads BN whole rows of the weights, BK columns at a time, so every load is a contiguous run of BK
 weights; all programs read the (tiny) input vector from L2. In the committed runs they beat cuBLAS on every product
-of GPT-J-6B and Llama-3-8B on the H100 and the H200 (measure/data/*-gemv.txt); cuBLAS's time for Llama's gate+up
+of GPT-J-6B and Llama-3-8B on the H100 and the H200 (lab/data/gemv/*-gemv.txt); cuBLAS's time for Llama's gate+up
 on the H200 varies from run to run (the run committed in d4932cf had it faster than ours).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _gemv_kernel(X, W, W2, X2, OUT, BIAS, RES, NW, NB, C1, K, K2, ROWS1, F, ACT_
             rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, 0) / K + eps)
     # a norm with scale and shift (AFFINE) is applied to each input chunk in the loop; a folded one only to the sums
     # at the end, which keeps the loop as lean as a plain product (the per-chunk layernorm made GPT-J's QKV+up
-    # slower than cuBLAS in a one-off H100 trial; folded, it is faster: measure/data/h100-sxm-gemv.txt)
+    # slower than cuBLAS in a one-off H100 trial; folded, it is faster: lab/data/gemv/h100-sxm-gemv.txt)
     CHUNK: tl.constexpr = NORM if AFFINE else 0
     if STACK == 3:
         acc, acc_up = _gated_rows(X, W + rows[:, None] * K, NW, NB, K, mean, rstd, F * K, BN, BK, CHUNK, HAS_NB)
@@ -167,7 +167,7 @@ def fold_norm(norm_weight, norm_bias, linears) -> None:
 
 def _config(rows: int, divisor: int, norm, stack=None) -> tuple[int, int, int]:
     """(rows per program, warps, columns per load) from bench_gemv's sweeps on the H100 and the H200
-    (measure/data/*-gemv-sweep.csv): the choice within 4 % of the fastest configuration on both GPUs for every
+    (lab/data/gemv/*-gemv-sweep.csv): the choice within 4 % of the fastest configuration on both GPUs for every
     product of GPT-J-6B and Llama-3-8B. A product without a norm, and gated rows (each program reads two rows):
     one row per program of 4 warps, 1024 columns per load (many small programs keep the most loads in flight).
     Other normed products: 8 rows x 256 columns, or 2 x 1024 where the rows are few (< 8192, Llama's QKV).

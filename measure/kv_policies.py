@@ -7,8 +7,8 @@ the new token's K and V into the free slot, attends over all slots, updates the 
 next free slot (the evicted token) per sequence and KV head. Nothing is masked and then read anyway: a step reads
 budget + 1 tokens, not the context.
 
-Keyformer (Adnan et al., MLSys 2024; ../shared/reference/keyformer.md): score += softmax((logits + Gumbel) / tau),
-tau rising linearly from tau_init; the recent window and the new token are never evicted; at the prompt the
+Keyformer (Adnan et al., MLSys 2024, arXiv 2403.09054; the authors' code, d-matrix-ai/keyformer-llm):
+score += softmax((logits + Gumbel) / tau), tau rising linearly from tau_init; the recent window and the new token are never evicted; at the prompt the
 budget is filled with the window plus the top-scoring others.
 """
 from __future__ import annotations

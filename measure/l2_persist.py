@@ -1,7 +1,7 @@
 """The L2 set-aside for persisting accesses (CUDA programming guide, "L2 Cache Control"): cache lines marked to
 be kept (PTX createpolicy ... L2::evict_last, which the fused kernels' l2_hints put on Keyformer's z) keep their
 priority only inside this portion of L2, whose size is the driver's default (11.25 MiB on the H200 measured,
-measure/data/h200-l2-sweep-llama.csv) until a process sets it. This sets it for the device's primary CUDA context
+lab/data/l2/h200-l2-sweep-llama.csv) until a process sets it. This sets it for the device's primary CUDA context
 through the driver API (libcuda, shipped with the driver; torch has no call for it); nothing on the GPU changes
 beyond this process.
 """

@@ -1,5 +1,6 @@
-"""Figures the README quotes from the committed campaigns: decode bandwidth against the measured HBM read ceiling,
-and the measured Keyformer speedup over the full cache. Run: python -m measure.summarize [measure/data]"""
+"""Figures docs/measuring.md quotes from the committed plain-decoder campaigns (data/<gpu>-plain/): decode bandwidth
+against the measured HBM read ceiling, and the measured Keyformer speedup over the full cache.
+Run: python -m measure.summarize [data]"""
 from __future__ import annotations
 
 import sys
@@ -23,13 +24,18 @@ def read_ceiling_gbps(micro) -> float:
     return float(pd.read_csv(micro).query("bench == 'hbm_read'")["gbps"].iloc[0])
 
 
+def plain_campaigns(data: Path) -> list[Path]:
+    """The plain decoder's campaign folders under `data` (one per GPU, each with rows.csv and microbench.csv)."""
+    return sorted(p for p in data.glob("*-plain") if (p / "microbench.csv").exists())
+
+
 def bandwidth_table(data: Path) -> pd.DataFrame:
     """Batch-1 full-cache decode: (weights streamed + KV read) / step time, against the hbm_read microbenchmark."""
     rows = []
-    for micro in sorted(data.glob("*-microbench.csv")):
-        gpu = micro.name.replace("-microbench.csv", "")
-        ceiling = read_ceiling_gbps(micro)
-        df = measurements.load([data / f"{gpu}.csv"], "torch-graph", "decode")
+    for campaign in plain_campaigns(data):
+        gpu = campaign.name.removesuffix("-plain")
+        ceiling = read_ceiling_gbps(campaign / "microbench.csv")
+        df = measurements.load([campaign / "rows.csv"], "torch-graph", "decode")
         for r in df[(df.policy == "full") & (df.batch == 1)].itertuples():
             moved = decode_bytes(r.model, 1, r.context)
             gbps = moved / (r.step_ms / 1e3) / 1e9
@@ -42,8 +48,8 @@ def bandwidth_table(data: Path) -> pd.DataFrame:
 def speedup_table(data: Path) -> pd.DataFrame:
     """Keyformer step time over the full cache's at the same GPU, model, batch and context."""
     rows = []
-    for path in sorted(data / m.name.replace("-microbench", "") for m in data.glob("*-microbench.csv")):
-        df = measurements.load([path], "torch-graph", "decode")
+    for campaign in plain_campaigns(data):
+        df = measurements.load([campaign / "rows.csv"], "torch-graph", "decode")
         full = df[df.policy == "full"].set_index(["model", "batch", "context"])["step_ms"]
         for r in df[df.policy == "keyformer"].itertuples():
             key = (r.model, r.batch, r.context)
@@ -54,7 +60,7 @@ def speedup_table(data: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(data: str = "measure/data") -> None:
+def main(data: str = "data") -> None:
     data = Path(data)
     print("## Batch-1 decode bandwidth (full cache, CUDA graphs)\n")
     print(markdown_table(bandwidth_table(data)))

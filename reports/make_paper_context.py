@@ -71,7 +71,7 @@ def main():
     subprocess.run([sys.executable, "-m", "kfsim", "report", "--model", "mpt-7b", "--gpus", "a100,h100,h200",
                     "--out", str(OUT)], cwd=ROOT, check=True)
     req = request_rows()
-    measured = speedup_table(ROOT / "measure" / "data")
+    measured = speedup_table(ROOT / "data")
     measured = measured[measured.kv_ratio == 0.5].sort_values(["gpu", "model", "batch", "context"])
     text = [
         "# The Keyformer paper's headline in context", "",

@@ -4,7 +4,7 @@ ceiling. This is how the configuration `gemv` picks was chosen.
 
 Each timing replays a CUDA graph over copies of the weights (at least 400 MB in all, 8x the L2), so every product
 reads its weights from HBM, as in a real step. Run on a GPU (repository root):
-  python -m measure.bench_gemv --out gemv.csv [--ceiling-gbps 3079]
+  python -m lab.bench_gemv --out gemv.csv [--ceiling-gbps 3079]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kfsim.workload import get_workload
 
-from . import timing
+from measure import timing
 
 IN_FLIGHT_BYTES = 400e6
 
@@ -69,7 +69,7 @@ def time_product(p: dict, config, steps=20) -> dict:
     """Microseconds per product: cuBLAS (config None: each matrix's F.linear) or gemv with config
     (block_n, num_warps, num_stages, block_k); block_n and num_warps None: gemv's own choice ('auto'), block_k
     None: gemv's own."""
-    from .gemv import gemv  # needs triton
+    from measure.gemv import gemv  # needs triton
 
     nbytes = sum(a * b for a, b in p["shapes"]) * 2
     copies = max(2, math.ceil(IN_FLIGHT_BYTES / nbytes))
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                            and r["kernel"] == "cublas")
                 print(f"{model:10s} {p['name']:9s} {cub['mbytes']:6.0f} MB cublas {cub['gbps']:5.0f} GB/s "
                       f"best {best['kernel']} {best['gbps']:5.0f} GB/s | us: {'  '.join(line)}", flush=True)
-    from .env import environment
+    from measure.env import environment
 
     pd.DataFrame(rows).assign(**environment()).to_csv(a.out, index=False)
     return 0

@@ -4,7 +4,7 @@ kernel option. Triton compiles the kernel for the target architecture (sm_90 by 
 machine, GPU or not, and cuobjdump (shipped with Triton) lists the SASS; so kernel options can be compared, and
 a change checked for what it does to the inner loop, without a GPU. Times still come from bench_attention.
 
-  python -m measure.kernel_stats --out kernel-stats.csv [--options shipped,write_first] [--arch 90]
+  python -m lab.kernel_stats --out kernel-stats.csv [--options shipped,write_first] [--arch 90]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from .bench_attention import SHAPES, _ints, _words
-from .kernel_options import KERNEL_OPTIONS, decoder_keywords
+from measure.kernel_options import KERNEL_OPTIONS, decoder_keywords
 
 
 # Per-SM limits of compute capability 9.0 (H100, H200): CUDA C++ Programming Guide, "Features and Technical
@@ -73,8 +73,8 @@ def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, ba
           sms: int):
     """A CPU FusedDecoder of one layer sized as bench_attention's (`tokens` cached, the cache split for `batch` x
     `kv_heads` rows on `sms` SMs) and the tensors of its step: (decoder, split_launch's keywords)."""
-    from .fused_attention import FusedDecoder, StepState, _blocks, split_length
-    from .kv_policies import SLOT_ALIGN
+    from measure.fused_attention import FusedDecoder, StepState, _blocks, split_length
+    from measure.kv_policies import SLOT_ALIGN
 
     score = policy == "keyformer"
     slots = -(-(tokens + 1) // SLOT_ALIGN) * SLOT_ALIGN if score else tokens + 1
@@ -116,7 +116,7 @@ def compile_split_kernel(policy: str, heads: int, kv_heads: int, head_dim: int, 
                          options: dict, sms: int = 132, arch: int = 90):
     """The split kernel of one layer's step, as bench_attention launches it, compiled for sm_`arch`; and its
     compile-time constants."""
-    from .fused_attention import _split_kernel
+    from measure.fused_attention import _split_kernel
 
     dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, options, sms)
     _, args, meta, opts = dec.split_launch(**step)
@@ -127,7 +127,7 @@ def compile_step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: 
                  sms: int = 132, arch: int = 90) -> dict:
     """Every kernel one layer's step launches ({"split", and "combine" or "finish" where the cache is split}),
     compiled for sm_`arch`."""
-    from .fused_attention import _combine_kernel, _finish_kernel, _split_kernel
+    from measure.fused_attention import _combine_kernel, _finish_kernel, _split_kernel
 
     dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, options, sms)
     out = {"split": aot_compile(_split_kernel, *dec.split_launch(**step)[1:], arch)}
@@ -214,7 +214,7 @@ def kernel_stats(policy, heads, kv_heads, head_dim, tokens, batch, variant, sms=
 def check_registers(rows: list[dict], measured_csv: str) -> list[str]:
     """Lines comparing the shipped kernel's compiled registers with those a GPU run of bench_attention recorded
     at the same model, policy, batch and tokens (the check that this compile is the one the GPU ran)."""
-    from .fused_attention import PROGRAMS_PER_SM
+    from measure.fused_attention import PROGRAMS_PER_SM
 
     def shipped(r: dict) -> bool:  # the shipped configuration: default block, fill split, no option on
         return (bool(r.get("regs")) and int(r.get("block_n") or 0) == 0 and int(r.get("num_warps") or 4) == 4

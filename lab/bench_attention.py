@@ -6,7 +6,7 @@ how the options it ships off are compared with it (--split-rule fill,wave --comb
 
 Each timing replays a CUDA graph of many layers' kernels over separate caches (far more than the 50 MB L2 holds),
 so every layer reads its K and V from HBM, as in a real step. Run on a GPU (repository root):
-  python -m measure.bench_attention --out attention.csv [--ceiling-gbps 3079]
+  python -m lab.bench_attention --out attention.csv [--ceiling-gbps 3079]
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 from kfsim.errors import KfsimError
 from kfsim.values import parse_list
 
-from . import timing
-from .kernel_options import KERNEL_OPTIONS, KEYFORMER_ONLY, decoder_keywords
-from .kv_policies import EvictingCache, FullCache
+from measure import timing
+from measure.kernel_options import KERNEL_OPTIONS, KEYFORMER_ONLY, decoder_keywords
+from measure.kv_policies import EvictingCache, FullCache
 
 #: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
 SHAPES = (("gpt-j-6b", 16, 1, 256), ("llama-3-8b", 8, 4, 128))
@@ -31,7 +31,7 @@ IN_FLIGHT_BYTES = 400e6  # K and V bytes the graph's layers read in all: 8x the 
 
 
 def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
-    from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
+    from measure.fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
 
     if policy == "full":
         out = []
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     from triton.runtime.errors import OutOfResources
 
     from . import fused_attention  # needs triton
-    from .env import environment
-    from .nvml import Nvml
+    from measure.env import environment
+    from measure.nvml import Nvml
 
     nvml = Nvml()
     env = {**environment(nvml), "triton": triton.__version__}

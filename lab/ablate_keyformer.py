@@ -14,7 +14,7 @@ Ablations (edits of measure/fused_attention.py's text; one that no longer matche
   all       scoring + finish
 
 Run on a GPU (repository root):
-  python -m measure.ablate_keyformer --out ablate.csv [--models llama-3-8b] [--batch 16,64] [--tokens 3277,8192]
+  python -m lab.ablate_keyformer --out ablate.csv [--models llama-3-8b] [--batch 16,64] [--tokens 3277,8192]
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import tempfile
 import torch
 
 from .bench_attention import SHAPES, _ints, _words
-from .kernel_options import KERNEL_OPTIONS, decoder_keywords
-from .l2_persist import l2_sizes, set_persisting_l2
+from measure.kernel_options import KERNEL_OPTIONS, decoder_keywords
+from measure.l2_persist import l2_sizes, set_persisting_l2
 
 _LANE = "                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau\n"
 _STORE = "                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)\n"
@@ -81,7 +81,7 @@ def ablated_module(ablation: str | None, workdir: str):
     if ablation is None:
         yield
         return
-    from . import fused_attention
+    from measure import fused_attention
 
     path = os.path.join(workdir, f"fused_attention_{ablation}.py")
     with open(fused_attention.__file__) as f:
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     import triton
 
     from .bench_attention import time_layer
-    from .env import environment
-    from .nvml import Nvml
+    from measure.env import environment
+    from measure.nvml import Nvml
 
     nvml = Nvml()
     env = {**environment(nvml), "triton": triton.__version__, "options": a.options}

@@ -5,7 +5,7 @@ Also times each of the model's weight GEMMs alone at the step's batch (rotating 
 which says how far the GEMMs themselves are from the HBM read ceiling.
 
 Run (repository root, on a GPU), one process for several points (each model is built and compiled once):
-  python -m measure.profile_step --engine compiled --out prof.csv \
+  python -m lab.profile_step --engine compiled --out prof.csv \
       --point gpt-j-6b,1,1024,keyformer,0.5 --point gpt-j-6b,1,512,full,1
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from kfsim.workload import get_workload
 
-from . import timing
-from .campaign import Point, Runner
-from .kernel_options import split_options
+from measure import timing
+from measure.campaign import Point, Runner
+from measure.kernel_options import split_options
 
 #: Kernel kinds by a piece of the kernel's name (first match wins); names are those cuBLAS, Triton and torch give.
 KINDS = (("attention", ("_split_kernel", "_combine_kernel", "_finish_kernel", "flash", "fmha", "attention",

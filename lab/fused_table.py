@@ -3,7 +3,7 @@ bandwidth limit): per point the step time, (weights + KV) bandwidth against the 
 Keyformer's step over the full-cache step at a context equal to its budget (the ideal reduced-cache step), and
 Keyformer's speedup over the full cache against what kfsim's `ideal` engine predicts.
 
-Run: python -m measure.fused_table MEAS.csv MICROBENCH.csv [--engine compiled]
+Run: python -m lab.fused_table MEAS.csv MICROBENCH.csv [--engine compiled]
 """
 from __future__ import annotations
 

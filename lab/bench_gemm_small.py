@@ -5,10 +5,10 @@ measure.gemm_small, as weight GB/s (and the fraction of the HBM read ceiling).
 cuBLAS on the transposed product, W @ x^T (cublas_t: the result a transposed view; cublas_t_copy: made contiguous),
 where its kernel choice sees the weight rows as the long side;
 default: the fused products as the compiled decoder runs them (stacked matrices, folded norm, bias, activation,
-residual; measure.bench_gemv's list), gemm_small's own configuration and a few others.
+residual; lab.bench_gemv's list), gemm_small's own configuration and a few others.
 Each timing replays a CUDA graph over copies of the weights (at least 400 MB in all, 8x the L2), so every product
 reads its weights from HBM. Run on a GPU (repository root):
-  python -m measure.bench_gemm_small --out gemm-small.csv [--plain] [--batch 16,64] [--ceiling-gbps 4400]
+  python -m lab.bench_gemm_small --out gemm-small.csv [--plain] [--batch 16,64] [--ceiling-gbps 4400]
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from kfsim.workload import get_workload
 
-from . import timing
-from .env import environment
-from .nvml import Nvml
+from measure import timing
+from measure.env import environment
+from measure.nvml import Nvml
 from .profile_step import weight_shapes
 
 IN_FLIGHT_BYTES = 400e6
@@ -50,7 +50,7 @@ def fused_rows(model: str, batch: int, ceiling: float, match: str = "") -> list[
     from triton.runtime.errors import OutOfResources
 
     from .bench_gemv import products
-    from .gemm_small import small_gemm
+    from measure.gemm_small import small_gemm
 
     out = []
     for p in products(model):
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     import triton
 
-    from .gemm_small import small_gemm
+    from measure.gemm_small import small_gemm
 
     nvml = Nvml()
     env = {**environment(nvml), "triton": triton.__version__, "date": dt.date.today().isoformat()}

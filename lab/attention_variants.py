@@ -1,7 +1,7 @@
 """Compare bench_attention's kernel variants: per point, each variant's full-cache and Keyformer microseconds per
 layer and Keyformer over the full cache at the same cached tokens (1.00: selection costs nothing), then medians.
 
-Usage: python -m measure.attention_variants ATTENTION_CSV [--json]
+Usage: python -m lab.attention_variants ATTENTION_CSV [--json]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from .kernel_options import KEYFORMER_ONLY_NAMES
+from measure.kernel_options import KEYFORMER_ONLY_NAMES
 
 
 def full_cache_variant(variant: str) -> str:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     paths = [a for a in argv if a != "--json"]
     if len(paths) != 1:
-        print("usage: python -m measure.attention_variants ATTENTION_CSV [--json]", file=sys.stderr)
+        print("usage: python -m lab.attention_variants ATTENTION_CSV [--json]", file=sys.stderr)
         return 2
     try:
         with open(paths[0], newline="") as f:
