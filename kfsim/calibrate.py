@@ -107,16 +107,59 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
     to_x = lambda v: np.where(logs, np.log(np.where(logs, v, 1.0)), v)  # noqa: E731
     from_x = lambda x: np.where(logs, np.exp(x), x)  # noqa: E731
 
+    start_x, span = to_x(x0), to_x(hi) - to_x(lo)
+
     def residuals(x):
         eng = _set(base, dict(zip(params, from_x(x))))
-        return np.concatenate([np.log(g.predict_ms(eng) / g.measured_ms) for g in groups])
+        errors = [np.log(g.predict_ms(eng) / g.measured_ms) for g in groups]
+        # a faint pull toward the table's start value: a direction the rows leave flat has one minimum, the same
+        # on every machine, instead of wherever rounding noise stops the search (too weak to move a fitted one)
+        return np.concatenate(errors + [PULL * (x - start_x) / span])
 
+    best = None
     with np.errstate(all="ignore"):
-        sol = least_squares(residuals, to_x(x0), bounds=(to_x(lo), to_x(hi)),
-                            x_scale=np.where(logs, 1.0, np.maximum(np.abs(x0), 1e-2)), method="trf", max_nfev=1000)
-    sol.x = from_x(sol.x)
-    values = dict(zip(params, (float(v) for v in sol.x)))
+        for start in [start_x] + [to_x(lo) + f * span for f in EXTRA_STARTS]:
+            sol = least_squares(residuals, start, bounds=(to_x(lo), to_x(hi)),
+                                x_scale=np.where(logs, 1.0, np.maximum(np.abs(x0), 1e-2)), method="trf",
+                                max_nfev=2000, ftol=1e-12, xtol=1e-12)
+            if best is None or sol.cost < best.cost * (1 - 1e-6):  # a near-tie keeps the earlier start
+                best = sol
+    x = _snap(best.x, to_x(lo), to_x(hi))
+    values = dict(zip(params, (float(v) for v in from_x(x))))
     return _set(base, values), values
+
+
+#: weight of the pull toward the start value, per parameter's range (log residuals of fitted rows are ~1e-2 each)
+PULL = 1e-3
+#: more starting points, as fractions of each parameter's range (in search space): the step time is piecewise
+#: (max of memory and compute, split counts), so one start can stop in a valley that another start leaves
+EXTRA_STARTS = (0.25, 0.75)
+#: a parameter this close to a bound (fraction of its range in search space) ends exactly on it
+SNAP = 1e-6
+
+
+def _snap(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Values within SNAP of a bound put on it (1e-16 and 6e-12 of a lower bound 0 are both 0)."""
+    tol = SNAP * (hi - lo)
+    return np.where(x - lo <= tol, lo, np.where(hi - x <= tol, hi, x))
+
+
+def at_bounds(fitted: dict[str, float], caps: dict[str, float]) -> dict[str, str]:
+    """Fitted parameters that ended on a bound of their range: parameter -> 'lower' or 'upper' bound. A value on a
+    bound means the rows wanted it further out (or could not inform it): the fit is worth a second look."""
+    table = {**PARAMETERS, **PREFILL_PARAMETERS}
+    out = {}
+    for p, v in fitted.items():
+        if p not in table:
+            continue
+        lo, hi, _ = table[p]
+        hi = min(hi, caps.get(p, hi))
+        tol = SNAP * (hi - lo)
+        if v - lo <= tol:
+            out[p] = f"lower bound {lo:g}"
+        elif hi - v <= tol:
+            out[p] = f"upper bound {hi:.4g}" + (" (microbenchmark cap)" if p in caps else "")
+    return out
 
 
 def ceilings(micro, hw) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Regenerate the shipped default engine and the committed validation reports from measure/data/.
+"""Regenerate the shipped default engine and the committed validation reports from the campaigns in data/.
 
 Run from the repository root:  python reports/make_validation.py
 Steps (each through the `kfsim` command, so the reports show exactly what a user can rerun):
@@ -7,7 +7,7 @@ Steps (each through the `kfsim` command, so the reports show exactly what a user
 3. reports/h100-to-h200/   the default engine (fitted on H100) predicting every H200 row;
 4. reports/baselines.md    the `ideal` roofline and llm-analysis (if installed) on the same rows;
 5. engines/compiled.yaml and reports/compiled-h100-holdout/, reports/compiled-h100-to-h200/: the same for the
-   compiled engine (torch.compile glue + fused Triton attention; measure/data/*-compiled.csv);
+   compiled engine (torch.compile glue + fused Triton attention; data/*-compiled/);
 then reports/validation-summary.json with every figure quoted in the README.
 6. engines/compiled-options.yaml and reports/compiled-options-h200-holdout/: the compiled engine with every opt-in
    kernel option on (OPTIONS_GRID, measured on the H200 only): fitted on every row, and on a random half
@@ -31,7 +31,7 @@ from kfsim.engine import get_engine  # noqa: E402
 from kfsim.fmt import markdown_table  # noqa: E402
 from kfsim.validate import compare, metrics  # noqa: E402
 
-DATA = ROOT / "measure" / "data"
+DATA = ROOT / "data"
 REPORTS = ROOT / "reports"
 MEASURED = "torch-graph"
 
@@ -82,6 +82,30 @@ def llm_analysis_ms(rows: pd.DataFrame) -> np.ndarray:
     return np.array(out)
 
 
+#: llm-analysis's predictions, written where it is installed and read where it is not (so that the reports come out
+#: the same on any machine)
+LLM_ANALYSIS_CACHE = REPORTS / "llm-analysis-predictions.csv"
+POINT = ["gpu", "model", "phase", "batch", "context", "policy", "kv_ratio"]
+
+
+def llm_analysis_cached(rows: pd.DataFrame, label: str) -> np.ndarray:
+    """llm_analysis_ms for `rows`, saved under `label` in LLM_ANALYSIS_CACHE; without llm-analysis installed,
+    the saved figures (and a line saying so)."""
+    try:
+        import llm_analysis  # noqa: F401
+    except ImportError:
+        saved = pd.read_csv(LLM_ANALYSIS_CACHE)
+        saved = saved[saved["rows"] == label].drop(columns="rows")
+        print(f"llm-analysis is not installed (pip install -e '.[compare]'): its {label} predictions are read from "
+              f"{rel(LLM_ANALYSIS_CACHE)}", flush=True)
+        return rows[POINT].merge(saved, on=POINT, how="left")["llm_analysis_ms"].to_numpy()
+    ms = llm_analysis_ms(rows)
+    new = rows[POINT].assign(rows=label, llm_analysis_ms=ms)
+    old = pd.read_csv(LLM_ANALYSIS_CACHE) if LLM_ANALYSIS_CACHE.exists() else new.iloc[:0]
+    pd.concat([old[old["rows"] != label], new]).to_csv(LLM_ANALYSIS_CACHE, index=False)
+    return ms
+
+
 def summary_row(name: str, cmp: pd.DataFrame, col: str = "error_pct") -> dict:
     row = {"rows": name}
     for phase in ("decode", "prefill"):
@@ -129,7 +153,7 @@ def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path,
 
 def compiled_engine(micro: Path) -> list[dict]:
     """Fit and check the engine of the compiled decoder (decode rows only) like the default one."""
-    h100, h200 = DATA / "h100-sxm-compiled.csv", DATA / "h200-compiled.csv"
+    h100, h200 = DATA / "h100-sxm-compiled" / "rows.csv", DATA / "h200-compiled" / "rows.csv"
     hold = REPORTS / "compiled-h100-holdout"
     fit_and_check("compiled", "compiled", h100, h200, micro, hold, REPORTS / "compiled-h100-to-h200",
                   "Compiled engine")
@@ -151,14 +175,13 @@ def compiled_engine(micro: Path) -> list[dict]:
 
 
 #: the compiled decoder's grid with every opt-in option of measure/kernel_options.py on (H200, 2026-12-04)
-OPTIONS_GRID = DATA / ("h200-compiled-write_first_fast_log_l2_hints_small_gemm_pos32_lane_partials_short_finish_"
-                       "batch1_split.csv")
+OPTIONS_GRID = DATA / "h200-compiled-options" / "rows.csv"
 
 
 def compiled_options_engine() -> None:
     """Step 6: the options grid has no H100 counterpart yet, so its engine is checked on a held-out half of the
     same GPU only (not yet across GPUs)."""
-    fit_and_hold_out("compiled", "compiled-options", OPTIONS_GRID, "H200", DATA / "h200-microbench.csv",
+    fit_and_hold_out("compiled", "compiled-options", OPTIONS_GRID, "H200", DATA / "h200-plain" / "microbench.csv",
                      REPORTS / "compiled-options-h200-holdout", "Compiled engine, every kernel option on")
 
 
@@ -168,8 +191,8 @@ def main() -> None:
         return
     if sys.argv[1:]:
         sys.exit("usage: python reports/make_validation.py [--only compiled-options]")
-    h100, h200 = DATA / "h100-sxm.csv", DATA / "h200.csv"
-    micro = DATA / "h100-sxm-microbench.csv"
+    h100, h200 = DATA / "h100-sxm-plain" / "rows.csv", DATA / "h200-plain" / "rows.csv"
+    micro = DATA / "h100-sxm-plain" / "microbench.csv"
     hold = REPORTS / "h100-holdout"
     fit_and_check(MEASURED, "default", h100, h200, micro, hold, REPORTS / "h100-to-h200", "Plain decoder")
     # 4. baselines on the same rows
@@ -181,7 +204,7 @@ def main() -> None:
         ours = compare(df, get_engine(str(engine)))
         ideal = compare(df, get_engine("ideal"))
         lla = df.copy()
-        lla["predicted_ms"] = llm_analysis_ms(df)
+        lla["predicted_ms"] = llm_analysis_cached(df, label)
         lla["error_pct"] = 100 * (lla["predicted_ms"] / lla["step_ms"] - 1)
         for name, cmp in (("kfsim fitted engine", ours), ("kfsim ideal roofline", ideal),
                           ("llm-analysis 0.2.2 (defaults)", lla)):
