@@ -110,6 +110,10 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
     from .predict import predict as run
 
     out = run(s, batch, seq, prompt_len, gen_len)
+    if s.policy.evicts:
+        from .predict import largest_batch
+
+        out.update(largest_batch(s, seq))
     header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind
               if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
               "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv)}
@@ -132,9 +136,9 @@ def list_cmd(what, as_json):
 
         click.echo(json.dumps([dict(zip(header, r)) for r in rows], indent=2))
     else:
-        from .fmt import table
+        from .views import list_text
 
-        click.echo(table(rows, header))
+        click.echo(list_text(what))
 
 
 @cli.command()
@@ -271,8 +275,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
-    Example: kfsim calibrate measure/data/h100-sxm.csv --measured-engine torch-graph
-             --microbench measure/data/h100-sxm-microbench.csv --out my-engine.yaml
+    Example: kfsim calibrate data/h100-sxm-plain/rows.csv --measured-engine torch-graph
+             --microbench data/h100-sxm-plain/microbench.csv --out my-engine.yaml
     """
     _need("calibrate", "pandas", "scipy")
     import json
@@ -316,9 +320,14 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                                 if k in f.fitted) or "none"})
     eng.write(out)
     m = metrics(f.ape)
+    edges = cal.at_bounds({k: getattr_path(eng, k) for k in f.fitted}, bounds)
     if as_json:
-        click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in f.fitted}}))
+        click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in f.fitted},
+                               "at_bound": edges}))
         return
+    for k, where in edges.items():
+        click.echo(f"warning: {k} ended at its {where}: the rows pull it further (or cannot inform it); "
+                   "its value is a limit, not a measurement", err=True)
     click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {gpus}; in-sample MAPE {m['mape']:.2f}%, "
                f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
     rows = [[k, f"{getattr_path(eng, k):.4g}", f"{cal.bounds_of(k, bounds)}"] for k in f.fitted]
@@ -344,7 +353,7 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     """Compare predictions with measurements: error metrics by model and policy, plots, a Markdown report.
 
     \b
-    Example: kfsim validate measure/data/h200.csv --measured-engine torch-graph --engine default
+    Example: kfsim validate data/h200-plain/rows.csv --measured-engine torch-graph --engine default
              --out reports/h200-default
     """
     _need("validate", "pandas", "matplotlib")

@@ -18,6 +18,9 @@ OPTIONAL = (
     "status", "error", "gpu_name", "driver", "cuda", "torch", "python", "timestamp",
     # the fused attention's opt-in options a compiled-engine row ran with ('+'-joined; empty: the shipped kernel)
     "kernel_options",
+    # what code and libraries measured the row: the kfsim checkout's commit ('+dirty' with uncommitted changes),
+    # and the versions of triton and transformers where they are installed
+    "git_commit", "triton", "transformers",
 )
 COLUMNS = REQUIRED + OPTIONAL
 PHASES = ("decode", "prefill")

@@ -112,9 +112,15 @@ def predict(s: Setup, batch, seq, prompt_len: int | None = None, gen_len: int | 
     _check_positive_ints(batch=batch, seq=seq)
     out = _step_fields(s, batch, seq)
     full = s.with_policy(Policy("full"))
-    full_step = step_time(full, batch, attended_tokens(s.workload, full.policy, seq)).seconds * 1e3
+    ft = step_time(full, batch, attended_tokens(s.workload, full.policy, seq))
+    full_step = ft.seconds * 1e3
     out["full_step_ms"] = full_step
     out["speedup_vs_full"] = full_step / out["step_ms"]
+    # the full cache's breakdown, so that a reader sees which term a policy grew or shrank
+    for name, part in (("weights_ms", ft.weight_s), ("kv_ms", ft.kv_s), ("other_memory_ms", ft.other_mem_s),
+                       ("compute_ms", ft.compute_s), ("overhead_ms", ft.overhead_s)):
+        out[f"full_{name}"] = part * 1e3 * np.ones_like(full_step)
+    out["full_kernels"] = ft.kernels * np.ones_like(full_step)
     if prompt_len is not None or gen_len is not None:
         if prompt_len is None or gen_len is None:
             raise KfsimError("a request needs both --prompt-len and --gen-len")
@@ -123,6 +129,19 @@ def predict(s: Setup, batch, seq, prompt_len: int | None = None, gen_len: int | 
         req_full = request(full, batch, int(prompt_len), int(gen_len))
         out.update(req)
         out["request_speedup_vs_full"] = req_full["total_ms"] / req["total_ms"]
+    return out
+
+
+def largest_batch(s: Setup, seq: int) -> dict:
+    """At context `seq`, the largest batch that fits in memory and its tokens/s, for `s` and for the same setup
+    with the full cache: a reducing policy's memory dividend (more sequences per GPU). 0 and 0 where none fits."""
+    out = {}
+    for prefix, setup in (("", s), ("full_", s.with_policy(Policy("full")))):
+        cached = attended_tokens(setup.workload, setup.policy, np.array(seq))
+        n = int(memory.max_batch(setup.hw, setup.workload, setup.policy, setup.dtypes, setup.engine, cached))
+        rate = float(n / step_time(setup, n, cached).seconds) if n > 0 else 0.0
+        out[f"{prefix}max_batch"] = n
+        out[f"{prefix}max_batch_tokens_per_s"] = rate
     return out
 
 

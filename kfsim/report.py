@@ -64,11 +64,16 @@ def fig_roofline(ax, gpu, model, engine, batch, context):
     ax.legend(fontsize=7, loc="lower right")
 
 
+def _fitting(out: dict, key: str) -> np.ndarray:
+    """`out[key]` with the configurations that do not fit in memory blanked (NaN: not drawn)."""
+    return np.where(out["fits"], out[key], np.nan)
+
+
 def fig_latency_vs_context(axes, gpu, model, engine, batch):
     for ratio in RATIOS:
         out = predict(_setup(gpu, model, engine, ratio), batch, CONTEXTS)
-        axes[0].plot(CONTEXTS, out["step_ms"], label=_label(ratio))
-        axes[1].plot(CONTEXTS, out["tokens_per_s"], label=_label(ratio))
+        axes[0].plot(CONTEXTS, _fitting(out, "step_ms"), label=_label(ratio))
+        axes[1].plot(CONTEXTS, _fitting(out, "tokens_per_s"), label=_label(ratio))
     axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode step (ms)",
                 title=f"{model} on {gpu}, batch {batch}: step latency")
     axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="generated tokens/s",
@@ -111,12 +116,15 @@ def fig_frontier(ax, gpus, model, engine, context):
 def fig_speedup(axes, gpu, model, engine):
     for ratio in RATIOS[1:]:
         s = _setup(gpu, model, engine, ratio)
+        full = _setup(gpu, model, engine, 1.0)
         for batch in (1, 16, 64):
             out = predict(s, batch, CONTEXTS)
-            axes[0].plot(CONTEXTS, out["speedup_vs_full"], label=f"kv-ratio {ratio:g}, batch {batch}")
+            out["fits"] = predict(full, batch, CONTEXTS)["fits"]  # a speedup over a full cache that fits
+            axes[0].plot(CONTEXTS, _fitting(out, "speedup_vs_full"), label=f"kv-ratio {ratio:g}, batch {batch}")
         for context in (2048, 8192):
             out = predict(s, BATCHES, context)
-            axes[1].plot(BATCHES, out["speedup_vs_full"], label=f"kv-ratio {ratio:g}, context {context:,}")
+            out["fits"] = predict(full, BATCHES, context)["fits"]
+            axes[1].plot(BATCHES, _fitting(out, "speedup_vs_full"), label=f"kv-ratio {ratio:g}, context {context:,}")
     for ax, x in zip(axes, ("context (tokens)", "batch (sequences)")):
         ax.axhline(1, color="k", lw=0.8)
         ax.set(xscale="log", xlabel=x, ylabel="Keyformer speedup over full cache (x)",
@@ -130,6 +138,8 @@ def fig_bytes(ax, gpu, model, engine, batch):
     for ratio in RATIOS:
         for context in (1024, 4096, 16384):
             out = predict(_setup(gpu, model, engine, ratio), batch, context)
+            if not out["fits"]:
+                continue
             labels.append(f"{context // 1024}k\n{'full' if ratio >= 1 else f'KF {ratio:g}'}")
             weights.append(float(out["weight_bytes"]) / 1e9)
             kv.append(float(out["kv_bytes"]) / 1e9)
@@ -153,35 +163,48 @@ def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: 
     main = gpus[0]
     specs = [
         ("roofline", "The roofline and each decode op", (7, 5), 1, lambda a: fig_roofline(a[0], main, model, engine,
-                                                                                           batch, context)),
+                                                                                           batch, context),
+         f"Each operation of one decode step ({model}, batch {batch}, context {context:,}) on {main}: ops far left "
+         "of the ridge are limited by memory bandwidth, and the gap below the roofline is the engine's inefficiency."),
         ("latency_vs_context", "Step latency and tokens/s against context", (12, 4.2), 2,
-         lambda a: fig_latency_vs_context(a, main, model, engine, batch)),
-        ("max_batch", "Largest batch that fits", (7, 5), 1, lambda a: fig_max_batch(a[0], gpus, model, engine)),
+         lambda a: fig_latency_vs_context(a, main, model, engine, batch),
+         f"Decode-step time and generated tokens/s at batch {batch} on {main} as the context grows; a line stops "
+         "where that configuration no longer fits in GPU memory."),
+        ("max_batch", "Largest batch that fits", (7, 5), 1, lambda a: fig_max_batch(a[0], gpus, model, engine),
+         "How many sequences fit in GPU memory beside the weights: a smaller KV budget holds more sequences at "
+         "the same context, which is where Keyformer buys throughput in serving."),
         ("frontier", "Throughput-latency frontier over batch", (7, 5), 1,
-         lambda a: fig_frontier(a[0], gpus, model, engine, context)),
+         lambda a: fig_frontier(a[0], gpus, model, engine, context),
+         f"Tokens/s per GPU against step latency as the batch grows at context {context:,}; each line ends at the "
+         "largest batch that fits, so a line further up and right serves more within the same latency."),
         ("speedup", "Keyformer speedup against context and batch", (12, 4.2), 2,
-         lambda a: fig_speedup(a, main, model, engine)),
-        ("bytes", "Where the bytes go", (8, 4.5), 1, lambda a: fig_bytes(a[0], main, model, engine, batch)),
+         lambda a: fig_speedup(a, main, model, engine),
+         f"Keyformer's decode-step speedup over the full cache on {main}, only where the full cache fits; below 1 "
+         "the scorer's cost outweighs the KV bytes saved (small batch or short context, where weights dominate)."),
+        ("bytes", "Where the bytes go", (8, 4.5), 1, lambda a: fig_bytes(a[0], main, model, engine, batch),
+         f"Bytes one decode step moves at batch {batch} on {main}, by kind (configurations that do not fit are "
+         "left out): the KV share is what a smaller cache can save."),
     ]
     sections = []
-    for name, title, size, n, draw in specs:
+    for name, title, size, n, draw, caption in specs:
         fig, axes = plt.subplots(1, n, figsize=size)
         draw(np.atleast_1d(axes))
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        sections.append((name, title, path))
+        sections.append((name, title, path, caption))
     intro = (f"kfsim report for {model} on {', '.join(gpus)} (engine {engine}); figures use batch {batch} and "
              f"context {context:,} where one value is needed. Keyformer keeps kv-ratio x context tokens.")
     md = [f"# {model}: capacity planning", "", intro, ""]
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>kfsim: {html.escape(model)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}</style></head>"
             f"<body><h1>{html.escape(model)}: capacity planning</h1><p>{html.escape(intro)}</p>"]
-    for name, title, path in sections:
-        md += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    for name, title, path, caption in sections:
+        md += [f"## {title}", "", f"![{title}]({path.name})", "", caption, ""]
         data = base64.b64encode(path.read_bytes()).decode()
-        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                    f"<p>{html.escape(caption)}</p>")
     page.append("</body></html>")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text("\n".join(page))

@@ -1,8 +1,14 @@
 """Text the CLI prints: the prediction table and the catalogue listings."""
 from __future__ import annotations
 
+import textwrap
+
 from .fmt import scalar, si
 from .inputs import Setup
+
+
+#: columns of the printed prediction
+WIDTH = 100
 
 
 def _pct(part, whole) -> str:
@@ -14,7 +20,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
     w, hw = s.workload, s.hw
     step = o["step_ms"]
     lines = [
-        f"{w.name} on {hw.name} ({hw.description}), engine {s.engine.name}",
+        f"{w.name} on {hw.name} ({hw.description})",
+        engine_line(s),
         f"batch {h['batch']}, context {h['seq']} tokens, policy {s.policy.label()}, "
         f"weights {h['weight_dtype']}, KV {h['kv_dtype']}",
     ]
@@ -26,13 +33,17 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
     cached = int(o["cached_tokens"])
     rows = [
         ("decode step", f"{step:.3f} ms   {o['tokens_per_s']:,.1f} tokens/s"),
-        ("vs full cache", f"{o['full_step_ms']:.3f} ms  ->  {o['speedup_vs_full']:.2f}x speedup"
+        ("vs full cache", f"{o['full_step_ms']:.3f} ms  ->  {o['speedup_vs_full']:.2f}x "
+                          + ("speedup" if o['speedup_vs_full'] >= 1 else "(slower)")
          if s.policy.evicts else "this is the full cache"),
-        ("bound by", f"{o['bound']}   (" + ", ".join(f"{k} {_pct(v, step)}" for k, v in parts.items()) + ")"),
+        *([("why slower", why_slower(o))] if s.policy.evicts and o["speedup_vs_full"] < 1 else []),
+        *([("largest batch", dividend(o))] if "full_max_batch" in o and s.policy.evicts else []),
+        ("bound by", f"{BOUND_WORDS[o['bound']]}   (" + ", ".join(f"{k} {_pct(v, step)}" for k, v in parts.items())
+         + ")"),
         ("bytes moved", f"weights {si(o['weight_bytes'], 'B')}, KV {si(o['kv_bytes'], 'B')} "
                         f"({cached:,} of {h['seq']:,} tokens x {h['batch']}), other {si(o['other_bytes'], 'B')}"),
-        ("FLOPs", f"{si(o['flops'], 'FLOP')}; intensity {o['arithmetic_intensity']:.2f} FLOP/B vs ridge point "
-                  f"{o['ridge_point']:.0f} FLOP/B ({'below: memory side' if o['arithmetic_intensity'] < o['ridge_point'] else 'above: compute side'})"),
+        ("FLOPs", f"{si(o['flops'], 'FLOP')}; intensity {o['arithmetic_intensity']:.2f} FLOP/B (the GPU's ridge "
+                  f"point: {o['ridge_point']:.0f} FLOP/B)"),
         ("bandwidth used", f"{o['achieved_bandwidth_gbps']:,.0f} GB/s of {hw.hbm_bandwidth_gbps:,.0f} GB/s "
                            f"datasheet ({_pct(o['achieved_bandwidth_gbps'], hw.hbm_bandwidth_gbps)})"),
         ("memory", f"{si(o['memory_bytes'], 'B')} of {si(o['memory_capacity_bytes'], 'B')}: "
@@ -50,7 +61,46 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
                                f"{'fits' if o['request_fits'] else 'DOES NOT FIT'}"),
         ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(lines + [""] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+    body = [textwrap.fill(v, WIDTH, initial_indent=f"{k.ljust(width)}  ", subsequent_indent=" " * (width + 2))
+            for k, v in rows]
+    return "\n".join([textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in lines] + [""] + body)
+
+
+#: the step's largest share of time, in the words the table prints
+BOUND_WORDS = {"memory": "memory traffic", "compute": "compute", "overhead": "fixed overhead (kernel launches)"}
+
+
+def engine_line(s: Setup) -> str:
+    """Which engine answers, what it was fitted on, and whether this GPU is one it was measured on."""
+    e = s.engine
+    if not e.fitted_on:
+        return f"engine {e.name}: {e.description or 'not fitted on measurements'}"
+    measured_gpu = e.fitted_on.split(" ", 1)[0]
+    note = "" if s.hw.name in measured_gpu.split(",") else "; extrapolated: not measured on this GPU"
+    return f"engine {e.name}: fitted on {e.fitted_on}{note}"
+
+
+def why_slower(o: dict) -> str:
+    """In words, which terms a reducing policy grew more than its smaller cache saved."""
+    saved = o["full_kv_ms"] - o["kv_ms"]
+    grew = {"fixed overhead": o["overhead_ms"] - o["full_overhead_ms"],
+            "other memory (scores, logits)": o["other_memory_ms"] - o["full_other_memory_ms"],
+            "compute": o["compute_ms"] - o["full_compute_ms"]}
+    grew = {k: v for k, v in sorted(grew.items(), key=lambda kv: -kv[1]) if v > 0.0005}
+    extra = int(round(o["kernels"] - o["full_kernels"]))
+    parts = ", ".join(f"{k} +{v:.3f} ms" for k, v in grew.items())
+    kernels = f" ({extra:,} more kernels per step)" if extra > 0 else ""
+    return (f"the smaller cache saves {saved:.3f} ms of KV reads, but scoring adds {sum(grew.values()):.3f} ms: "
+            f"{parts}{kernels}; weights are {_pct(o['weights_ms'], o['step_ms'])} of the step")
+
+
+def dividend(o: dict) -> str:
+    """The memory dividend: how many sequences fit at this context, and their tokens/s, against the full cache."""
+    if not o["full_max_batch"]:
+        full = "full cache does not fit"
+    else:
+        full = f"full cache {o['full_max_batch']:,} ({o['full_max_batch_tokens_per_s']:,.0f} tokens/s)"
+    return f"{o['max_batch']:,} sequences ({o['max_batch_tokens_per_s']:,.0f} tokens/s) vs {full}"
 
 
 def list_rows(what: str) -> tuple[list[str], list[list]]:
@@ -88,3 +138,24 @@ def list_rows(what: str) -> tuple[list[str], list[list]]:
         rows.append([e.name, f"{e.weight_bandwidth_fraction:.2f}", f"{e.kv_bandwidth_fraction:.2f}",
                      f"{e.kernel_overhead_us:g}", e.fitted_on or "-", e.description])
     return header, rows
+
+
+def list_text(what: str) -> str:
+    """`kfsim list` as a table within WIDTH columns: long cells are cut (`--json` has them whole); engines show
+    what they were fitted on, or what they are where they were not fitted."""
+    from .fmt import table
+
+    header, rows = list_rows(what)
+    header = [SHORT_HEADERS.get(h, h) for h in header]
+    if what == "engines":
+        header = header[:3] + ["fitted on (or what it is)"]
+        rows = [r[:3] + [r[5] if r[4] == "-" else r[4]] for r in rows]
+        room = WIDTH - len(table([r[:3] for r in rows], header[:3]).splitlines()[0]) - 2
+        rows = [r[:3] + [r[3] if len(r[3]) <= room else r[3][:room - 3] + "..."] for r in rows]
+    return table(rows, header)
+
+
+#: `kfsim list` column names (the --json keys) shortened for the text table
+SHORT_HEADERS = {"memory_gb": "GB", "bandwidth_gbps": "GB/s", "bf16_tflops": "bf16 TFLOP/s",
+                 "fp8_tflops": "fp8 TFLOP/s", "kv_bytes_per_token": "KV B/token", "kv_heads": "kv heads",
+                 "head_dim": "head dim"}

@@ -1,0 +1,99 @@
+"""What the CLI prints explains itself: a slower policy says why, Keyformer shows its memory dividend, the engine
+line says what it was fitted on and where it extrapolates, tables fit 100 columns, report figures show only what
+fits and say what they show."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kfsim.cli import cli
+from kfsim.inputs import make_setup
+from kfsim.predict import largest_batch, predict
+from kfsim.report import _fitting
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_a_slower_policy_says_which_term_grew():
+    r = run("predict", "--gpu", "a100", "--seq", "4096", "--kv-ratio", "0.5")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "(slower)" in text and "why slower" in text and "fixed overhead +" in text
+    assert "more kernels per step" in text
+
+
+def test_a_faster_policy_has_no_excuse_line():
+    r = run("predict", "--gpu", "h100", "--model", "gpt-j-6b", "--batch", "16", "--seq", "16384", "--kv-ratio", "0.2")
+    assert r.exit_code == 0, r.output
+    assert "x speedup" in r.output and "why slower" not in r.output
+
+
+def test_keyformer_shows_the_largest_batch_for_both_policies():
+    r = run("predict", "--gpu", "a100", "--seq", "4096", "--kv-ratio", "0.5", "--json")
+    out = json.loads(r.output)
+    assert out["max_batch"] > out["full_max_batch"] > 0
+    assert out["max_batch_tokens_per_s"] > out["full_max_batch_tokens_per_s"] > 0
+    text = run("predict", "--gpu", "a100", "--seq", "4096", "--kv-ratio", "0.5").output
+    assert f"largest batch   {out['max_batch']} sequences" in text
+    assert f"vs full cache {out['full_max_batch']} (" in text
+
+
+def test_largest_batch_is_the_memory_limit():
+    s = make_setup(gpu="h100", model="llama-3-8b", engine="default", policy="keyformer", kv_ratio=0.2)
+    lb = largest_batch(s, 8192)
+    assert bool(predict(s, lb["max_batch"], 8192)["fits"]) and not bool(predict(s, lb["max_batch"] + 1, 8192)["fits"])
+    full = s.with_policy(s.policy.__class__("full"))
+    assert bool(predict(full, lb["full_max_batch"], 8192)["fits"])
+    assert not bool(predict(full, lb["full_max_batch"] + 1, 8192)["fits"])
+
+
+@pytest.mark.parametrize("gpu, extrapolated", [("h100", False), ("a100", True), ("h200", True)])
+def test_engine_line_says_where_it_was_measured(gpu, extrapolated):
+    r = run("predict", "--gpu", gpu, "--seq", "2048")
+    assert "engine default: fitted on h100-sxm" in r.output
+    assert ("extrapolated: not measured on this GPU" in " ".join(r.output.split())) == extrapolated
+
+
+def test_ideal_engine_says_it_is_not_fitted():
+    r = run("predict", "--gpu", "h100", "--seq", "2048", "--engine", "ideal")
+    assert "engine ideal: pure roofline" in r.output
+
+
+@pytest.mark.parametrize("args", [("predict", "--gpu", "a100", "--seq", "4096", "--kv-ratio", "0.5"),
+                                  ("list", "gpus"), ("list", "models"), ("list", "engines")])
+def test_tables_fit_100_columns(args):
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.output.splitlines()) <= 100
+
+
+def test_list_json_keeps_whole_fields():
+    rows = json.loads(run("list", "engines", "--json").output)
+    default = next(r for r in rows if r["name"] == "default")
+    assert default["fitted_on"].startswith("h100-sxm") and default["description"].startswith("fitted by kfsim")
+
+
+def test_bound_wording_is_one_verdict():
+    r = run("predict", "--gpu", "h200", "--engine", "compiled", "--model", "llama-3-8b", "--batch", "64", "--seq",
+            "16384", "--kv-ratio", "0.2")
+    assert "memory side" not in r.output and "compute side" not in r.output
+    assert "bound by        memory traffic" in r.output or "bound by        compute" in r.output
+
+
+def test_report_blanks_what_does_not_fit():
+    out = {"fits": np.array([True, False]), "step_ms": np.array([1.0, 2.0])}
+    v = _fitting(out, "step_ms")
+    assert v[0] == 1.0 and np.isnan(v[1])
+
+
+def test_report_figures_have_a_sentence(tmp_path):
+    r = run("report", "--model", "llama-3-8b", "--gpus", "l4", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "report.md").read_text().split("\n## ")[1:]
+    assert len(md) == 6
+    for section in md:
+        figure, caption = section.split(".png)", 1)
+        assert len(caption.strip().split()) >= 12, figure
