@@ -166,13 +166,21 @@ def list_cmd(what, as_json):
                    "of cuBLAS; fused_rotary: steps on cuBLAS hand q, k, v to the attention kernel unrotated; "
                    "l2_persist: 24 MiB of L2 set aside for the lines l2_hints marks to stay, Keyformer's z). "
                    "Rows record them in the kernel_options column; empty is the shipped kernel.")
+@click.option("--backend", type=click.Choice(["kfsim", "hf"]), default="kfsim", show_default=True,
+              help="Whose decoder: kfsim's own (--engine), or Hugging Face transformers' model classes and caches "
+                   "(hf: rows with engine hf-eager or hf-compiled; Keyformer as measure.hf.KeyformerCache).")
+@click.option("--hf-mode", type=click.Choice(["eager", "compiled"]), default="eager", show_default=True,
+              help="--backend hf: eager PyTorch with the dynamic cache, or the static cache under torch.compile "
+                   "(full cache only).")
+@click.option("--checkpoint", metavar="DIR", help="--backend hf: a local model folder to load instead of random "
+              "weights of the --model's shape (timing does not depend on weight values).")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",
               help="Also time prefill at these prompt lengths (batch from --prefill-batch).")
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
 def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine, kernel_options,
-            prefill_prompts, prefill_batch, out, no_resume):
+            backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
     \b
@@ -200,6 +208,16 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
     if eager and engine != "torch-graph":
         raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")
+    if backend == "hf" and (eager or engine != "torch-graph" or options):
+        raise KfsimError("--eager, --engine and --kernel-options choose kfsim's own decoder; with --backend hf use "
+                         "--hf-mode eager|compiled")
+    if backend != "hf" and (hf_mode != "eager" or checkpoint is not None):
+        raise KfsimError("--hf-mode and --checkpoint are options of --backend hf")
+    if checkpoint is not None:
+        from pathlib import Path
+
+        if not checkpoint or not Path(checkpoint).is_dir():
+            raise KfsimError(f"--checkpoint {checkpoint!r}: not a folder (a local transformers model folder)")
     try:
         import torch
     except ImportError:
@@ -214,8 +232,14 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     from measure import campaign
 
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
-    runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
-                             engine="torch-eager" if eager else engine, kernel_options=options)
+    if backend == "hf":
+        from measure import hf_campaign
+
+        hf_campaign.check_installed()
+        runner = hf_campaign.HfRunner(mode=hf_mode, checkpoint=checkpoint, steps=steps, warmup=warmup, window=window)
+    else:
+        runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
+                                 engine="torch-eager" if eager else engine, kernel_options=options)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
     rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
     from .fmt import table

@@ -26,11 +26,15 @@ class Timing:
         return cls(statistics.median(s), q(0.1), q(0.9), s[0], statistics.pstdev(s), len(s), warmup_s)
 
 
-def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10) -> Timing:
-    """Run `warmup` untimed steps, then time each of `steps` steps with its own pair of CUDA events."""
+def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10,
+               after: Callable[[], object] | None = None) -> Timing:
+    """Run `warmup` untimed steps, then time each of `steps` steps with its own pair of CUDA events; `after` runs
+    after each step, outside its events (to put a cache back as it was)."""
+    after = after or (lambda: None)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
+        after()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
@@ -39,6 +43,7 @@ def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10) ->
         starts[i].record()
         step()
         ends[i].record()
+        after()
     torch.cuda.synchronize()
     return Timing.of([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup_s)
 

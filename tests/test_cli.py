@@ -110,6 +110,11 @@ def test_measure_without_cuda_says_so_in_one_line(tmp_path):
     (["--eager", "--engine", "compiled"], "does not combine with --engine compiled"),
     (["--engine", "compiled", "--kernel-options", "write_first,fast"], "--kernel-options: 'fast' is not allowed"),
     (["--kernel-options", "write_first"], "they need --engine compiled"),
+    (["--backend", "hf", "--engine", "compiled"], "with --backend hf use --hf-mode"),
+    (["--backend", "hf", "--eager"], "with --backend hf use --hf-mode"),
+    (["--hf-mode", "compiled"], "are options of --backend hf"),
+    (["--backend", "hf", "--checkpoint", ""], "--checkpoint '': not a folder"),
+    (["--backend", "vllm"], "'vllm' is not one of 'kfsim', 'hf'"),
 ])
 def test_measure_bad_flags(tmp_path, args, message):
     pytest.importorskip("torch")
@@ -124,6 +129,18 @@ def test_measure_help_names_every_kernel_option():
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())  # click wraps the help
     assert all(name in text for name in ALL_OPTIONS), text
+
+
+def test_measure_hf_without_transformers_says_so(tmp_path, monkeypatch):
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    r = run("measure", "--out", str(tmp_path / "m.csv"), "--backend", "hf")
+    assert r.exit_code == 2 and "needs transformers" in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_measure_compiled_without_triton_says_so(tmp_path, monkeypatch):

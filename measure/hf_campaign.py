@@ -1,0 +1,135 @@
+"""Time decode steps through transformers (measure.hf) with the same points, rows and resuming as campaign.py.
+
+A decode point is a steady-state step at `context` tokens: the library's cache is filled with random keys and
+values of that many tokens (Keyformer's with its budget of them and random scores), and every timed step decodes
+one token for each sequence. The dynamic cache grows by one token a step (transformers appends by copying); it is
+cut back to `context` after each step, outside the timed region, so that every timed step costs what step
+`context` costs. The static cache is rewound the same way. Eager steps are timed as they run, Python dispatch
+included, one CUDA event pair per step.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import torch
+
+from kfsim.errors import KfsimError
+from kfsim.workload import get_workload
+
+from . import hf, timing
+from .campaign import Point, Runner
+
+#: position tables of the random-weight models cover contexts up to this (GPT-J's and GPT-2's are sized by it)
+MAX_POSITIONS = 32768 + 512
+
+
+class HfRunner(Runner):
+    """Runner for `kfsim measure --backend hf`: `mode` eager (dynamic cache) or compiled (static cache under
+    torch.compile, full cache only); `checkpoint`: a local model folder instead of random weights."""
+
+    def __init__(self, mode="eager", checkpoint=None, steps=30, warmup=5, window=0.3, nvml=None):
+        super().__init__(steps=steps, warmup=warmup, window=window, nvml=nvml, engine=hf.ENGINES[mode])
+        self.mode, self.checkpoint, self.graph = mode, checkpoint, False
+
+    def model_for(self, name):
+        if name != self.model_name:
+            self.model = self.compiled = None
+            torch.cuda.empty_cache()
+            self.model = hf.build_model(get_workload(name), MAX_POSITIONS, checkpoint=self.checkpoint)
+            if get_workload(name).family in hf.KEYFORMER_FAMILIES:
+                hf.enable_keyformer(self.model)
+            if self.mode == "compiled":
+                self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+            self.model_name = name
+        return self.model
+
+    def measure(self, pt: Point) -> dict:
+        row = super().measure(pt) if self._supported(pt) is None else self._refused(pt)
+        return {**row, "kernel_options": ""}
+
+    def _supported(self, pt: Point) -> str | None:
+        """Why transformers cannot measure `pt` here (None: it can)."""
+        w = get_workload(pt.model)
+        if pt.phase != "decode":
+            return "prefill is not measured through transformers yet"
+        if pt.context + self.steps + self.warmup + 8 > MAX_POSITIONS:
+            return f"context {pt.context} is past the {MAX_POSITIONS} positions the models are built with"
+        if pt.policy != "full" and (self.mode == "compiled" or w.family not in hf.KEYFORMER_FAMILIES):
+            return (f"{pt.policy} through transformers runs eagerly on Llama-, Mistral- and GPT-J-style models only "
+                    f"({w.family} model, mode {self.mode})")
+        if pt.policy not in ("full", "keyformer", "h2o"):
+            return f"policy {pt.policy} has no transformers cache here (full, keyformer, h2o)"
+        return None
+
+    def _refused(self, pt: Point) -> dict:
+        return {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
+                "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine, "dtype": "bf16",
+                "kv_dtype": "bf16", "status": "unsupported", "error": self._supported(pt),
+                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _decode(self, model, w, pt) -> dict:
+        step, cache, rewind = self.steady_step(model, w, pt)
+        t = timing.time_steps(step, self.steps, self.warmup, after=rewind)
+        return {**self._timing_fields(t), **self._energy(lambda: (step(), rewind()), t.median_ms),
+                "cached_tokens": cached_tokens(cache, w, pt)}
+
+    def steady_step(self, model, w, pt, device="cuda"):
+        """(step, cache, rewind): one decode step of every sequence at `pt`, its cache, and what puts the cache
+        back to `context` tokens after a step."""
+        tokens = torch.randint(0, w.vocab_size, (pt.batch, 1), device=device)
+        if pt.policy != "full":
+            cache = hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)
+            cache.steady(pt.batch, w.n_kv_heads, w.head_dim, w.n_layers, pt.context, torch.bfloat16, device)
+            return (lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                    cache, lambda: None)
+        if self.mode == "compiled":
+            return self._static_step(model, w, pt, tokens, device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        for i in range(w.n_layers):
+            k = torch.randn(pt.batch, w.n_kv_heads, pt.context, w.head_dim, dtype=torch.bfloat16, device=device)
+            cache.update(k, torch.randn_like(k), i)
+        growing = [layer for layer in cache.layers if not layer.is_sliding]  # a sliding window trims itself
+
+        def rewind():
+            for layer in growing:
+                layer.crop(-1)
+
+        return (lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                cache, rewind)
+
+    def _static_step(self, model, w, pt, tokens, device):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=pt.context + 1)
+        model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)  # allocates every layer
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+            layer.cumulative_length.fill_(pt.context)
+        position = torch.full((pt.batch, 1), pt.context, device=device)
+        cache_position = torch.tensor([pt.context], device=device)
+
+        def rewind():
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(pt.context)
+
+        return (lambda: self.compiled(input_ids=tokens, past_key_values=cache, position_ids=position,
+                                      cache_position=cache_position, use_cache=True, logits_to_keep=1),
+                cache, rewind)
+
+
+def cached_tokens(cache, w, pt: Point) -> int:
+    """Tokens a step attends besides the new one: the Keyformer budget, the sliding window, or the context."""
+    if pt.policy != "full":
+        return cache.cached_tokens
+    return min(pt.context, w.sliding_window) if w.sliding_window else pt.context
+
+
+def check_installed() -> None:
+    """A one-line error where transformers is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise KfsimError("kfsim measure --backend hf needs transformers: pip install -e '.[measure]'")

@@ -1,0 +1,181 @@
+"""measure.hf on the CPU: transformers models built from kfsim's workloads, KeyformerCache under generate(), and
+the steady-state steps that kfsim measure --backend hf times."""
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from kfsim.catalog import names  # noqa: E402
+from kfsim.errors import KfsimError  # noqa: E402
+from kfsim.workload import get_workload  # noqa: E402
+from measure import hf  # noqa: E402
+from measure.campaign import Point  # noqa: E402
+from measure.hf_campaign import HfRunner, cached_tokens  # noqa: E402
+from measure.kv_policies import EvictingCache  # noqa: E402
+
+TINY = {  # small models of the two families Keyformer's hook reaches
+    "llama": tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "gptj": tf.GPTJConfig(vocab_size=97, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256,
+                          bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny(family):
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(TINY[family]).eval()
+
+
+def generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0, attention_mask=torch.ones_like(ids), **kw)
+
+
+@pytest.mark.parametrize("name", names("model"))
+def test_models_built_from_workloads_have_kfsims_parameter_count(name):
+    """The library's own class, built from the workload's shape, holds exactly the parameters kfsim counts."""
+    w = get_workload(name)
+    model = hf.build_model(w, w.max_context, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == w.n_params
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_keyformer_at_kv_ratio_one_gives_the_full_caches_logits(family):
+    model = tiny(family)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    full = generate(model, ids)
+    hf.enable_keyformer(model)
+    kf = generate(model, ids, past_key_values=hf.KeyformerCache(kv_ratio=1.0))
+    again = generate(model, ids)  # the hook leaves other caches to the model's own attention
+    for a, b, c in zip(full.logits, kf.logits, again.logits):
+        assert torch.allclose(a, b, atol=1e-5) and torch.equal(a, c)
+    assert torch.equal(full.sequences, kf.sequences)
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_keyformer_cache_holds_the_budget_and_evicts_as_kv_policies(family, monkeypatch):
+    """Each layer keeps kv_ratio x prompt tokens (+ the free slot); its evictions and scores are EvictingCache's
+    on the same queries, keys and values, replayed into a fresh one (noise zeroed in both, to compare)."""
+    monkeypatch.setattr("measure.kv_policies.gumbel_noise", torch.zeros_like)
+    model = tiny(family)
+    hf.enable_keyformer(model)
+    cache = hf.KeyformerCache(kv_ratio=0.25, window=0.5)
+    layer_cls = hf._cache_classes()[0]
+    real, seen = layer_cls.attend, []
+
+    def spy(layer, query, scale):
+        if layer is cache.layers[0]:
+            seen.append((query, *layer.new_kv, scale, layer.seen))
+        return real(layer, query, scale)
+
+    monkeypatch.setattr(layer_cls, "attend", spy)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    generate(model, ids, past_key_values=cache)
+    kept = cache.layers[0].evicting
+    assert kept.budget == 4 and kept.k.shape[2] == 8  # 0.25 x 16 prompt tokens + the free slot, aligned to 8
+    assert len(seen) == 6 and cache.get_seq_length() == 21  # the prompt, five steps; positions go on
+    q, k, v, scale, _ = seen[0]
+    ref = EvictingCache("keyformer", 2, k.shape[1], 4, 2, k.shape[-1], k.dtype, "cpu")
+    ref.scale = scale
+    ref.prefill(q, k, v)
+    for q, k, v, scale, pos in seen[1:]:
+        ref.decode(q, k, v, pos)
+    assert torch.equal(ref.pos, kept.pos) and torch.equal(ref.free, kept.free)
+    assert torch.allclose(ref.score, kept.score)
+    assert (kept.pos >= 0).sum(dim=-1).eq(5).all()  # budget + the newest token
+
+
+def test_keyformer_cache_refuses_bad_settings():
+    for kw, word in (({"kv_ratio": 0}, "kv_ratio 0 is out of range"), ({"kv_ratio": 1.5}, "kv_ratio 1.5"),
+                     ({"window": 0}, "window 0"), ({"kind": "window"}, "kind 'window'")):
+        with pytest.raises(KfsimError, match=word):
+            hf.KeyformerCache(**kw)
+
+
+def test_keyformer_hook_refuses_other_families():
+    model = tf.AutoModelForCausalLM.from_config(tf.GPT2Config(vocab_size=97, n_embd=64, n_layer=1, n_head=4))
+    with pytest.raises(KfsimError, match="no attention hook for gpt2"):
+        hf.enable_keyformer(model)
+
+
+def _runner(mode="eager"):
+    """An HfRunner without a GPU's environment (its steady steps take a device)."""
+    r = object.__new__(HfRunner)
+    r.mode, r.window, r.steps, r.warmup, r.compiled = mode, 0.3, 5, 1, None
+    return r
+
+
+def _tiny_workload(**kw):
+    base = dict(name="tiny-llama", description="test", family="llama", n_layers=2, d_model=64, n_heads=4,
+                n_kv_heads=2, head_dim=16, rotary_dim=16, ffn_dim=128, vocab_size=97, max_context=4096,
+                ffn_type="swiglu", norm="rmsnorm",
+                norm_bias=False, source={"architecture": "test"})
+    return dataclasses.replace(get_workload("llama-3-8b"), **base, **kw)
+
+
+@pytest.mark.parametrize("policy, ratio, window", [("full", 1.0, None), ("keyformer", 0.5, None),
+                                                   ("full", 1.0, 48), ("keyformer", 0.5, 16)])
+def test_steady_steps_keep_their_context(policy, ratio, window):
+    """A timed step attends the same tokens every time: the dynamic cache is cut back after each step (a
+    sliding window trims itself), Keyformer's holds its budget (capped at the window)."""
+    w = _tiny_workload(sliding_window=window)
+    model = hf.build_model(w, 512, device="cpu")
+    if policy != "full":
+        hf.enable_keyformer(model)
+    pt = Point(w.name, "decode", 2, 100, ratio, policy)
+    with torch.no_grad():
+        step, cache, rewind = _runner().steady_step(model, w, pt, device="cpu")
+        for _ in range(3):
+            step()
+            rewind()
+    expect = 50 if policy != "full" else 100
+    expect = min(expect, window) if window else expect
+    assert cached_tokens(cache, w, pt) == expect
+    if policy == "full" and not window:
+        assert cache.get_seq_length() == 100
+    if policy != "full":
+        assert cache.layers[0].evicting.budget == expect and cache.get_seq_length() == 103
+
+
+def test_static_cache_steps_rewind_to_their_context():
+    """--hf-mode compiled's step (here without torch.compile): the static cache of context + 1 slots is written at
+    slot `context` each step and rewound after it."""
+    w = _tiny_workload()
+    model = hf.build_model(w, 512, device="cpu")
+    r = _runner("compiled")
+    r.compiled = model.forward
+    with torch.no_grad():
+        step, cache, rewind = r.steady_step(model, w, Point(w.name, "decode", 2, 100, 1.0, "full"), device="cpu")
+        for _ in range(3):
+            logits = step().logits
+            rewind()
+    assert logits.shape == (2, 1, 97) and torch.isfinite(logits).all()
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [100, 100]
+    assert cache.layers[0].keys.shape == (2, 2, 101, 16)
+
+
+def test_runner_says_what_transformers_cannot_measure():
+    r = _runner()
+    assert "prefill" in r._supported(Point("gpt-j-6b", "prefill", 1, 512, 1.0, "full"))
+    assert "mpt model" in r._supported(Point("mpt-7b", "decode", 1, 512, 0.5, "keyformer"))
+    assert r._supported(Point("mpt-7b", "decode", 1, 512, 1.0, "full")) is None
+    assert r._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer")) is None
+    assert "mode compiled" in _runner("compiled")._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer"))
+    assert "positions" in r._supported(Point("llama-3-8b", "decode", 1, 40000, 1.0, "full"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", TINY)
+def test_keyformer_generate_on_the_gpu(family):
+    model = tiny(family).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (4, 64), device="cuda")
+    hf.enable_keyformer(model)
+    out = generate(model, ids, past_key_values=hf.KeyformerCache(kv_ratio=0.5))
+    full = generate(model, ids, past_key_values=hf.KeyformerCache(kv_ratio=1.0))
+    plain = generate(model, ids)
+    assert out.sequences.shape == (4, 70)
+    assert torch.allclose(full.logits[0].float(), plain.logits[0].float(), atol=0.05)
