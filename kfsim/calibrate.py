@@ -34,6 +34,10 @@ PARAMETERS = {
     "matvec_kernels_per_op.gemm": (0.0, 1.0, 0.5),  # at most kernels_per_op's 1 (Engine.matvec_problem)
     "matvec_kernels_per_op.norm": (0.0, 1.0, 0.5),
     "matvec_kernels_per_op.elementwise": (0.0, 1.0, 0.5),
+    # an eager framework: host dispatch per kernel and per step, and KV moved more than once (copying appends)
+    "host_us_per_kernel": (0.0, 500.0, 10.0),
+    "host_step_us": (0.0, 1e5, 1000.0),
+    "kv_traffic_factor": (1.0, 20.0, 1.5),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -47,7 +51,8 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "keyformer_flops_per_kv_byte": "fused scorer",
          "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored",
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
-         "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec"}
+         "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
+         "host_us_per_kernel": "host dispatch", "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -78,23 +83,24 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
     return dataclasses.replace(engine, **plain, **mapped)
 
 
-def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False) -> list[str]:
+def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False,
+                      host_dispatch: bool = False) -> list[str]:
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
     fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
-    rows at batches up to the engine's matvec_max_batch)."""
+    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
-            "matvec": matvec}
+            "matvec": matvec, "host dispatch": host_dispatch}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
 def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str,
-               fused_scorer: bool = False) -> tuple[Engine, dict]:
+               fused_scorer: bool = False, host_dispatch: bool = False) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
-    params = choose_parameters(groups, table, fused_scorer)
+    params = choose_parameters(groups, table, fused_scorer, host_dispatch)
     n = sum(len(g.measured_ms) for g in groups)
     if n < MIN_ROWS_PER_PARAMETER * len(params):
         raise KfsimError(f"{where}: {n} {what} rows are too few to fit {len(params)} parameters "
@@ -105,7 +111,7 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
     # scale-like parameters spanning decades (tokens per split, work items) are searched in log space
     logs = (lo > 0) & (hi / np.where(lo > 0, lo, 1) >= 100)
     to_x = lambda v: np.where(logs, np.log(np.where(logs, v, 1.0)), v)  # noqa: E731
-    from_x = lambda x: np.where(logs, np.exp(x), x)  # noqa: E731
+    from_x = lambda x: np.where(logs, np.exp(np.where(logs, x, 0.0)), x)  # noqa: E731
 
     start_x, span = to_x(x0), to_x(hi) - to_x(lo)
 
@@ -121,7 +127,7 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
         for start in [start_x] + [to_x(lo) + f * span for f in EXTRA_STARTS]:
             sol = least_squares(residuals, start, bounds=(to_x(lo), to_x(hi)),
                                 x_scale=np.where(logs, 1.0, np.maximum(np.abs(x0), 1e-2)), method="trf",
-                                max_nfev=2000, ftol=1e-12, xtol=1e-12)
+                                max_nfev=500, ftol=1e-10, xtol=1e-10)
             if best is None or sol.cost < best.cost * (1 - 1e-6):  # a near-tie keeps the earlier start
                 best = sol
     x = _snap(best.x, to_x(lo), to_x(hi))
@@ -179,7 +185,8 @@ def ceilings(micro, hw) -> dict[str, float]:
 
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
-        bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0) -> Fit:
+        bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
+        host_dispatch: bool = False) -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
     `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
@@ -200,7 +207,8 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     for p, cap in (bounds or {}).items():
         lo, hi, x0 = table[p]
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
-    engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer)
+    engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer,
+                                host_dispatch)
     engine, fitted = _matvec_no_slower(engine, fitted)
     if prefill:
         engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")

@@ -294,8 +294,14 @@ _PHASE = click.option("--phase", type=click.Choice(["all", "decode", "prefill"])
               help="The measured decoder multiplies weights with matrix-vector kernels up to batch N (measure's "
                    "`compiled` engine: 1, its fused Triton GEMVs): fit their bandwidth and kernel counts apart "
                    "from the GEMMs'. 0: GEMMs at every batch.")
+@click.option("--host-dispatch", is_flag=True,
+              help="The measured decoder dispatches every kernel from Python each step (eager PyTorch, "
+                   "transformers without graphs): fit the host's cost per kernel and per step (a step takes the "
+                   "longer of host and GPU) and the KV traffic per attended byte (a cache appended by copying "
+                   "moves it more than once).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
-def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, as_json):
+def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
+              as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -327,7 +333,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
             bounds[k] = min(v, bounds.get(k, v))
     name = name or Path(out).stem
     f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
-                matvec_max_batch=matvec_max_batch)
+                matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -338,7 +344,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + "".join(f" --microbench {m}" for m in micro)
                                      + (f" --measured-engine {measured_engine}" if measured_engine else "")
                                      + (" --fused-scorer" if fused_scorer else "")
-                                     + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else ""),
+                                     + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else "")
+                                     + (" --host-dispatch" if host_dispatch else ""),
                               "in_sample_mape_pct": f"{f.mape:.2f}",
                               "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()
                                                 if k in f.fitted) or "none"})

@@ -69,6 +69,14 @@ class Engine:
     #: kernels per natural op of each kind at those batches (as kernels_per_op, and at most that; a kind not named
     #: keeps its kernels_per_op value): 0 for ops fused into a matrix-vector kernel
     matvec_kernels_per_op: dict[str, float] = field(default_factory=dict)
+    #: host (CPU) time to dispatch one kernel in an eager framework (Python, the framework's op dispatch, the
+    #: launch), microseconds; a step then takes the longer of its host dispatch and its GPU work. 0 = graphs
+    host_us_per_kernel: float = rng(0, default=0.0)
+    #: host time per decode step outside the kernels' dispatch (sampling, cache bookkeeping), microseconds
+    host_step_us: float = rng(0, default=0.0)
+    #: bytes of memory traffic per byte of KV the step attends (1: read once; a cache appended by copying, or
+    #: grouped heads expanded before attention, move it more than once)
+    kv_traffic_factor: float = rng(1.0, hi=20.0, default=1.0)
     #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)

@@ -11,7 +11,7 @@ from .errors import KfsimError
 from .inputs import Setup
 from .ops import attended_tokens, decode_ops, prefill_ops
 from .policy import Policy
-from .roofline import StepTime, bound_of, op_times
+from .roofline import StepTime, bound_of, op_times, with_host
 
 
 def _check_positive_ints(**arrays) -> None:
@@ -28,8 +28,9 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
-    return op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                    fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
+    t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
+                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
+    return with_host(t, s.engine, s.engine.host_step_us * 1e-6)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
@@ -93,6 +94,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
         "other_memory_ms": t.other_mem_s * 1e3,
         "compute_ms": t.compute_s * 1e3,
         "overhead_ms": t.overhead_s * 1e3,
+        "host_wait_ms": t.host_s * 1e3 * np.ones_like(t.seconds),
         "kernels": t.kernels * np.ones_like(t.seconds),
         "bound": bound_of(t),
         "memory_bytes": mem,

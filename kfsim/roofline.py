@@ -6,6 +6,7 @@ overhead are their own shares.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ class StepTime:
     overhead_s: np.ndarray  # fixed per-kernel and per-step cost
     kernels: np.ndarray  # kernels launched per step
     per_op: dict[str, np.ndarray]  # op name -> seconds
+    host_s: np.ndarray = 0.0  # time the GPU waits for the host to dispatch kernels (eager frameworks)
 
     @property
     def memory_s(self):
@@ -76,7 +78,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         # occupancy throttles the split reads only: the one new token's write does not split, and charging it
         # there would make time per token fall as a longer cache adds splits
         kv_bw = bw * engine.kv_bandwidth_fraction
-        tk = op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
+        tk = engine.kv_traffic_factor * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to
@@ -109,7 +111,19 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     return StepTime(total, weight_s, kv_s, other_s, compute_s, overhead_s, kernels, per_op)
 
 
+def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0) -> StepTime:
+    """The step of an eager framework: the longer of the host's dispatch (every kernel, plus `host_fixed_s`) and
+    the GPU's work; the difference is time the GPU waits (host_s). Graph replays dispatch nothing: unchanged."""
+    if engine.host_us_per_kernel <= 0 and host_fixed_s <= 0:
+        return t
+    host = t.kernels * engine.host_us_per_kernel * 1e-6 + host_fixed_s
+    wait = np.maximum(0.0, host - t.seconds)
+    return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait)
+
+
 def bound_of(t: StepTime) -> np.ndarray:
-    """Which resource takes most of the step: 'memory', 'compute' or 'overhead'."""
-    parts = np.stack([t.memory_s, t.compute_s, t.overhead_s])
-    return np.array(["memory", "compute", "overhead"])[np.argmax(parts, axis=0)]
+    """Which resource takes most of the step: 'memory', 'compute', 'overhead' or 'host' (a GPU waiting for an
+    eager framework to dispatch kernels)."""
+    host = np.broadcast_to(t.host_s, np.shape(t.seconds))
+    parts = np.stack(np.broadcast_arrays(t.memory_s, t.compute_s, t.overhead_s, host))
+    return np.array(["memory", "compute", "overhead", "host"])[np.argmax(parts, axis=0)]

@@ -30,6 +30,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
                      f"(timing is extrapolated; the model was not trained for it)")
     parts = {"weights": o["weights_ms"], "KV": o["kv_ms"], "other memory": o["other_memory_ms"],
              "compute": o["compute_ms"], "fixed overhead": o["overhead_ms"]}
+    if o["host_wait_ms"] > 0:
+        parts["host wait"] = o["host_wait_ms"]
     cached = int(o["cached_tokens"])
     rows = [
         ("decode step", f"{step:.3f} ms   {o['tokens_per_s']:,.1f} tokens/s"),
@@ -67,7 +69,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
 
 
 #: the step's largest share of time, in the words the table prints
-BOUND_WORDS = {"memory": "memory traffic", "compute": "compute", "overhead": "fixed overhead (kernel launches)"}
+BOUND_WORDS = {"memory": "memory traffic", "compute": "compute", "overhead": "fixed overhead (kernel launches)",
+               "host": "host dispatch (the GPU waits for the CPU to launch kernels)"}
 
 
 def engine_line(s: Setup) -> str:

@@ -12,6 +12,8 @@ then reports/validation-summary.json with every figure quoted in the README.
 6. engines/compiled-options.yaml and reports/compiled-options-h200-holdout/: the compiled engine with every opt-in
    kernel option on (OPTIONS_GRID, measured on the H200 only): fitted on every row, and on a random half
    validated on the other half (`--only compiled-options` runs this step alone).
+7. engines/hf-eager.yaml and reports/hf-eager-h200-holdout/: Hugging Face transformers in eager PyTorch
+   (data/h200-hf-eager), fitted with --host-dispatch, likewise (`--only hf-eager`).
 """
 from __future__ import annotations
 
@@ -124,11 +126,15 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
     return mask
 
 
+#: what each measured stack is, as calibrate's flags: the compiled decoder scores Keyformer inside attention and
+#: runs fused Triton GEMVs at batch 1; transformers in eager PyTorch dispatches every kernel from Python
+STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"], "hf-eager": ["--host-dispatch"]}
+
+
 def fit_and_hold_out(measured: str, name: str, grid: Path, gpu: str, micro: Path, hold: Path, what: str) -> None:
     """engines/NAME.yaml fitted on every `measured` row of `grid` (measured on `gpu`), and into `hold` a fit on a
     random half validated on the other half."""
-    # the compiled decoder scores Keyformer inside attention and runs fused Triton GEMVs at batch 1
-    fused = ["--fused-scorer", "--matvec-max-batch", "1"] if measured == "compiled" else []
+    fused = STACK_FLAGS.get(measured, [])
     kfsim("calibrate", rel(grid), "--measured-engine", measured, "--microbench", rel(micro), "--name", name,
           "--out", f"engines/{name}.yaml", *fused)
     hold.mkdir(parents=True, exist_ok=True)
@@ -185,12 +191,22 @@ def compiled_options_engine() -> None:
                      REPORTS / "compiled-options-h200-holdout", "Compiled engine, every kernel option on")
 
 
+def hf_eager_engine() -> None:
+    """Step 7: transformers in eager PyTorch (data/h200-hf-eager), fitted with host dispatch; H200 only."""
+    fit_and_hold_out("hf-eager", "hf-eager", DATA / "h200-hf-eager" / "rows.csv", "H200",
+                     DATA / "h200-plain" / "microbench.csv", REPORTS / "hf-eager-h200-holdout",
+                     "Hugging Face transformers, eager")
+
+
+ONLY = {"compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine()}
+
+
 def main() -> None:
-    if sys.argv[1:] == ["--only", "compiled-options"]:
-        compiled_options_engine()
+    if len(sys.argv) == 3 and sys.argv[1] == "--only" and sys.argv[2] in ONLY:
+        ONLY[sys.argv[2]]()
         return
     if sys.argv[1:]:
-        sys.exit("usage: python reports/make_validation.py [--only compiled-options]")
+        sys.exit(f"usage: python reports/make_validation.py [--only {'|'.join(ONLY)}]")
     h100, h200 = DATA / "h100-sxm-plain" / "rows.csv", DATA / "h200-plain" / "rows.csv"
     micro = DATA / "h100-sxm-plain" / "microbench.csv"
     hold = REPORTS / "h100-holdout"
@@ -226,6 +242,7 @@ def main() -> None:
     (REPORTS / "validation-summary.json").write_text(json.dumps(summary.to_dict(orient="records"), indent=1))
     print(markdown_table(summary.astype(object).where(summary.notna(), "")))
     compiled_options_engine()
+    hf_eager_engine()
 
 
 if __name__ == "__main__":

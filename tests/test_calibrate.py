@@ -197,3 +197,33 @@ def test_snap_puts_values_near_a_bound_on_it():
     lo, hi = np.array([0.0, 1.0]), np.array([200.0, 2.0])
     assert calibrate._snap(np.array([1e-12, 1.5]), lo, hi).tolist() == [0.0, 1.5]
     assert calibrate._snap(np.array([100.0, 2.0 - 1e-9]), lo, hi).tolist() == [100.0, 2.0]
+
+
+#: an eager framework: every kernel dispatched from Python (20 us each, 3 ms a step), and a cache appended by
+#: copying that moves each attended KV byte three times
+EAGER = dataclasses.replace(TRUE, host_us_per_kernel=20.0, host_step_us=3000.0, kv_traffic_factor=3.0)
+
+
+def test_recovers_host_dispatch_and_kv_traffic():
+    """--host-dispatch: the host's cost per kernel and per step, and the KV traffic per attended byte (told apart
+    from a slow HBM by the attention microbenchmark's cap on kv_bandwidth_fraction)."""
+    df = synthetic(EAGER, models=("llama-3-8b", "cerebras-gpt-1.3b"))
+    f = calibrate.fit(df, "eager", host_dispatch=True, bounds={"kv_bandwidth_fraction": 0.7})
+    assert f.mape < 0.5
+    assert f.engine.host_us_per_kernel == pytest.approx(20.0, rel=0.05)
+    assert f.engine.host_step_us == pytest.approx(3000.0, rel=0.05)
+    assert f.engine.kv_traffic_factor == pytest.approx(3.0, rel=0.05)
+    assert "host_us_per_kernel" not in calibrate.fit(df[df["batch"] > 1], "graph").fitted  # only when asked
+
+
+def test_host_bound_steps_do_not_grow_with_the_cache_until_the_gpu_catches_up():
+    from kfsim.inputs import make_setup
+    from kfsim.predict import predict
+
+    s = make_setup(gpu="h200", model="llama-3-8b", engine="ideal")
+    eager = dataclasses.replace(s, engine=dataclasses.replace(s.engine, host_us_per_kernel=20.0, host_step_us=3000.0))
+    small, large = (predict(eager, 1, c) for c in (1024, 2048))
+    assert float(small["step_ms"]) == float(large["step_ms"]) and str(small["bound"]) == "host"
+    big = predict(eager, 64, 16384)
+    assert str(big["bound"]) != "host" and float(big["host_wait_ms"]) == 0.0
+    assert float(big["step_ms"]) == pytest.approx(float(predict(s, 64, 16384)["step_ms"]))
