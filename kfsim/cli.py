@@ -81,9 +81,11 @@ def _ratio(ctx, param, value):
 @click.option("--prompt-len", type=click.IntRange(min=1), metavar="P", help="Prompt tokens of a whole request.")
 @click.option("--gen-len", type=click.IntRange(min=1), metavar="G", help="Generated tokens of a whole request.")
 @click.option("--scenario", metavar="NAME", help="A model's preset prompt/gen lengths (e.g. summarization).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Tensor-parallel GPUs splitting every layer (1, 2, 4, 8); memory and fit are per GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, window, engine, weight_dtype, kv_dtype,
-            prompt_len, gen_len, scenario, as_json):
+            prompt_len, gen_len, scenario, tp, as_json):
     """Predict one decode step (and, with --prompt-len/--gen-len, a whole request).
 
     \b
@@ -94,7 +96,7 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
     from .inputs import make_setup
 
     s = make_setup(gpu=gpu, hw_file=hw_file, model=model, workload_file=workload_file, engine=engine,
-                   policy=policy, kv_ratio=kv_ratio, window=window, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+                   policy=policy, kv_ratio=kv_ratio, window=window, weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
     if scenario:
         if prompt_len or gen_len:
             raise KfsimError("give either --scenario or --prompt-len/--gen-len, not both")
@@ -116,7 +118,8 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
         out.update(largest_batch(s, seq))
     header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind
               if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
-              "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv)}
+              "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv),
+              "tp": tp}
     if as_json:
         click.echo(fmt.to_json({**header, **out}))
     else:
@@ -424,8 +427,9 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
 @click.option("--engine", default="default", show_default=True, metavar="LIST", help="Engines (names or files).")
 @click.option("--window", type=float, default=0.3, show_default=True, callback=_ratio,
               help="Recent window as a fraction of the budget.")
+@click.option("--tp", default="1", show_default=True, metavar="LIST", help="Tensor-parallel degrees, e.g. 1,2,4,8.")
 @click.option("--out", metavar="FILE", help="Write every point to FILE (.csv or .parquet).")
-def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, out):
+def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, tp, out):
     """Predict the cross product of the lists in one vectorised pass.
 
     \b
@@ -443,7 +447,7 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
         kv_ratios=parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1),
         policies=parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window")),
         kv_dtypes=parse_list(kv_dtype, "kv-dtype", str) if kv_dtype else [None],
-        engines=parse_list(engine, "engine", str))
+        engines=parse_list(engine, "engine", str), tps=parse_list(tp, "tp", int, lo=1))
     progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))
     df = sw.sweep(window=window, on_progress=progress, **lists)
     progress.close()
@@ -474,8 +478,10 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
 @click.option("--engine", default="default", show_default=True, metavar="NAME|FILE", help="Engine.")
 @click.option("--usd-per-hour", "prices", default="", metavar="GPU=PRICE,...",
               help="Hourly price per GPU for cost per million tokens, e.g. h100=2.5,h200=3.2.")
+@click.option("--tp", default="1,2,4,8", show_default=True, metavar="LIST",
+              help="Tensor-parallel degrees to consider (degrees the model cannot be split into are skipped).")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON, best first.")
-def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_ratio, policy, engine, prices,
+def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_ratio, policy, engine, prices, tp,
          as_json):
     """Which GPU, batch, KV budget and GPU count serve a token rate within a latency bound; the best first.
 
@@ -501,8 +507,25 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
             price[get_hardware(gpu).name] = float(value)
         except ValueError:
             raise KfsimError(f"--usd-per-hour: price {value!r} for {gpu} is not a number") from None
-    setups = [make_setup(gpu=g, model=model, engine=engine, policy=None if r >= 1 else policy, kv_ratio=r)
-              for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)]
+    from .parallel import TP_DEGREES, check_tp
+    from .workload import get_workload
+
+    degrees = parse_list(tp, "tp", int, lo=1)
+    if bad := [n for n in degrees if n not in TP_DEGREES]:
+        raise KfsimError(f"--tp: {bad[0]} is not allowed; allowed: {', '.join(map(str, TP_DEGREES))}")
+    w = get_workload(model)
+    splits = []
+    for n in degrees:
+        try:
+            check_tp(w, n)
+            splits.append(n)
+        except KfsimError:  # a degree this model's heads do not split into: not an option
+            pass
+    if not splits:
+        raise KfsimError(f"--tp {tp}: model {w.name} splits over none of these degrees")
+    setups = [make_setup(gpu=g, model=model, engine=engine, policy=None if r >= 1 else policy, kv_ratio=r, tp=n)
+              for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
+              for n in splits]
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
@@ -515,17 +538,18 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
         return
     cost = (f", ${best.usd_per_million_tokens:.3f} per million tokens" if best.usd_per_million_tokens is not None
             else " (give --usd-per-hour to rank by cost)")
-    click.echo(f"Recommended: {best.gpus_needed} x {best.gpu}, {best.policy} kv-ratio {best.kv_ratio:g}, batch "
-               f"{best.batch} per GPU: {best.tokens_per_s_per_gpu:,.0f} generated tokens/s per GPU{cost}, "
+    click.echo(f"Recommended: {best.gpus_needed} x {best.gpu} (tensor-parallel groups of {best.tp}), {best.policy} "
+               f"kv-ratio {best.kv_ratio:g}, batch {best.batch} per group: {best.tokens_per_s_per_gpu:,.0f} generated "
+               f"tokens/s per GPU{cost}, "
                f"{best.joules_per_token:.3f} J/token, step {best.step_ms:.1f} ms, TTFT {best.ttft_ms:,.0f} ms.")
     click.echo(f"(model {model}, {prompt_len} + {gen_len} tokens per request, target "
                f"{target_tokens_per_s:,.0f} tokens/s{bound}, engine {setups[0].engine.name})\n")
-    rows = [[o.gpu, o.policy, f"{o.kv_ratio:g}", str(o.batch) if o.feasible else "-",
+    rows = [[o.gpu, str(o.tp), o.policy, f"{o.kv_ratio:g}", str(o.batch) if o.feasible else "-",
              str(o.gpus_needed) if o.feasible else "-", f"{o.tokens_per_s_per_gpu:,.0f}" if o.feasible else "-",
              f"{o.step_ms:.1f}" if o.feasible else "-", f"{o.ttft_ms:,.0f}" if o.feasible else "-",
              "-" if o.usd_per_million_tokens is None else f"{o.usd_per_million_tokens:.3f}",
              f"{o.joules_per_token:.3f}" if o.feasible else "-", o.why] for o in options]
-    click.echo(table(rows, ["gpu", "policy", "kv_ratio", "batch", "gpus", "tok/s/gpu", "step_ms", "ttft_ms",
+    click.echo(table(rows, ["gpu", "tp", "policy", "kv_ratio", "batch", "gpus", "tok/s/gpu", "step_ms", "ttft_ms",
                             "usd/Mtok", "J/token", "note"]))
 
 
@@ -538,8 +562,10 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
               help="Batch for figures that fix one.")
 @click.option("--seq", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context for figures that fix one.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Tensor-parallel GPUs per deployment (1, 2, 4, 8).")
 @click.option("--out", required=True, metavar="DIR", help="Folder for report.html, report.md and the PNG figures.")
-def report(model, gpus, engine, batch, seq, out):
+def report(model, gpus, engine, batch, seq, tp, out):
     """Write a self-contained HTML report (and Markdown) with capacity-planning figures.
 
     \b
@@ -552,8 +578,8 @@ def report(model, gpus, engine, batch, seq, out):
 
     gpu_list = parse_list(gpus, "gpus", str)
     for g in gpu_list:  # resolve every name first: a bad one is a one-line error before any figure is drawn
-        make_setup(gpu=g, model=model, engine=engine)
-    path = build(model, gpu_list, engine, out, batch, seq)
+        make_setup(gpu=g, model=model, engine=engine, tp=tp)
+    path = build(model, gpu_list, engine, out, batch, seq, tp)
     click.echo(f"wrote {path} and report.md with 6 figures")
 
 

@@ -32,6 +32,8 @@ class Hardware:
     memory_type: str = ""
     interconnect: str = ""
     usd_per_hour: float | None = rng(above=0, default=None)
+    #: latency of one collective message between GPUs (an all-reduce's fixed cost), microseconds; None: unknown
+    interconnect_latency_us: float | None = rng(0, default=None)
     notes: str = ""
 
     def __post_init__(self):
@@ -74,7 +76,7 @@ class Hardware:
 
 #: Fields that are facts about the GPU and so need a source.
 FIGURES = ("memory_gb", "hbm_bandwidth_gbps", "peak_dense_tflops", "l2_mb", "sm_count", "interconnect_gbps", "tdp_w",
-           "usd_per_hour")
+           "usd_per_hour", "interconnect_latency_us")
 
 
 def get_hardware(name_or_path: str) -> Hardware:

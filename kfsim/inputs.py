@@ -20,10 +20,11 @@ class Setup:
     """Everything a prediction depends on besides batch and context, kept apart so each can change alone."""
 
     hw: Hardware
-    workload: Workload
+    workload: Workload  # the part of the model one GPU holds and runs (the whole model at tp 1)
     engine: Engine
     policy: Policy
     dtypes: Dtypes
+    tp: int = 1  # tensor-parallel degree: GPUs that split every layer (kfsim.parallel)
 
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)
@@ -38,9 +39,11 @@ def _one_of(name, file, flag_name, file_flag, default=None):
 
 
 def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DEFAULT_ENGINE, policy=None,
-               kv_ratio=1.0, window=DEFAULT_WINDOW, weight_dtype=None, kv_dtype=None) -> Setup:
+               kv_ratio=1.0, window=DEFAULT_WINDOW, weight_dtype=None, kv_dtype=None, tp=1) -> Setup:
     """Resolve names, files and flags into a Setup; every bad value is a one-line KfsimError."""
+    from .parallel import shard
+
     hw = get_hardware(_one_of(gpu, hw_file, "gpu", "hw"))
     w = get_workload(_one_of(model, workload_file, "model", "workload", DEFAULT_MODEL))
-    return Setup(hw, w, get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
-                 Dtypes.of(w, weight_dtype, kv_dtype))
+    return Setup(hw, shard(w, tp), get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
+                 Dtypes.of(w, weight_dtype, kv_dtype), tp)

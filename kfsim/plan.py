@@ -19,6 +19,7 @@ class Option:
     policy: str
     feasible: bool
     why: str  # what stops it, or ''
+    tp: int = 1  # GPUs per tensor-parallel group (one replica of the model)
     batch: int = 0
     gpus_needed: int = 0
     tokens_per_s_per_gpu: float = 0.0
@@ -31,7 +32,8 @@ class Option:
 
 def best_batch(s: Setup, prompt: int, gen: int, max_step_ms: float | None, batch_cap: int = 4096) -> Option:
     """The batch with the most generated tokens/s per GPU whose request fits and whose slowest step meets the bound."""
-    label = dict(gpu=s.hw.name, kv_ratio=s.policy.kv_ratio, policy=s.policy.kind if s.policy.evicts else "full")
+    label = dict(gpu=s.hw.name, kv_ratio=s.policy.kv_ratio, policy=s.policy.kind if s.policy.evicts else "full",
+                 tp=s.tp)
     cached = request_cached(s, prompt, gen)
     peak = request_peak_cached(s, prompt, cached)
     top = int(min(batch_cap, memory.max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine, peak)))
@@ -44,18 +46,19 @@ def best_batch(s: Setup, prompt: int, gen: int, max_step_ms: float | None, batch
     if not ok.any():
         return Option(**label, feasible=False, why=f"even batch 1 takes {step[0]:.1f} ms per step")
     req = request(s, B[ok], prompt, gen)
-    rate = req["request_tokens_per_s"]
+    rate = req["request_tokens_per_s"] / s.tp  # a replica's tokens/s shared by its tp GPUs
     i = int(np.argmax(rate))
     b = int(B[ok][i])
     power = s.hw.tdp_w * s.engine.power_fraction_of_tdp
     return Option(**label, feasible=True, why="", batch=b, tokens_per_s_per_gpu=float(rate[i]),
                   step_ms=float(step[ok][i]), ttft_ms=float(req["ttft_ms"][i]), request_ms=float(req["total_ms"][i]),
-                  joules_per_token=power * float(req["total_ms"][i]) / 1e3 / (b * gen))
+                  joules_per_token=s.tp * power * float(req["total_ms"][i]) / 1e3 / (b * gen))
 
 
 def plan(setups: list[Setup], prompt: int, gen: int, target_tokens_per_s: float, max_step_ms: float | None,
          prices: dict[str, float]) -> list[Option]:
-    """Every (GPU, KV budget) option, best first: cheapest per token where prices are known, else fewest GPUs."""
+    """Every (GPU, KV budget, tensor-parallel degree) option, best first: cheapest per token where prices are
+    known, else fewest GPUs. GPUs come in whole tensor-parallel groups."""
     import dataclasses
 
     options = []
@@ -64,7 +67,7 @@ def plan(setups: list[Setup], prompt: int, gen: int, target_tokens_per_s: float,
         if o.feasible:
             price = prices.get(s.hw.name, s.hw.usd_per_hour)
             o = dataclasses.replace(
-                o, gpus_needed=math.ceil(target_tokens_per_s / o.tokens_per_s_per_gpu),
+                o, gpus_needed=s.tp * math.ceil(target_tokens_per_s / (o.tokens_per_s_per_gpu * s.tp)),
                 usd_per_million_tokens=None if price is None else price / (o.tokens_per_s_per_gpu * 3600) * 1e6)
         options.append(o)
 

@@ -11,7 +11,8 @@ from .errors import KfsimError
 from .inputs import Setup
 from .ops import attended_tokens, decode_ops, prefill_ops
 from .policy import Policy
-from .roofline import StepTime, bound_of, op_times, with_host
+from .parallel import comm_s
+from .roofline import StepTime, bound_of, op_times, with_comm, with_host
 
 
 def _check_positive_ints(**arrays) -> None:
@@ -30,7 +31,8 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
                  fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
-    return with_host(t, s.engine, s.engine.host_step_us * 1e-6)
+    t = with_host(t, s.engine, s.engine.host_step_us * 1e-6)
+    return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes) if s.tp > 1 else 0.0)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
@@ -95,6 +97,8 @@ def _step_fields(s: Setup, batch, seq) -> dict:
         "compute_ms": t.compute_s * 1e3,
         "overhead_ms": t.overhead_s * 1e3,
         "host_wait_ms": t.host_s * 1e3 * np.ones_like(t.seconds),
+        "comm_ms": t.comm_s * 1e3 * np.ones_like(t.seconds),
+        "tp": np.full(np.shape(t.seconds), s.tp),
         "kernels": t.kernels * np.ones_like(t.seconds),
         "bound": bound_of(t),
         "memory_bytes": mem,

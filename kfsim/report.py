@@ -26,9 +26,13 @@ def _plt():
     return plt
 
 
+#: tensor-parallel degree of the report's setups (set by build)
+TP = [1]
+
+
 def _setup(gpu, model, engine, ratio):
     return make_setup(gpu=gpu, model=model, engine=engine, policy=None if ratio >= 1 else "keyformer",
-                      kv_ratio=ratio)
+                      kv_ratio=ratio, tp=TP[0])
 
 
 def _label(ratio):
@@ -155,8 +159,9 @@ def fig_bytes(ax, gpu, model, engine, batch):
 
 
 def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: int = 16,
-          context: int = 4096) -> Path:
+          context: int = 4096, tp: int = 1) -> Path:
     """Write the figures, report.md and report.html into `out_dir`; returns the HTML path."""
+    TP[0] = tp
     plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,8 +199,9 @@ def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: 
         fig.savefig(path, dpi=110)
         plt.close(fig)
         sections.append((name, title, path, caption))
-    intro = (f"kfsim report for {model} on {', '.join(gpus)} (engine {engine}); figures use batch {batch} and "
-             f"context {context:,} where one value is needed. Keyformer keeps kv-ratio x context tokens.")
+    split = f", tensor-parallel over {tp} GPUs (memory per GPU)" if tp > 1 else ""
+    intro = (f"kfsim report for {model} on {', '.join(gpus)} (engine {engine}{split}); figures use batch {batch} "
+             f"and context {context:,} where one value is needed. Keyformer keeps kv-ratio x context tokens.")
     md = [f"# {model}: capacity planning", "", intro, ""]
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>kfsim: {html.escape(model)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}</style></head>"

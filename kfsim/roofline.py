@@ -30,6 +30,7 @@ class StepTime:
     kernels: np.ndarray  # kernels launched per step
     per_op: dict[str, np.ndarray]  # op name -> seconds
     host_s: np.ndarray = 0.0  # time the GPU waits for the host to dispatch kernels (eager frameworks)
+    comm_s: np.ndarray = 0.0  # all-reduces between tensor-parallel GPUs
 
     @property
     def memory_s(self):
@@ -121,9 +122,15 @@ def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0) -> StepTim
     return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait)
 
 
+def with_comm(t: StepTime, comm_s) -> StepTime:
+    """The step with its tensor-parallel all-reduces, which wait for the layer before them (not overlapped)."""
+    if not np.any(comm_s):
+        return t
+    return dataclasses.replace(t, seconds=t.seconds + comm_s, comm_s=comm_s)
+
+
 def bound_of(t: StepTime) -> np.ndarray:
-    """Which resource takes most of the step: 'memory', 'compute', 'overhead' or 'host' (a GPU waiting for an
-    eager framework to dispatch kernels)."""
-    host = np.broadcast_to(t.host_s, np.shape(t.seconds))
-    parts = np.stack(np.broadcast_arrays(t.memory_s, t.compute_s, t.overhead_s, host))
-    return np.array(["memory", "compute", "overhead", "host"])[np.argmax(parts, axis=0)]
+    """Which resource takes most of the step: 'memory', 'compute', 'overhead', 'host' (a GPU waiting for an
+    eager framework to dispatch kernels) or 'communication' (tensor-parallel all-reduces)."""
+    parts = np.stack(np.broadcast_arrays(t.memory_s, t.compute_s, t.overhead_s, t.host_s, t.comm_s))
+    return np.array(["memory", "compute", "overhead", "host", "communication"])[np.argmax(parts, axis=0)]

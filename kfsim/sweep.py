@@ -14,7 +14,7 @@ import numpy as np
 from .inputs import make_setup
 from .predict import predict
 
-AXES = ("gpu", "model", "engine", "policy", "kv_ratio", "kv_dtype")
+AXES = ("gpu", "model", "engine", "policy", "kv_ratio", "kv_dtype", "tp")
 
 
 def combos(policies, kv_ratios):
@@ -29,17 +29,17 @@ def combos(policies, kv_ratios):
 
 
 def sweep(gpus, models, batches, seqs, kv_ratios=(1.0,), policies=("keyformer",), kv_dtypes=(None,),
-          engines=("default",), window=0.3, on_progress: Callable[[int, int], None] | None = None):
+          engines=("default",), window=0.3, on_progress: Callable[[int, int], None] | None = None, tps=(1,)):
     """All combinations as a pandas DataFrame, one row per point with the `predict --json` fields."""
     import pandas as pd
 
     B, S = np.meshgrid(np.asarray(batches, dtype=np.int64), np.asarray(seqs, dtype=np.int64), indexing="ij")
     B, S = B.ravel(), S.ravel()
-    settings = list(itertools.product(gpus, models, engines, combos(policies, kv_ratios), kv_dtypes))
+    settings = list(itertools.product(gpus, models, engines, combos(policies, kv_ratios), kv_dtypes, tps))
     frames = []
-    for i, (gpu, model, engine, (policy, ratio), kv_dtype) in enumerate(settings):
+    for i, (gpu, model, engine, (policy, ratio), kv_dtype, tp) in enumerate(settings):
         s = make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=ratio, window=window,
-                       kv_dtype=kv_dtype)
+                       kv_dtype=kv_dtype, tp=tp)
         out = predict(s, B, S)
         cols = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind,
                 "kv_ratio": ratio, "window": window if s.policy.evicts else np.nan, "kv_dtype": str(s.dtypes.kv),

@@ -32,6 +32,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
              "compute": o["compute_ms"], "fixed overhead": o["overhead_ms"]}
     if o["host_wait_ms"] > 0:
         parts["host wait"] = o["host_wait_ms"]
+    if o["comm_ms"] > 0:
+        parts["all-reduce"] = o["comm_ms"]
     cached = int(o["cached_tokens"])
     rows = [
         ("decode step", f"{step:.3f} ms   {o['tokens_per_s']:,.1f} tokens/s"),
@@ -40,6 +42,9 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
          if s.policy.evicts else "this is the full cache"),
         *([("why slower", why_slower(o))] if s.policy.evicts and o["speedup_vs_full"] < 1 else []),
         *([("largest batch", dividend(o))] if "full_max_batch" in o and s.policy.evicts else []),
+        *([("tensor parallel", f"{h['tp']} GPUs split every layer: {o['comm_ms']:.3f} ms of all-reduces per step "
+                                f"({2 * w.n_layers} of {si(h['batch'] * w.d_model * s.dtypes.compute.bytes, 'B')}); "
+                                "memory below is per GPU")] if h.get("tp", 1) > 1 else []),
         ("bound by", f"{BOUND_WORDS[o['bound']]}   (" + ", ".join(f"{k} {_pct(v, step)}" for k, v in parts.items())
          + ")"),
         ("bytes moved", f"weights {si(o['weight_bytes'], 'B')}, KV {si(o['kv_bytes'], 'B')} "
@@ -70,7 +75,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
 
 #: the step's largest share of time, in the words the table prints
 BOUND_WORDS = {"memory": "memory traffic", "compute": "compute", "overhead": "fixed overhead (kernel launches)",
-               "host": "host dispatch (the GPU waits for the CPU to launch kernels)"}
+               "host": "host dispatch (the GPU waits for the CPU to launch kernels)",
+               "communication": "communication (tensor-parallel all-reduces)"}
 
 
 def engine_line(s: Setup) -> str:
@@ -93,8 +99,10 @@ def why_slower(o: dict) -> str:
     extra = int(round(o["kernels"] - o["full_kernels"]))
     parts = ", ".join(f"{k} +{v:.3f} ms" for k, v in grew.items())
     kernels = f" ({extra:,} more kernels per step)" if extra > 0 else ""
-    return (f"the smaller cache saves {saved:.3f} ms of KV reads, but scoring adds {sum(grew.values()):.3f} ms: "
-            f"{parts}{kernels}; weights are {_pct(o['weights_ms'], o['step_ms'])} of the step")
+    kv = (f"the smaller cache saves {saved:.3f} ms of KV reads" if saved >= 0 else
+          f"the smaller cache's KV reads take {-saved:.3f} ms longer (its attention splits the cache less)")
+    return (f"{kv}, but scoring adds {sum(grew.values()):.3f} ms: {parts}{kernels}; weights are "
+            f"{_pct(o['weights_ms'], o['step_ms'])} of the step")
 
 
 def dividend(o: dict) -> str:

@@ -14,7 +14,8 @@ def run(*args):
 
 def test_choice_meets_constraints():
     r = run("--model", "llama-3-8b", "--prompt-len", "1024", "--gen-len", "128", "--target-tokens-per-s", "5000",
-            "--max-step-ms", "40", "--gpus", "h100,a100", "--kv-ratio", "1,0.5", "--engine", "ideal", "--json")
+            "--max-step-ms", "40", "--gpus", "h100,a100", "--kv-ratio", "1,0.5", "--engine", "ideal", "--tp", "1",
+            "--json")
     assert r.exit_code == 0, r.output
     options = json.loads(r.output)
     assert len(options) == 4
