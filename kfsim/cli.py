@@ -553,6 +553,105 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
                             "usd/Mtok", "J/token", "note"]))
 
 
+#: largest batch `simulate` prices (a memory-limited deployment of a small model could admit more)
+SIMULATE_MAX_BATCH = 4096
+
+
+@cli.command()
+@click.option("--gpu", default="h100", show_default=True, metavar="NAME", help="GPU profile (see `kfsim list gpus`).")
+@click.option("--model", default="llama-3-8b", show_default=True, metavar="NAME", help="Model served.")
+@click.option("--engine", default="default", show_default=True, metavar="NAME|FILE", help="Engine.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Tensor-parallel GPUs of the deployment (1, 2, 4, 8).")
+@click.option("--policy", type=click.Choice(["full", "keyformer", "h2o", "window"]),
+              help="KV policy. [default: keyformer when --kv-ratio < 1, else full]")
+@click.option("--kv-ratio", type=float, default=1.0, show_default=True, callback=_ratio,
+              help="A reducing policy keeps this fraction of each prompt (0 < R <= 1).")
+@click.option("--window", type=float, default=0.3, show_default=True, callback=_ratio,
+              help="Recent window as a fraction of the budget.")
+@click.option("--dtype", "weight_dtype", metavar="D", help="Weight dtype. [default: the model's]")
+@click.option("--kv-dtype", metavar="D", help="KV-cache dtype. [default: the model's]")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="R",
+              help="Poisson arrivals, requests per second (or give --trace).")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1, max=10_000_000), default=1000,
+              show_default=True, help="Requests to simulate with --rate.")
+@click.option("--prompt-len", default="2048", show_default=True, metavar="SPEC",
+              help="Prompt tokens: N, uniform:LO:HI or normal:MEAN:STD.")
+@click.option("--gen-len", default="256", show_default=True, metavar="SPEC",
+              help="Generated tokens: N, uniform:LO:HI or normal:MEAN:STD.")
+@click.option("--trace", metavar="FILE.csv", help="Requests from a CSV (arrival_s, prompt_tokens, gen_tokens).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the arrivals.")
+@click.option("--max-batch", type=click.IntRange(min=1, max=SIMULATE_MAX_BATCH), metavar="N",
+              help="Most requests running at once. [default: as many as memory holds]")
+@click.option("--chunk-tokens", type=click.IntRange(min=1, max=1_000_000), default=2048, show_default=True,
+              help="Token budget of one engine step (decodes plus prompt chunks), as vLLM's max_num_batched_tokens.")
+@click.option("--slo-ttft-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="Goodput counts requests whose first token comes within MS.")
+@click.option("--slo-tpot-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="... and whose later tokens come MS apart or less.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_dtype, rate, n_requests, prompt_len,
+             gen_len, trace, seed, max_batch, chunk_tokens, slo_ttft_ms, slo_tpot_ms, as_json):
+    """Serve a request stream on one deployment: continuous batching with chunked prefill, KV memory per request
+    (Keyformer's capped at its budget after the prompt), preemption when memory runs out.
+
+    \b
+    Example: kfsim simulate --gpu h100 --model llama-3-8b --rate 4 --prompt-len 8192 --gen-len 512
+             --kv-ratio 0.5 --slo-ttft-ms 2000 --slo-tpot-ms 50
+    """
+    import json
+
+    from . import simulate as sim
+    from .fmt import table
+    from .memory import max_batch as memory_max_batch
+
+    if (rate is None) == (trace is None):
+        raise KfsimError("give either --rate R (Poisson arrivals) or --trace FILE.csv")
+    s = make_setup_for(gpu, model, engine, policy, kv_ratio, window, weight_dtype, kv_dtype, tp)
+    req = sim.read_trace(trace) if trace else sim.poisson_requests(rate, n_requests, prompt_len, gen_len, seed)
+    longest = int((req.prompt + req.gen).max())
+    fit = int(memory_max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine,
+                               sim.attended_tokens(s.workload, s.policy, req.prompt.min())))
+    cap = min(max_batch or SIMULATE_MAX_BATCH, SIMULATE_MAX_BATCH, max(fit, 1))
+    times = sim.StepTimes(s, cap, longest, chunk_tokens)
+    with click.progressbar(length=len(req.gen), label="simulating", file=sys.stderr) as bar:
+        seen = [0]
+
+        def progress(done):
+            bar.update(done - seen[0])
+            seen[0] = done
+
+        result = sim.simulate(times, req, cap, chunk_tokens, on_progress=progress)
+    out = sim.summary(result, req, slo_ttft_ms, slo_tpot_ms, times.capacity)
+    head = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "tp": tp,
+            "policy": s.policy.kind if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio,
+            "max_batch": cap, "chunk_tokens": chunk_tokens}
+    if as_json:
+        click.echo(json.dumps({**head, **out}, indent=2))
+        return
+    click.echo(f"{s.workload.name} on {tp} x {s.hw.name}, engine {s.engine.name}, policy {head['policy']} "
+               f"(kv-ratio {kv_ratio:g}); {out['requests']:,} requests over {out['makespan_s']:,.1f} s")
+    rows = [[name, *(f"{out[f'{key}_p{p}_ms']:,.1f}" for p in (50, 90, 99))]
+            for name, key in (("time to first token", "ttft"), ("time per output token", "tpot"),
+                              ("end to end", "e2e"))]
+    click.echo(table(rows, ["ms", "p50", "p90", "p99"]))
+    slo = " within " + " and ".join(x for x in (slo_ttft_ms and f"TTFT {slo_ttft_ms:g} ms",
+                                                 slo_tpot_ms and f"TPOT {slo_tpot_ms:g} ms") if x) \
+        if (slo_ttft_ms or slo_tpot_ms) else ""
+    click.echo(f"throughput {out['throughput_tokens_per_s']:,.0f} generated tokens/s, "
+               f"{out['throughput_requests_per_s']:.2f} requests/s; goodput{slo} "
+               f"{out['goodput_requests_per_s']:.2f} requests/s ({100 * out['slo_attained']:.0f}% of requests)")
+    click.echo(f"peak batch {out['peak_batch']} (cap {cap}), peak KV memory {out['peak_memory_bytes'] / 1e9:.1f} GB "
+               f"of {times.capacity / 1e9:.1f} GB free beside the weights, {out['preemptions']} preemptions")
+
+
+def make_setup_for(gpu, model, engine, policy, kv_ratio, window, weight_dtype, kv_dtype, tp):
+    from .inputs import make_setup
+
+    return make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=kv_ratio, window=window,
+                      weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
+
+
 @cli.command()
 @click.option("--model", default="gpt-j-6b", show_default=True, metavar="NAME", help="Model to report on.")
 @click.option("--gpus", default="a100,h100,h200", show_default=True, metavar="LIST",
