@@ -527,23 +527,35 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
               for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
               for n in splits]
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
-        return
     best = options[0]
     bound = f" within {max_step_ms:g} ms per step" if max_step_ms else ""
-    if not best.feasible:
-        click.echo(f"No option serves {model}{bound}: " + "; ".join(f"{o.gpu} kv-ratio {o.kv_ratio:g}: {o.why}"
-                                                                    for o in options))
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
+        if not best.feasible:
+            sys.exit(1)
         return
+    import textwrap
+
+    say = lambda text: click.echo(textwrap.fill(text, 100, subsequent_indent="  "))  # noqa: E731
+    if not best.feasible:
+        say(f"No option serves {model}{bound}: " + "; ".join(
+            f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
+        sys.exit(1)
     cost = (f", ${best.usd_per_million_tokens:.3f} per million tokens" if best.usd_per_million_tokens is not None
             else " (give --usd-per-hour to rank by cost)")
-    click.echo(f"Recommended: {best.gpus_needed} x {best.gpu} (tensor-parallel groups of {best.tp}), {best.policy} "
-               f"kv-ratio {best.kv_ratio:g}, batch {best.batch} per group: {best.tokens_per_s_per_gpu:,.0f} generated "
-               f"tokens/s per GPU{cost}, "
-               f"{best.joules_per_token:.3f} J/token, step {best.step_ms:.1f} ms, TTFT {best.ttft_ms:,.0f} ms.")
-    click.echo(f"(model {model}, {prompt_len} + {gen_len} tokens per request, target "
-               f"{target_tokens_per_s:,.0f} tokens/s{bound}, engine {setups[0].engine.name})\n")
+    say(f"Recommended: {best.gpus_needed} x {best.gpu} (tensor-parallel groups of {best.tp}), {best.policy} "
+        f"kv-ratio {best.kv_ratio:g}, batch {best.batch} per group: {best.tokens_per_s_per_gpu:,.0f} generated "
+        f"tokens/s per GPU{cost}, {best.joules_per_token:.3f} J/token, step {best.step_ms:.1f} ms, TTFT "
+        f"{best.ttft_ms:,.0f} ms.")
+    full = next((o for o in options if o.feasible and o.policy == "full"), None)
+    reduced = next((o for o in options if o.feasible and o.policy != "full"), None)
+    if full and reduced:
+        price = lambda o: "" if o.usd_per_million_tokens is None else f", ${o.usd_per_million_tokens:.3f}/Mtok"  # noqa: E731
+        say(f"What KV reduction buys: the best {reduced.policy} option needs {reduced.gpus_needed} GPUs"
+            f"{price(reduced)}; the best full-cache option {full.gpus_needed}{price(full)}.")
+    say(f"(model {model}, {prompt_len} + {gen_len} tokens per request, target {target_tokens_per_s:,.0f} "
+        f"tokens/s{bound}, engine {setups[0].engine.name})")
+    click.echo()
     rows = [[o.gpu, str(o.tp), o.policy, f"{o.kv_ratio:g}", str(o.batch) if o.feasible else "-",
              str(o.gpus_needed) if o.feasible else "-", f"{o.tokens_per_s_per_gpu:,.0f}" if o.feasible else "-",
              f"{o.step_ms:.1f}" if o.feasible else "-", f"{o.ttft_ms:,.0f}" if o.feasible else "-",

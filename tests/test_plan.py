@@ -49,7 +49,7 @@ def test_prices_rank_by_cost():
 def test_infeasible_bound_is_explained():
     r = run("--prompt-len", "512", "--gen-len", "64", "--target-tokens-per-s", "10", "--max-step-ms", "0.1",
             "--gpus", "h100", "--kv-ratio", "1")
-    assert r.exit_code == 0 and "No option serves" in r.output and "per step" in r.output
+    assert r.exit_code == 1 and "No option serves" in r.output and "per step" in r.output
 
 
 def test_bad_price():
