@@ -321,6 +321,9 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     from .measurements import load
     from .validate import metrics
 
+    from .files import output_path
+
+    output_path(out, "out", inputs=[*files, *micro])
     df = load(files, measured_engine, phase)
     bounds = {}
     for m in micro:
@@ -398,6 +401,10 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     from .fmt import table
     from .measurements import load
 
+    from .files import output_path
+
+    if out is not None:
+        output_path(out, "out", inputs=files, folder=True, writes=val.REPORT_FILES)
     eng = get_engine(engine)
     df = load(files, measured_engine, phase)
     cmp = val.compare(df, eng, ", ".join(files))
@@ -448,6 +455,8 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
         policies=parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window")),
         kv_dtypes=parse_list(kv_dtype, "kv-dtype", str) if kv_dtype else [None],
         engines=parse_list(engine, "engine", str), tps=parse_list(tp, "tp", int, lo=1))
+    if out is not None:
+        sw.check_out(out)
     progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))
     df = sw.sweep(window=window, on_progress=progress, **lists)
     progress.close()
@@ -687,6 +696,9 @@ def report(model, gpus, engine, batch, seq, tp, out):
     from .report import build
     from .values import parse_list
 
+    from .files import output_path
+
+    output_path(out, "out", folder=True)
     gpu_list = parse_list(gpus, "gpus", str)
     for g in gpu_list:  # resolve every name first: a bad one is a one-line error before any figure is drawn
         make_setup(gpu=g, model=model, engine=engine, tp=tp)

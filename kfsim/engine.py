@@ -124,7 +124,9 @@ class Engine:
         return yaml.safe_dump(data, sort_keys=False, width=120)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        from .files import write_text_atomic
+
+        write_text_atomic(path, self.to_yaml())
 
 
 IDEAL = Engine(name="ideal", description="pure roofline: datasheet bandwidth and FLOP/s, no fixed cost")

@@ -31,6 +31,10 @@ class Setup:
 
 
 def _one_of(name, file, flag_name, file_flag, default=None):
+    for flag, value in ((flag_name, name), (file_flag, file)):
+        if value is not None and not str(value).strip():
+            what = "a file" if flag == file_flag else f"a name (see `kfsim list {flag_name}s`)"
+            raise KfsimError(f"--{flag} is empty: give {what}")
     if name and file:
         raise KfsimError(f"give either --{flag_name} or --{file_flag}, not both")
     if not (name or file or default):
@@ -45,5 +49,7 @@ def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DE
 
     hw = get_hardware(_one_of(gpu, hw_file, "gpu", "hw"))
     w = get_workload(_one_of(model, workload_file, "model", "workload", DEFAULT_MODEL))
+    if engine is not None and not str(engine).strip():
+        raise KfsimError("--engine is empty: give ideal, a shipped engine (see `kfsim list engines`) or a file")
     return Setup(hw, shard(w, tp), get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
                  Dtypes.of(w, weight_dtype, kv_dtype), tp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,13 @@ def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping from `path`; missing files and syntax errors become one-line KfsimErrors."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KfsimError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise KfsimError(f"{path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise KfsimError(f"{path}: not UTF-8 text (save the YAML as UTF-8)") from None
     except OSError as exc:
         raise KfsimError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -64,6 +69,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KfsimError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise KfsimError(f"{where}: {value!r} is not a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):

@@ -51,19 +51,29 @@ def sweep(gpus, models, batches, seqs, kv_ratios=(1.0,), policies=("keyformer",)
     return pd.concat(frames, ignore_index=True)
 
 
-def write(df, path: str) -> None:
-    """CSV or Parquet by the file's extension."""
-    from .errors import KfsimError
+def check_out(path: str) -> None:
+    """Before any work: the file's extension names a format kfsim writes, and Parquet's library is there."""
+    import importlib.util
 
-    if path.endswith(".parquet"):
-        try:
-            df.to_parquet(path, index=False)
-        except ImportError:
-            raise KfsimError("writing Parquet needs pyarrow: pip install pyarrow (or use a .csv file)") from None
-    elif path.endswith(".csv"):
-        df.to_csv(path, index=False)
-    else:
+    from .errors import KfsimError
+    from .files import output_path
+
+    if not str(path).endswith((".csv", ".parquet")):
         raise KfsimError(f"--out {path!r}: use a .csv or .parquet file name")
+    if path.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+        raise KfsimError("writing Parquet needs pyarrow: pip install -e '.[analysis]' (or use a .csv file)")
+    output_path(path, "out")
+
+
+def write(df, path: str) -> None:
+    """CSV or Parquet by the file's extension, written whole or not at all."""
+    from .files import write_atomic
+
+    check_out(path)
+    if path.endswith(".parquet"):
+        write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+    else:
+        write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 class Progress:

@@ -106,9 +106,15 @@ def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[
     return "\n".join(lines)
 
 
+#: what write_report puts into its folder
+REPORT_FILES = ("rows.csv", "report.md", "predicted_vs_measured.png", "error_vs_context.png", "error_vs_batch.png")
+
+
 def write_report(cmp, engine: Engine, out_dir: str | Path, title: str, sources: list[str]) -> Path:
+    from .files import write_atomic, write_text_atomic
+
     out_dir = Path(out_dir)
     figures = plots(cmp, out_dir, title)
-    cmp.to_csv(out_dir / "rows.csv", index=False)
-    (out_dir / "report.md").write_text(markdown(cmp, engine, title, sources, figures))
+    write_atomic(out_dir / "rows.csv", lambda tmp: cmp.to_csv(tmp, index=False))
+    write_text_atomic(out_dir / "report.md", markdown(cmp, engine, title, sources, figures))
     return out_dir / "report.md"

@@ -1,0 +1,91 @@
+"""Named regressions of the inputs that used to crash, lie or destroy a file (one line `Error:`, exit 2, inputs
+unchanged, nothing half-written)."""
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kfsim.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "data" / "h100-sxm-plain" / "rows.csv"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(r, text):
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and text in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_calibrate_never_writes_its_engine_over_its_measurements(tmp_path):
+    m = tmp_path / "m.csv"
+    shutil.copy(ROWS, m)
+    before = m.read_bytes()
+    one_line_error(run("calibrate", m, "--out", m), "would overwrite the input")
+    assert m.read_bytes() == before
+
+
+def test_validate_never_writes_its_rows_over_its_input(tmp_path):
+    (tmp_path / "results").mkdir()
+    rows = tmp_path / "results" / "rows.csv"
+    shutil.copy(ROWS, rows)
+    before = rows.read_bytes()
+    one_line_error(run("validate", rows, "--engine", "default", "--out", tmp_path / "results"), "would overwrite")
+    assert rows.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [
+    ("sweep", "--seq", "64", "--out", "{tmp}/no/such/dir/s.csv"),
+    ("calibrate", ROWS, "--measured-engine", "torch-graph", "--out", "{tmp}/no/such/dir/e.yaml"),
+])
+def test_outputs_in_missing_folders_are_made(tmp_path, args):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert Path(args[-1]).is_file()
+
+
+def test_report_into_an_existing_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    one_line_error(run("report", "--out", f), "a file of that name exists")
+    assert f.read_text() == "keep"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_yaml_that_is_not_utf8_is_one_line(tmp_path, encoding):
+    p = tmp_path / "gpu.yaml"
+    text = (ROOT / "hw_profiles" / "h100-sxm.yaml").read_text().replace("NVIDIA H100", "NVIDIA Hé100")
+    p.write_bytes(text.encode(encoding))
+    one_line_error(run("predict", "--hw", p, "--seq", "64"), "not UTF-8")
+
+
+@pytest.mark.parametrize("kind, field, value, flag", [
+    ("hw_profiles/h100-sxm.yaml", "hbm_bandwidth_gbps: 3350", "hbm_bandwidth_gbps: .nan", "--hw"),
+    ("hw_profiles/h100-sxm.yaml", "tdp_w: 700", "tdp_w: .inf", "--hw"),
+    ("engines/default.yaml", "kernel_overhead_us: 0.7", "kernel_overhead_us: .nan  # 0.7", "--engine"),
+])
+def test_nan_and_inf_in_yaml_are_refused(tmp_path, kind, field, value, flag):
+    """A comparison with NaN is false, so a range check alone passes it: a NaN bandwidth once printed a step."""
+    text = (ROOT / kind).read_text()
+    assert field in text
+    p = tmp_path / Path(kind).name
+    p.write_text(text.replace(field, value, 1))
+    args = ["predict", "--seq", "64", flag, p] + (["--gpu", "h100"] if flag == "--engine" else [])
+    one_line_error(run(*args), "not a finite number")
+
+
+@pytest.mark.parametrize("args, text", [
+    (("predict", "--gpu", "h100", "--seq", "64", "--model", ""), "--model is empty"),
+    (("predict", "--gpu", "h100", "--seq", "64", "--engine", ""), "--engine is empty"),
+    (("predict", "--gpu", "", "--seq", "64"), "--gpu is empty"),
+    (("predict", "--hw", "", "--seq", "64"), "--hw is empty: give a file"),
+    (("calibrate", ROWS, "--out", ""), "--out is empty"),
+    (("report", "--out", ""), "--out is empty"),
+])
+def test_empty_strings_never_mean_the_default(args, text):
+    one_line_error(run(*args), text)
