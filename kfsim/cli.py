@@ -624,11 +624,13 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
 
     from . import simulate as sim
     from .fmt import table
+    from .inputs import make_setup
     from .memory import max_batch as memory_max_batch
 
     if (rate is None) == (trace is None):
         raise KfsimError("give either --rate R (Poisson arrivals) or --trace FILE.csv")
-    s = make_setup_for(gpu, model, engine, policy, kv_ratio, window, weight_dtype, kv_dtype, tp)
+    s = make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=kv_ratio, window=window,
+                   weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
     req = sim.read_trace(trace) if trace else sim.poisson_requests(rate, n_requests, prompt_len, gen_len, seed)
     longest = int((req.prompt + req.gen).max())
     fit = int(memory_max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine,
@@ -664,13 +666,6 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
                f"{out['goodput_requests_per_s']:.2f} requests/s ({100 * out['slo_attained']:.0f}% of requests)")
     click.echo(f"peak batch {out['peak_batch']} (cap {cap}), peak KV memory {out['peak_memory_bytes'] / 1e9:.1f} GB "
                f"of {times.capacity / 1e9:.1f} GB free beside the weights, {out['preemptions']} preemptions")
-
-
-def make_setup_for(gpu, model, engine, policy, kv_ratio, window, weight_dtype, kv_dtype, tp):
-    from .inputs import make_setup
-
-    return make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=kv_ratio, window=window,
-                      weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
 
 
 @cli.command()

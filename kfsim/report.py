@@ -26,28 +26,24 @@ def _plt():
     return plt
 
 
-#: tensor-parallel degree of the report's setups (set by build)
-TP = [1]
-
-
-def _setup(gpu, model, engine, ratio):
+def _setup(gpu, model, engine, ratio, tp=1):
     return make_setup(gpu=gpu, model=model, engine=engine, policy=None if ratio >= 1 else "keyformer",
-                      kv_ratio=ratio, tp=TP[0])
+                      kv_ratio=ratio, tp=tp)
 
 
 def _label(ratio):
     return "full cache" if ratio >= 1 else f"Keyformer kv-ratio {ratio:g}"
 
 
-def fig_roofline(ax, gpu, model, engine, batch, context):
+def fig_roofline(ax, gpu, model, engine, batch, context, tp=1):
     """Each decode op at its arithmetic intensity and achieved FLOP/s, under the GPU's roofline."""
-    s = _setup(gpu, model, engine, 1.0)
+    s = _setup(gpu, model, engine, 1.0, tp)
     peak = s.hw.peak_flops(s.dtypes.compute)
     bw = s.hw.bandwidth_bytes_per_s
     x = np.geomspace(0.05, 2e4, 200)
     ax.plot(x, np.minimum(peak, x * bw) / 1e12, "k-", lw=1.2, label=f"{s.hw.name} roofline")
     for ratio, marker in ((1.0, "o"), (0.2, "^")):
-        s = _setup(gpu, model, engine, ratio)
+        s = _setup(gpu, model, engine, ratio, tp)
         cached = attended_tokens(s.workload, s.policy, np.array(context))
         t = step_time(s, batch, cached)
         for op in decode_ops(s.workload, s.policy, s.dtypes, batch, cached):
@@ -73,9 +69,9 @@ def _fitting(out: dict, key: str) -> np.ndarray:
     return np.where(out["fits"], out[key], np.nan)
 
 
-def fig_latency_vs_context(axes, gpu, model, engine, batch):
+def fig_latency_vs_context(axes, gpu, model, engine, batch, tp=1):
     for ratio in RATIOS:
-        out = predict(_setup(gpu, model, engine, ratio), batch, CONTEXTS)
+        out = predict(_setup(gpu, model, engine, ratio, tp), batch, CONTEXTS)
         axes[0].plot(CONTEXTS, _fitting(out, "step_ms"), label=_label(ratio))
         axes[1].plot(CONTEXTS, _fitting(out, "tokens_per_s"), label=_label(ratio))
     axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode step (ms)",
@@ -91,11 +87,11 @@ def _colour(i):
     return _plt().rcParams["axes.prop_cycle"].by_key()["color"][i % 10]
 
 
-def fig_max_batch(ax, gpus, model, engine):
+def fig_max_batch(ax, gpus, model, engine, tp=1):
     """Colour = GPU, line style = KV budget."""
     for i, gpu in enumerate(gpus):
         for ratio, style in zip(RATIOS, ("-", "--", ":")):
-            out = predict(_setup(gpu, model, engine, ratio), 1, CONTEXTS)
+            out = predict(_setup(gpu, model, engine, ratio, tp), 1, CONTEXTS)
             ax.plot(CONTEXTS, out["max_batch"], style, color=_colour(i), label=f"{gpu}, {_label(ratio)}")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="largest batch that fits (sequences)",
            title=f"{model}: sequences that fit in GPU memory\n(GPUs with equal memory draw on top of each other)")
@@ -103,11 +99,11 @@ def fig_max_batch(ax, gpus, model, engine):
     ax.grid(alpha=0.3)
 
 
-def fig_frontier(ax, gpus, model, engine, context):
+def fig_frontier(ax, gpus, model, engine, context, tp=1):
     """Colour = GPU, line style = KV budget; each line ends at the largest batch that fits."""
     for i, gpu in enumerate(gpus):
         for ratio, style in zip(RATIOS, ("-", "--", ":")):
-            out = predict(_setup(gpu, model, engine, ratio), BATCHES, context)
+            out = predict(_setup(gpu, model, engine, ratio, tp), BATCHES, context)
             fits = out["fits"]
             ax.plot(out["step_ms"][fits], out["tokens_per_s"][fits], style, marker=".", color=_colour(i),
                     label=f"{gpu}, {_label(ratio)}")
@@ -117,10 +113,10 @@ def fig_frontier(ax, gpus, model, engine, context):
     ax.grid(alpha=0.3)
 
 
-def fig_speedup(axes, gpu, model, engine):
+def fig_speedup(axes, gpu, model, engine, tp=1):
     for ratio in RATIOS[1:]:
-        s = _setup(gpu, model, engine, ratio)
-        full = _setup(gpu, model, engine, 1.0)
+        s = _setup(gpu, model, engine, ratio, tp)
+        full = _setup(gpu, model, engine, 1.0, tp)
         for batch in (1, 16, 64):
             out = predict(s, batch, CONTEXTS)
             out["fits"] = predict(full, batch, CONTEXTS)["fits"]  # a speedup over a full cache that fits
@@ -137,11 +133,11 @@ def fig_speedup(axes, gpu, model, engine):
         ax.grid(alpha=0.3)
 
 
-def fig_bytes(ax, gpu, model, engine, batch):
+def fig_bytes(ax, gpu, model, engine, batch, tp=1):
     labels, weights, kv, other = [], [], [], []
     for ratio in RATIOS:
         for context in (1024, 4096, 16384):
-            out = predict(_setup(gpu, model, engine, ratio), batch, context)
+            out = predict(_setup(gpu, model, engine, ratio, tp), batch, context)
             if not out["fits"]:
                 continue
             labels.append(f"{context // 1024}k\n{'full' if ratio >= 1 else f'KF {ratio:g}'}")
@@ -161,32 +157,33 @@ def fig_bytes(ax, gpu, model, engine, batch):
 def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: int = 16,
           context: int = 4096, tp: int = 1) -> Path:
     """Write the figures, report.md and report.html into `out_dir`; returns the HTML path."""
-    TP[0] = tp
     plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main = gpus[0]
     specs = [
-        ("roofline", "The roofline and each decode op", (7, 5), 1, lambda a: fig_roofline(a[0], main, model, engine,
-                                                                                           batch, context),
+        ("roofline", "The roofline and each decode op", (7, 5), 1,
+         lambda a: fig_roofline(a[0], main, model, engine, batch, context, tp=tp),
          f"Each operation of one decode step ({model}, batch {batch}, context {context:,}) on {main}: ops far left "
          "of the ridge are limited by memory bandwidth, and the gap below the roofline is the engine's inefficiency."),
         ("latency_vs_context", "Step latency and tokens/s against context", (12, 4.2), 2,
-         lambda a: fig_latency_vs_context(a, main, model, engine, batch),
+         lambda a: fig_latency_vs_context(a, main, model, engine, batch, tp=tp),
          f"Decode-step time and generated tokens/s at batch {batch} on {main} as the context grows; a line stops "
          "where that configuration no longer fits in GPU memory."),
-        ("max_batch", "Largest batch that fits", (7, 5), 1, lambda a: fig_max_batch(a[0], gpus, model, engine),
+        ("max_batch", "Largest batch that fits", (7, 5), 1,
+         lambda a: fig_max_batch(a[0], gpus, model, engine, tp=tp),
          "How many sequences fit in GPU memory beside the weights: a smaller KV budget holds more sequences at "
          "the same context, which is where Keyformer buys throughput in serving."),
         ("frontier", "Throughput-latency frontier over batch", (7, 5), 1,
-         lambda a: fig_frontier(a[0], gpus, model, engine, context),
+         lambda a: fig_frontier(a[0], gpus, model, engine, context, tp=tp),
          f"Tokens/s per GPU against step latency as the batch grows at context {context:,}; each line ends at the "
          "largest batch that fits, so a line further up and right serves more within the same latency."),
         ("speedup", "Keyformer speedup against context and batch", (12, 4.2), 2,
-         lambda a: fig_speedup(a, main, model, engine),
+         lambda a: fig_speedup(a, main, model, engine, tp=tp),
          f"Keyformer's decode-step speedup over the full cache on {main}, only where the full cache fits; below 1 "
          "the scorer's cost outweighs the KV bytes saved (small batch or short context, where weights dominate)."),
-        ("bytes", "Where the bytes go", (8, 4.5), 1, lambda a: fig_bytes(a[0], main, model, engine, batch),
+        ("bytes", "Where the bytes go", (8, 4.5), 1,
+         lambda a: fig_bytes(a[0], main, model, engine, batch, tp=tp),
          f"Bytes one decode step moves at batch {batch} on {main}, by kind (configurations that do not fit are "
          "left out): the KV share is what a smaller cache can save."),
     ]
