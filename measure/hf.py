@@ -25,8 +25,6 @@ from .kv_policies import EMPTY, EvictingCache
 
 #: HF modes -> the `engine` column of their rows
 ENGINES = {"eager": "hf-eager", "compiled": "hf-compiled"}
-#: kfsim workload family -> the transformers model type whose class decodes it
-MODEL_TYPES = {"llama": "llama", "gptj": "gptj", "gpt2": "gpt2", "mpt": "mpt"}
 #: families whose attention Keyformer's hook reaches (attention interface, or GPT-J's own `_attn`)
 KEYFORMER_FAMILIES = ("llama", "gptj")
 
@@ -204,10 +202,11 @@ def _cache_classes():
     return KeyformerLayer, KeyformerCache
 
 
-def KeyformerCache(kv_ratio: float = 0.5, window: float = 0.3, kind: str = "keyformer",
-                   max_budget: int | None = None):
-    """A Keyformer cache for transformers (see _cache_classes); `enable_keyformer(model)` first."""
-    return _cache_classes()[1](kv_ratio, window, kind, max_budget)
+def __getattr__(name: str):
+    """KeyformerCache and KeyformerLayer, the transformers cache classes, made when first asked for (PEP 562)."""
+    if name in ("KeyformerLayer", "KeyformerCache"):
+        return _cache_classes()[name == "KeyformerCache"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _take_pending(layer_idx) -> KeyformerLayer | None:

@@ -63,7 +63,7 @@ def test_keyformer_cache_holds_the_budget_and_evicts_as_kv_policies(family, monk
     model = tiny(family)
     hf.enable_keyformer(model)
     cache = hf.KeyformerCache(kv_ratio=0.25, window=0.5)
-    layer_cls = hf._cache_classes()[0]
+    layer_cls = hf.KeyformerLayer
     real, seen = layer_cls.attend, []
 
     def spy(layer, query, scale):
