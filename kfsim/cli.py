@@ -476,8 +476,17 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
 @click.option("--model", default="gpt-j-6b", show_default=True, metavar="NAME", help="Model to serve.")
 @click.option("--prompt-len", type=click.IntRange(min=1), required=True, metavar="P", help="Prompt tokens per request.")
 @click.option("--gen-len", type=click.IntRange(min=1), required=True, metavar="G", help="Generated tokens per request.")
-@click.option("--target-tokens-per-s", type=click.FloatRange(min=0, min_open=True), required=True, metavar="T",
-              help="Generated tokens per second the whole deployment must serve.")
+@click.option("--target-tokens-per-s", type=click.FloatRange(min=0, min_open=True), metavar="T",
+              help="Generated tokens per second the whole deployment must serve (a static batch per GPU).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="R",
+              help="Requests per second to serve instead, found by simulating continuous batching (kfsim "
+                   "simulate) against --max-ttft-ms and --max-tpot-ms at the 90th percentile.")
+@click.option("--max-ttft-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="--rate: p90 time to first token, ms.")
+@click.option("--max-tpot-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="--rate: p90 time per output token, ms.")
+@click.option("--weight-dtype", metavar="D", help="Weight dtype of every option. [default: the model's]")
+@click.option("--kv-dtype", metavar="D", help="KV-cache dtype of every option. [default: the model's]")
 @click.option("--max-step-ms", type=click.FloatRange(min=0, min_open=True), metavar="L",
               help="Latency bound on every decode step (time between tokens), ms.")
 @click.option("--gpus", default="a100,h100,h200", show_default=True, metavar="LIST", help="GPU types to consider.")
@@ -490,8 +499,8 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
 @click.option("--tp", default="1,2,4,8", show_default=True, metavar="LIST",
               help="Tensor-parallel degrees to consider (degrees the model cannot be split into are skipped).")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON, best first.")
-def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_ratio, policy, engine, prices, tp,
-         as_json):
+def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max_tpot_ms, weight_dtype, kv_dtype,
+         max_step_ms, gpus, kv_ratio, policy, engine, prices, tp, as_json):
     """Which GPU, batch, KV budget and GPU count serve a token rate within a latency bound; the best first.
 
     \b
@@ -532,9 +541,17 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
             pass
     if not splits:
         raise KfsimError(f"--tp {tp}: model {w.name} splits over none of these degrees")
-    setups = [make_setup(gpu=g, model=model, engine=engine, policy=None if r >= 1 else policy, kv_ratio=r, tp=n)
+    if (target_tokens_per_s is None) == (rate is None):
+        raise KfsimError("give either --target-tokens-per-s T (a static batch) or --rate R (simulated serving)")
+    if rate is None and (max_ttft_ms or max_tpot_ms):
+        raise KfsimError("--max-ttft-ms and --max-tpot-ms go with --rate (simulated serving); with "
+                         "--target-tokens-per-s bound the step with --max-step-ms")
+    setups = [make_setup(gpu=g, model=model, engine=engine, policy=None if r >= 1 else policy, kv_ratio=r, tp=n,
+                         weight_dtype=weight_dtype, kv_dtype=kv_dtype)
               for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
               for n in splits]
+    if rate is not None:
+        return _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json)
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
     best = options[0]
     bound = f" within {max_step_ms:g} ms per step" if max_step_ms else ""
@@ -572,6 +589,54 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, max_step_ms, gpus, kv_
              f"{o.joules_per_token:.3f}" if o.feasible else "-", o.why] for o in options]
     click.echo(table(rows, ["gpu", "tp", "policy", "kv_ratio", "batch", "gpus", "tok/s/gpu", "step_ms", "ttft_ms",
                             "usd/Mtok", "J/token", "note"]))
+
+
+def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json):
+    """`plan --rate`: the cheapest deployment serving the rate within the p90 latency targets, by simulation."""
+    import dataclasses
+    import json
+    import textwrap
+
+    from .fmt import table
+    from .plan import plan_serving
+
+    options = plan_serving(setups, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price)
+    best = options[0]
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
+        if not best.feasible:
+            sys.exit(1)
+        return
+    say = lambda text: click.echo(textwrap.fill(text, 100, subsequent_indent="  "))  # noqa: E731
+    targets = " and ".join(x for x in (max_ttft_ms and f"p90 TTFT {max_ttft_ms:g} ms",
+                                        max_tpot_ms and f"p90 TPOT {max_tpot_ms:g} ms") if x) or "no latency target"
+    if not best.feasible:
+        say(f"No option serves {rate:g} requests/s of {model} within {targets}: " + "; ".join(
+            f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
+        sys.exit(1)
+    cost = lambda o: "" if o.usd_per_hour is None else f", ${o.usd_per_hour:,.2f}/h"  # noqa: E731
+    say(f"Recommended: {best.replicas} replica(s) of {best.tp} x {best.gpu} ({best.gpus_needed} GPUs{cost(best)}), "
+        f"{best.policy} kv-ratio {best.kv_ratio:g}: each replica sustains {best.rate_per_replica:.3g} requests/s with p90 TTFT "
+        f"{best.ttft_p90_ms:,.0f} ms and TPOT {best.tpot_p90_ms:.1f} ms.")
+    full = next((o for o in options if o.feasible and o.policy == "full"), None)
+    reduced = next((o for o in options if o.feasible and o.policy != "full"), None)
+    if full and reduced:
+        say(f"What KV reduction buys: the best {reduced.policy} option needs {reduced.gpus_needed} GPUs"
+            f"{cost(reduced)}; the best full-cache option {full.gpus_needed}{cost(full)}.")
+    say(f"(model {model}, {prompt_len} + {gen_len} tokens per request at {rate:g} requests/s, within {targets}; "
+        f"engine {setups[0].engine.name}; continuous batching simulated)")
+    click.echo()
+    from .plan import NOT_SIMULATED
+
+    shown = [o for o in options if o.why != NOT_SIMULATED]
+    rows = [[o.gpu, str(o.tp), o.policy, f"{o.kv_ratio:g}", *(
+        [f"{o.rate_per_replica:.3g}", str(o.replicas), str(o.gpus_needed), f"{o.ttft_p90_ms:,.0f}",
+         f"{o.tpot_p90_ms:.1f}", "-" if o.usd_per_hour is None else f"{o.usd_per_hour:,.2f}", ""]
+        if o.feasible else ["-"] * 6 + [o.why[:30]])] for o in shown]
+    click.echo(table(rows, ["gpu", "tp", "policy", "kv_ratio", "req/s/rep", "replicas", "gpus", "ttft_p90",
+                            "tpot_p90", "usd/h", "note"]))
+    if len(shown) < len(options):
+        click.echo(f"({len(options) - len(shown)} more deployments not simulated: {NOT_SIMULATED}; --json lists them)")
 
 
 #: largest batch `simulate` prices (a memory-limited deployment of a small model could admit more)

@@ -76,3 +76,102 @@ def plan(setups: list[Setup], prompt: int, gen: int, target_tokens_per_s: float,
         return (not o.feasible, cost, o.gpus_needed, -o.tokens_per_s_per_gpu)
 
     return sorted(options, key=key)
+
+
+@dataclass(frozen=True)
+class ServingOption:
+    """One deployment serving a request rate within latency targets (found by simulation)."""
+
+    gpu: str
+    tp: int
+    kv_ratio: float
+    policy: str
+    feasible: bool
+    why: str
+    rate_per_replica: float = 0.0  # requests/s one replica sustains within the targets
+    replicas: int = 0
+    gpus_needed: int = 0
+    ttft_p90_ms: float = 0.0
+    tpot_p90_ms: float = 0.0
+    usd_per_hour: float | None = None
+    usd_per_million_tokens: float | None = None
+
+
+#: why a candidate was not simulated
+NOT_SIMULATED = "a steady-state estimate ranks it below the simulated ones"
+#: simulated requests per trial rate, and bisection steps per deployment
+TRIAL_REQUESTS = 300
+BISECTION_STEPS = 7
+#: deployments simulated: the best this many by a steady-state estimate (and the best of each policy)
+SIMULATED = 8
+
+
+def _meets(times, rate: float, prompt: int, gen: int, cap: int, chunk: int, max_ttft_ms, max_tpot_ms):
+    """(p90 TTFT ms, p90 TPOT ms, meets both) of one replica at `rate` requests/s (TRIAL_REQUESTS of them)."""
+    from . import simulate as sim
+
+    req = sim.poisson_requests(rate, TRIAL_REQUESTS, str(prompt), str(gen), seed=0)
+    r = sim.simulate(times, req, cap, chunk)
+    ttft, tpot = float(np.percentile(r.ttft_s, 90) * 1e3), float(np.percentile(r.tpot_s, 90) * 1e3)
+    ok = (max_ttft_ms is None or ttft <= max_ttft_ms) and (max_tpot_ms is None or tpot <= max_tpot_ms)
+    return ttft, tpot, ok
+
+
+def plan_serving(setups: list[Setup], prompt: int, gen: int, rate: float, max_ttft_ms: float | None,
+                 max_tpot_ms: float | None, prices: dict[str, float], chunk_tokens: int = 2048) -> list[ServingOption]:
+    """The deployments (GPU, TP, KV budget) that serve `rate` requests/s of prompt + gen tokens with p90 time to
+    first token and time per output token within the targets, cheapest first: each candidate's largest
+    sustainable rate per replica is bisected by simulation (the SIMULATED most promising by a steady-state
+    estimate), then replicas = ceil(rate / that rate)."""
+    import dataclasses
+
+    from . import simulate as sim
+
+    estimates = []
+    for s in setups:
+        o = best_batch(s, prompt, gen, max_tpot_ms)
+        price = prices.get(s.hw.name, s.hw.usd_per_hour)
+        per_gpu = o.tokens_per_s_per_gpu / gen if o.feasible else 0.0  # requests/s per GPU, steady state
+        estimates.append((s, o, price, per_gpu))
+    ranked = sorted(estimates, key=lambda e: (e[3] <= 0, (e[2] or 1.0) / max(e[3], 1e-12)))
+    chosen = ranked[:SIMULATED]
+    for policy in {e[0].policy.evicts for e in ranked}:  # the best of each kind, to say what KV reduction buys
+        best = next(e for e in ranked if e[0].policy.evicts == policy)
+        if best not in chosen:
+            chosen.append(best)
+    options = []
+    for s, o, price, per_gpu in estimates:
+        label = dict(gpu=s.hw.name, tp=s.tp, kv_ratio=s.policy.kv_ratio,
+                     policy=s.policy.kind if s.policy.evicts else "full")
+        if not o.feasible:
+            options.append(ServingOption(**label, feasible=False, why=o.why))
+            continue
+        if (s, o, price, per_gpu) not in chosen:
+            options.append(ServingOption(**label, feasible=False, why=NOT_SIMULATED))
+            continue
+        cap = max(1, o.batch)
+        times = sim.StepTimes(s, cap, prompt + gen, chunk_tokens)
+        lo, hi = 0.0, 2.0 * per_gpu * s.tp  # twice the steady-state estimate of one replica
+        found = None
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            ttft, tpot, ok = _meets(times, mid, prompt, gen, cap, chunk_tokens, max_ttft_ms, max_tpot_ms)
+            if ok:
+                lo, found = mid, (mid, ttft, tpot)
+            else:
+                hi = mid
+        if found is None:
+            options.append(ServingOption(**label, feasible=False,
+                                         why=f"misses the targets even at {hi:.3g} requests/s per replica"))
+            continue
+        r, ttft, tpot = found
+        replicas = math.ceil(rate / r)
+        gpus = replicas * s.tp
+        hourly = None if price is None else price * gpus
+        tokens_per_hour = rate * gen * 3600
+        options.append(ServingOption(**label, feasible=True, why="", rate_per_replica=r, replicas=replicas,
+                                     gpus_needed=gpus, ttft_p90_ms=ttft, tpot_p90_ms=tpot, usd_per_hour=hourly,
+                                     usd_per_million_tokens=None if hourly is None else hourly / tokens_per_hour * 1e6))
+    key = lambda o: (not o.feasible, o.usd_per_hour if o.usd_per_hour is not None else math.inf,  # noqa: E731
+                     o.gpus_needed, -o.rate_per_replica)
+    return sorted(options, key=key)
