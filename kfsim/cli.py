@@ -1,6 +1,7 @@
 """The `kfsim` command: parse flags, call the model, format the answer. No model logic lives here."""
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -78,8 +79,10 @@ def _ratio(ctx, param, value):
 @click.option("--dtype", "weight_dtype", metavar="D", help="Weight dtype: fp32, bf16, fp16, fp8, int8, int4. "
               "[default: the model's]")
 @click.option("--kv-dtype", metavar="D", help="KV-cache dtype: fp32, bf16, fp16, fp8, int8, int4. [default: the model's]")
-@click.option("--prompt-len", type=click.IntRange(min=1), metavar="P", help="Prompt tokens of a whole request.")
-@click.option("--gen-len", type=click.IntRange(min=1), metavar="G", help="Generated tokens of a whole request.")
+@click.option("--prompt-len", type=click.IntRange(min=1, max=10_000_000), metavar="P",
+              help="Prompt tokens of a whole request.")
+@click.option("--gen-len", type=click.IntRange(min=1, max=1_000_000), metavar="G",
+              help="Generated tokens of a whole request (priced step by step).")
 @click.option("--scenario", metavar="NAME", help="A model's preset prompt/gen lengths (e.g. summarization).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Tensor-parallel GPUs splitting every layer (1, 2, 4, 8); memory and fit are per GPU.")
@@ -435,8 +438,10 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
 @click.option("--window", type=float, default=0.3, show_default=True, callback=_ratio,
               help="Recent window as a fraction of the budget.")
 @click.option("--tp", default="1", show_default=True, metavar="LIST", help="Tensor-parallel degrees, e.g. 1,2,4,8.")
+@click.option("--max-points", type=click.IntRange(min=1), default=20_000_000, show_default=True,
+              help="Refuse a sweep larger than this before computing it (each point is a row in memory).")
 @click.option("--out", metavar="FILE", help="Write every point to FILE (.csv or .parquet).")
-def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, tp, out):
+def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, tp, max_points, out):
     """Predict the cross product of the lists in one vectorised pass.
 
     \b
@@ -455,6 +460,9 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
         policies=parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window")),
         kv_dtypes=parse_list(kv_dtype, "kv-dtype", str) if kv_dtype else [None],
         engines=parse_list(engine, "engine", str), tps=parse_list(tp, "tp", int, lo=1))
+    points = math.prod(len(v) for v in lists.values())
+    if points > max_points:
+        raise KfsimError(f"the sweep has {points:,} points; the limit is {max_points:,} (raise it with --max-points)")
     if out is not None:
         sw.check_out(out)
     progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))

@@ -7,6 +7,11 @@ import numpy as np
 
 from .errors import KfsimError
 
+#: most elements one list flag expands to (a range like 1:1000000000:1 is refused before it is built)
+MAX_ELEMENTS = 1_000_000
+#: largest whole number a flag takes (numpy's int64 arithmetic stays exact below it)
+MAX_INT = 2 ** 53
+
 
 def parse_list(text: str, flag: str, kind: Callable = int, lo: float | None = None, hi: float | None = None,
                choices: tuple[str, ...] | None = None) -> list:
@@ -40,9 +45,13 @@ def _number(part, flag, kind):
         value = float(part)
     except ValueError:
         raise KfsimError(f"--{flag}: {part!r} is not a number") from None
+    if not np.isfinite(value):
+        raise KfsimError(f"--{flag}: {part!r} is not a finite number")
     if kind is int:
         if not value.is_integer():
             raise KfsimError(f"--{flag}: {part!r} is not a whole number")
+        if abs(value) > MAX_INT:
+            raise KfsimError(f"--{flag}: {part!r} is too large; allowed: at most {MAX_INT:,}")
         return int(value)
     return value
 
@@ -55,4 +64,6 @@ def _range(part, flag, kind):
     if step <= 0 or stop < start:
         raise KfsimError(f"--{flag}: range {part!r} needs step > 0 and stop >= start")
     n = int(np.floor((stop - start) / step + 1e-9)) + 1
+    if n > MAX_ELEMENTS:
+        raise KfsimError(f"--{flag}: range {part!r} has {n:,} values; allowed: at most {MAX_ELEMENTS:,}")
     return [kind(start + i * step) for i in range(n)]

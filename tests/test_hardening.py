@@ -89,3 +89,14 @@ def test_nan_and_inf_in_yaml_are_refused(tmp_path, kind, field, value, flag):
 ])
 def test_empty_strings_never_mean_the_default(args, text):
     one_line_error(run(*args), text)
+
+
+@pytest.mark.parametrize("args, text", [
+    (("sweep", "--seq", "1:1000000000:1"), "has 1,000,000,000 values; allowed: at most 1,000,000"),
+    (("sweep", "--seq", "1:100000:1", "--batch", "1:1000:1"), "raise it with --max-points"),
+    (("sweep", "--seq", "nan"), "not a finite number"),
+    (("sweep", "--seq", "10", "--batch", "1e30"), "too large"),
+    (("predict", "--gpu", "h100", "--seq", "10", "--prompt-len", "5", "--gen-len", "100000000"), "--gen-len"),
+])
+def test_blow_ups_are_refused_before_any_work(args, text):
+    one_line_error(run(*args), text)
