@@ -509,15 +509,15 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON, best first.")
 def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max_tpot_ms, weight_dtype, kv_dtype,
          max_step_ms, gpus, kv_ratio, policy, engine, prices, tp, as_json):
-    """Which GPU, batch, KV budget and GPU count serve a token rate within a latency bound; the best first.
+    """Which GPU, tensor-parallel degree, batch, KV budget and GPU count serve a token rate (a static batch) or a
+    request rate (simulated continuous batching, within p90 TTFT and TPOT targets); the best first.
 
     \b
     Example: kfsim plan --model llama-3-8b --prompt-len 2048 --gen-len 256 --target-tokens-per-s 20000
              --max-step-ms 50 --usd-per-hour h100=2.5,h200=3.2
+    Example: kfsim plan --model llama-3-8b --prompt-len 8192 --gen-len 512 --rate 20 --max-ttft-ms 2000
+             --max-tpot-ms 50 --usd-per-hour h100=2.5,h200=3.2
     """
-    import dataclasses
-    import json
-
     from .fmt import table
     from .hardware import get_hardware
     from .inputs import make_setup
@@ -561,32 +561,18 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
     if rate is not None:
         return _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json)
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
-    best = options[0]
     bound = f" within {max_step_ms:g} ms per step" if max_step_ms else ""
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
-        if not best.feasible:
-            sys.exit(1)
+    best = _options_head(options, as_json, f"No option serves {model}{bound}")
+    if best is None:
         return
-    import textwrap
-
-    say = lambda text: click.echo(textwrap.fill(text, 100, subsequent_indent="  "))  # noqa: E731
-    if not best.feasible:
-        say(f"No option serves {model}{bound}: " + "; ".join(
-            f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
-        sys.exit(1)
     cost = (f", ${best.usd_per_million_tokens:.3f} per million tokens" if best.usd_per_million_tokens is not None
             else " (give --usd-per-hour to rank by cost)")
     say(f"Recommended: {best.gpus_needed} x {best.gpu} (tensor-parallel groups of {best.tp}), {best.policy} "
         f"kv-ratio {best.kv_ratio:g}, batch {best.batch} per group: {best.tokens_per_s_per_gpu:,.0f} generated "
         f"tokens/s per GPU{cost}, {best.joules_per_token:.3f} J/token, step {best.step_ms:.1f} ms, TTFT "
         f"{best.ttft_ms:,.0f} ms.")
-    full = next((o for o in options if o.feasible and o.policy == "full"), None)
-    reduced = next((o for o in options if o.feasible and o.policy != "full"), None)
-    if full and reduced:
-        price = lambda o: "" if o.usd_per_million_tokens is None else f", ${o.usd_per_million_tokens:.3f}/Mtok"  # noqa: E731
-        say(f"What KV reduction buys: the best {reduced.policy} option needs {reduced.gpus_needed} GPUs"
-            f"{price(reduced)}; the best full-cache option {full.gpus_needed}{price(full)}.")
+    _what_reduction_buys(options, lambda o: "" if o.usd_per_million_tokens is None
+                         else f", ${o.usd_per_million_tokens:.3f}/Mtok")
     say(f"(model {model}, {prompt_len} + {gen_len} tokens per request, target {target_tokens_per_s:,.0f} "
         f"tokens/s{bound}, engine {setups[0].engine.name})")
     click.echo()
@@ -599,38 +585,54 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
                             "usd/Mtok", "J/token", "note"]))
 
 
-def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json):
-    """`plan --rate`: the cheapest deployment serving the rate within the p90 latency targets, by simulation."""
-    import dataclasses
-    import json
+def say(text: str) -> None:
+    """Print a sentence wrapped at 100 columns."""
     import textwrap
 
-    from .fmt import table
-    from .plan import plan_serving
+    click.echo(textwrap.fill(text, 100, subsequent_indent="  "))
 
-    options = plan_serving(setups, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price)
+
+def _options_head(options, as_json: bool, none_text: str):
+    """The best of `plan`'s options, best first; None once `--json` printed them. Where none is feasible, says
+    why for each and exits with status 1."""
+    import dataclasses
+    import json
+
     best = options[0]
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
-        if not best.feasible:
-            sys.exit(1)
-        return
-    say = lambda text: click.echo(textwrap.fill(text, 100, subsequent_indent="  "))  # noqa: E731
-    targets = " and ".join(x for x in (max_ttft_ms and f"p90 TTFT {max_ttft_ms:g} ms",
-                                        max_tpot_ms and f"p90 TPOT {max_tpot_ms:g} ms") if x) or "no latency target"
+    elif not best.feasible:
+        say(f"{none_text}: " + "; ".join(f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
     if not best.feasible:
-        say(f"No option serves {rate:g} requests/s of {model} within {targets}: " + "; ".join(
-            f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
         sys.exit(1)
-    cost = lambda o: "" if o.usd_per_hour is None else f", ${o.usd_per_hour:,.2f}/h"  # noqa: E731
-    say(f"Recommended: {best.replicas} replica(s) of {best.tp} x {best.gpu} ({best.gpus_needed} GPUs{cost(best)}), "
-        f"{best.policy} kv-ratio {best.kv_ratio:g}: each replica sustains {best.rate_per_replica:.3g} requests/s with p90 TTFT "
-        f"{best.ttft_p90_ms:,.0f} ms and TPOT {best.tpot_p90_ms:.1f} ms.")
+    return None if as_json else best
+
+
+def _what_reduction_buys(options, cost) -> None:
+    """The best reducing-policy option against the best full-cache one, where both are feasible."""
     full = next((o for o in options if o.feasible and o.policy == "full"), None)
     reduced = next((o for o in options if o.feasible and o.policy != "full"), None)
     if full and reduced:
         say(f"What KV reduction buys: the best {reduced.policy} option needs {reduced.gpus_needed} GPUs"
             f"{cost(reduced)}; the best full-cache option {full.gpus_needed}{cost(full)}.")
+
+
+def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json):
+    """`plan --rate`: the cheapest deployment serving the rate within the p90 latency targets, by simulation."""
+    from .fmt import table
+    from .plan import plan_serving
+
+    options = plan_serving(setups, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price)
+    targets = " and ".join(x for x in (max_ttft_ms and f"p90 TTFT {max_ttft_ms:g} ms",
+                                        max_tpot_ms and f"p90 TPOT {max_tpot_ms:g} ms") if x) or "no latency target"
+    best = _options_head(options, as_json, f"No option serves {rate:g} requests/s of {model} within {targets}")
+    if best is None:
+        return
+    cost = lambda o: "" if o.usd_per_hour is None else f", ${o.usd_per_hour:,.2f}/h"  # noqa: E731
+    say(f"Recommended: {best.replicas} replica(s) of {best.tp} x {best.gpu} ({best.gpus_needed} GPUs{cost(best)}), "
+        f"{best.policy} kv-ratio {best.kv_ratio:g}: each replica sustains {best.rate_per_replica:.3g} requests/s with p90 TTFT "
+        f"{best.ttft_p90_ms:,.0f} ms and TPOT {best.tpot_p90_ms:.1f} ms.")
+    _what_reduction_buys(options, cost)
     say(f"(model {model}, {prompt_len} + {gen_len} tokens per request at {rate:g} requests/s, within {targets}; "
         f"engine {setups[0].engine.name}; continuous batching simulated)")
     click.echo()
