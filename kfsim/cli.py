@@ -773,7 +773,7 @@ def report(model, gpus, engine, batch, seq, tp, out):
     for g in gpu_list:  # resolve every name first: a bad one is a one-line error before any figure is drawn
         make_setup(gpu=g, model=model, engine=engine, tp=tp)
     path = build(model, gpu_list, engine, out, batch, seq, tp)
-    click.echo(f"wrote {path} and report.md with 6 figures")
+    click.echo(f"wrote {path} and report.md with 7 figures")
 
 
 def main():

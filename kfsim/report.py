@@ -154,6 +154,41 @@ def fig_bytes(ax, gpu, model, engine, batch, tp=1):
     ax.legend(fontsize=8)
 
 
+#: requests simulated per load point, generated tokens per request, and load points of the serving figure
+SERVING_REQUESTS, SERVING_GEN, SERVING_LOADS = 300, 256, np.linspace(0.1, 1.2, 8)
+
+
+def fig_serving(axes, gpu, model, engine, prompt, tp=1):
+    """p90 time to first token and time per output token against the request rate, per policy (kfsim simulate)."""
+    from . import simulate as sim
+    from .memory import max_batch
+    from .plan import best_batch
+
+    for ratio in RATIOS:
+        s = _setup(gpu, model, engine, ratio, tp)
+        o = best_batch(s, prompt, SERVING_GEN, None)
+        if not o.feasible:
+            continue
+        capacity = o.tokens_per_s_per_gpu * s.tp / SERVING_GEN  # requests/s of a steady batch
+        cap = int(max(1, max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine,
+                                   sim.attended_tokens(s.workload, s.policy, np.array(prompt)))))
+        times = sim.StepTimes(s, min(cap, 4096), prompt + SERVING_GEN, 2048)
+        rates, ttft, tpot = [], [], []
+        for load in SERVING_LOADS:
+            req = sim.poisson_requests(load * capacity, SERVING_REQUESTS, str(prompt), str(SERVING_GEN))
+            r = sim.simulate(times, req, min(cap, 4096), 2048)
+            rates.append(load * capacity)
+            ttft.append(np.percentile(r.ttft_s, 90) * 1e3)
+            tpot.append(np.percentile(r.tpot_s, 90) * 1e3)
+        axes[0].plot(rates, ttft, marker=".", label=_label(ratio))
+        axes[1].plot(rates, tpot, marker=".", label=_label(ratio))
+    for ax, what in zip(axes, ("p90 time to first token (ms)", "p90 time per output token (ms)")):
+        ax.set(yscale="log", xlabel="request rate (requests/s, Poisson)", ylabel=what,
+               title=f"{model} on {gpu}: {prompt:,} + {SERVING_GEN} tokens per request")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
 def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: int = 16,
           context: int = 4096, tp: int = 1) -> Path:
     """Write the figures, report.md and report.html into `out_dir`; returns the HTML path."""
@@ -182,6 +217,12 @@ def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: 
          lambda a: fig_speedup(a, main, model, engine, tp=tp),
          f"Keyformer's decode-step speedup over the full cache on {main}, only where the full cache fits; below 1 "
          "the scorer's cost outweighs the KV bytes saved (small batch or short context, where weights dominate)."),
+        ("serving", "Latency against load (simulated serving)", (12, 4.2), 2,
+         lambda a: fig_serving(a, main, model, engine, context, tp=tp),
+         f"kfsim simulate on {main}: continuous batching of {context:,}-token prompts and {SERVING_GEN} generated "
+         f"tokens under Poisson arrivals, {SERVING_REQUESTS} requests a point. Latency climbs as the load nears "
+         "what the deployment sustains; a smaller cache admits more requests at once and climbs later, unless its "
+         "scorer costs more than it saves (as the plain decoder's, in the default engine, does)."),
         ("bytes", "Where the bytes go", (8, 4.5), 1,
          lambda a: fig_bytes(a[0], main, model, engine, batch, tp=tp),
          f"Bytes one decode step moves at batch {batch} on {main}, by kind (configurations that do not fit are "

@@ -93,7 +93,7 @@ def test_report_figures_have_a_sentence(tmp_path):
     r = run("report", "--model", "llama-3-8b", "--gpus", "l4", "--out", str(tmp_path))
     assert r.exit_code == 0, r.output
     md = (tmp_path / "report.md").read_text().split("\n## ")[1:]
-    assert len(md) == 6
+    assert len(md) == 7
     for section in md:
         figure, caption = section.split(".png)", 1)
         assert len(caption.strip().split()) >= 12, figure

@@ -3,7 +3,7 @@ from click.testing import CliRunner
 
 from kfsim.cli import cli
 
-FIGURES = ["roofline", "latency_vs_context", "max_batch", "frontier", "speedup", "bytes"]
+FIGURES = ["roofline", "latency_vs_context", "max_batch", "frontier", "speedup", "serving", "bytes"]
 
 
 def test_report_files(tmp_path):
