@@ -57,6 +57,9 @@ class HfRunner(Runner):
         if pt.policy != "full" and (self.mode == "compiled" or w.family not in hf.KEYFORMER_FAMILIES):
             return (f"{pt.policy} through transformers runs eagerly on Llama-, Mistral- and GPT-J-style models only "
                     f"({w.family} model, mode {self.mode})")
+        if self.mode == "compiled" and w.sliding_window and pt.context + 1 > w.sliding_window:
+            return (f"the static cache of a sliding window ({w.sliding_window} slots) rolls instead of holding "
+                    f"context {pt.context} + 1: not measured here")
         if pt.policy not in ("full", "keyformer", "h2o"):
             return f"policy {pt.policy} has no transformers cache here (full, keyformer, h2o)"
         return None

@@ -165,6 +165,8 @@ def test_runner_says_what_transformers_cannot_measure():
     assert r._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer")) is None
     assert "mode compiled" in _runner("compiled")._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer"))
     assert "positions" in r._supported(Point("llama-3-8b", "decode", 1, 40000, 1.0, "full"))
+    assert "sliding window" in _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 4096, 1.0, "full"))
+    assert _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 1024, 1.0, "full")) is None
 
 
 @pytest.mark.gpu
