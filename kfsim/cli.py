@@ -54,8 +54,8 @@ def _need(command: str, *modules: str) -> None:
 
 
 def _ratio(ctx, param, value):
-    if value is not None and not (0 < value <= 1):
-        raise click.BadParameter(f"{value:g} is out of range; allowed: 0 < value <= 1")
+    if value is not None and not (0 < value <= 1):  # NaN fails this too
+        raise click.BadParameter(f"{value!r} is out of range; allowed: 0 < value <= 1")
     return value
 
 
@@ -122,7 +122,7 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
     header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind
               if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
               "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv),
-              "tp": tp}
+              "tp": tp, "notes": list(s.notes)}
     if as_json:
         click.echo(fmt.to_json({**header, **out}))
     else:
@@ -529,10 +529,14 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
         gpu, sep, value = item.partition("=")
         if not sep:
             raise KfsimError(f"--usd-per-hour: {item!r} must be GPU=PRICE, e.g. h100=2.5")
+        name = get_hardware(gpu).name  # an unknown GPU is named as such, not as a bad price
         try:
-            price[get_hardware(gpu).name] = float(value)
+            usd = float(value)
         except ValueError:
             raise KfsimError(f"--usd-per-hour: price {value!r} for {gpu} is not a number") from None
+        if not (math.isfinite(usd) and usd > 0):
+            raise KfsimError(f"--usd-per-hour: price {value!r} for {gpu}; allowed: a finite number > 0")
+        price[name] = usd
     from .parallel import TP_DEGREES, check_tp
     from .workload import get_workload
 

@@ -25,6 +25,7 @@ class Setup:
     policy: Policy
     dtypes: Dtypes
     tp: int = 1  # tensor-parallel degree: GPUs that split every layer (kfsim.parallel)
+    notes: tuple[str, ...] = ()  # choices kfsim made for the user, said beside the answer
 
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)
@@ -51,5 +52,10 @@ def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DE
     w = get_workload(_one_of(model, workload_file, "model", "workload", DEFAULT_MODEL))
     if engine is not None and not str(engine).strip():
         raise KfsimError("--engine is empty: give ideal, a shipped engine (see `kfsim list engines`) or a file")
+    dtypes, notes = Dtypes.of(w, weight_dtype, kv_dtype), ()
+    if weight_dtype is None and str(dtypes.compute) == "bf16" and hw.peak_dense_tflops.get("bf16") is None:
+        # a GPU without bf16 (V100) runs the model in fp16: the same bytes, its own tensor rate
+        dtypes = Dtypes.of(w, "fp16", kv_dtype or ("fp16" if str(dtypes.kv) == "bf16" else None))
+        notes = (f"{hw.name} has no bf16 tensor rate: weights, activations and KV in fp16 (the same bytes)",)
     return Setup(hw, shard(w, tp), get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
-                 Dtypes.of(w, weight_dtype, kv_dtype), tp)
+                 dtypes, tp, notes)

@@ -25,6 +25,7 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
         f"batch {h['batch']}, context {h['seq']} tokens, policy {s.policy.label()}, "
         f"weights {h['weight_dtype']}, KV {h['kv_dtype']}",
     ]
+    lines += [f"note: {n}" for n in s.notes]
     if h["seq"] > w.max_context:
         lines.append(f"note: context {h['seq']} is beyond the model's trained context {w.max_context} "
                      f"(timing is extrapolated; the model was not trained for it)")

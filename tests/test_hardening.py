@@ -100,3 +100,20 @@ def test_empty_strings_never_mean_the_default(args, text):
 ])
 def test_blow_ups_are_refused_before_any_work(args, text):
     one_line_error(run(*args), text)
+
+
+@pytest.mark.parametrize("args, text", [
+    (("plan", "--prompt-len", "5", "--gen-len", "5", "--target-tokens-per-s", "10", "--usd-per-hour", "h100=-2.5"),
+     "allowed: a finite number > 0"),
+    (("plan", "--prompt-len", "5", "--gen-len", "5", "--target-tokens-per-s", "10", "--usd-per-hour", "h1000=2.5"),
+     "unknown gpu 'h1000'"),
+    (("predict", "--gpu", "h100", "--seq", "10", "--kv-ratio", "1.0000001"), "1.0000001 is out of range"),
+])
+def test_messages_name_the_real_problem(args, text):
+    one_line_error(run(*args), text)
+
+
+def test_a_gpu_without_bf16_answers_in_fp16_and_says_so():
+    r = run("predict", "--gpu", "v100", "--seq", "2048")
+    assert r.exit_code == 0, r.output
+    assert "weights fp16, KV fp16" in r.output and "no bf16 tensor rate" in r.output
