@@ -55,7 +55,8 @@ def _need(command: str, *modules: str) -> None:
 
 def _ratio(ctx, param, value):
     if value is not None and not (0 < value <= 1):  # NaN fails this too
-        raise click.BadParameter(f"{value!r} is out of range; allowed: 0 < value <= 1")
+        shown = f"{value:g}" if float(f"{value:g}") == value else repr(value)  # 0, not 0.0; 1.0000001, not 1
+        raise click.BadParameter(f"{shown} is out of range; allowed: 0 < value <= 1")
     return value
 
 
