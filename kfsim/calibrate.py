@@ -174,6 +174,8 @@ def ceilings(micro, hw) -> dict[str, float]:
     measure/gemv.py come close to the read), and no attention reads KV faster than the best SDPA decode benchmark
     (as fractions)."""
     out = {}
+    gbps = micro["gbps"].astype(float)
+    micro = micro[np.isfinite(gbps) & (gbps > 0)]  # a blank, NaN or non-positive rate caps nothing
     reads = micro[micro["bench"].isin(["skinny_gemm", "hbm_read"])]
     if len(reads):
         out["weight_bandwidth_fraction"] = float(reads["gbps"].max()) / hw.hbm_bandwidth_gbps

@@ -336,9 +336,15 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         try:
             mb = pd.read_csv(m)
             gpu = str(mb["gpu"].dropna().iloc[0])
-        except (OSError, KeyError, IndexError, pd.errors.ParserError) as exc:
+        except (OSError, KeyError, IndexError, UnicodeDecodeError, pd.errors.ParserError,
+                pd.errors.EmptyDataError) as exc:
             raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` "
-                             f"({str(exc).strip().splitlines()[0]})") from None
+                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") \
+                from None
+        if missing := [c for c in ("bench", "gbps") if c not in mb.columns]:
+            raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` (no column "
+                             f"{', '.join(missing)})")
+        mb["gbps"] = pd.to_numeric(mb["gbps"], errors="coerce")
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
     name = name or Path(out).stem

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from .errors import KfsimError
 
 REQUIRED = ("gpu", "model", "batch", "context", "kv_ratio", "policy", "step_ms")
@@ -70,6 +72,8 @@ def read(path: str | Path, only_ok: bool = True):
         df = pd.read_csv(path)
     except FileNotFoundError:
         raise KfsimError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise KfsimError(f"{path}: is a folder; give a measurement CSV file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise KfsimError(f"{path}: not a readable CSV file ({str(exc).splitlines()[0]})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -80,13 +84,20 @@ def read(path: str | Path, only_ok: bool = True):
     if "phase" not in df.columns:
         df["phase"] = "decode"
     df["phase"] = df["phase"].fillna("decode")
-    for col in ("batch", "context", "kv_ratio", "step_ms"):
+    for col, whole, top in (("batch", True, None), ("context", True, None), ("kv_ratio", False, 1.0),
+                            ("step_ms", False, None)):
         values = pd.to_numeric(df[col], errors="coerce")
-        bad = df[col][values.isna() | (values <= 0)]
+        wrong = values.isna() | ~np.isfinite(values) | (values <= 0)
+        if whole:
+            wrong |= values != np.floor(values)
+        if top is not None:
+            wrong |= values > top
+        bad = df[col][wrong]
         if len(bad):
+            allowed = ("a whole number >= 1" if whole else "a finite number > 0") + (f", at most {top:g}" if top else "")
             raise KfsimError(f"{path}: column {col} has a bad value {bad.iloc[0]!r} at row {bad.index[0] + 2}; "
-                             f"allowed: a positive number")
-        df[col] = values
+                             f"allowed: {allowed}")
+        df[col] = values.astype(int) if whole else values
     bad_phase = df[~df["phase"].isin(PHASES)]
     if len(bad_phase):
         raise KfsimError(f"{path}: phase {bad_phase['phase'].iloc[0]!r} at row {bad_phase.index[0] + 2}; "

@@ -117,3 +117,44 @@ def test_a_gpu_without_bf16_answers_in_fp16_and_says_so():
     r = run("predict", "--gpu", "v100", "--seq", "2048")
     assert r.exit_code == 0, r.output
     assert "weights fp16, KV fp16" in r.output and "no bf16 tensor rate" in r.output
+
+
+@pytest.mark.parametrize("column, value, text", [
+    ("batch", "1.5", "column batch has a bad value"),
+    ("context", "inf", "column context has a bad value"),
+    ("step_ms", "inf", "column step_ms has a bad value"),
+    ("kv_ratio", "1.5", "at most 1"),
+])
+def test_measurement_cells_are_checked_with_file_and_row(tmp_path, column, value, text):
+    import pandas as pd
+
+    df = pd.read_csv(ROWS)
+    df[column] = df[column].astype(object)
+    df.loc[3, column] = value
+    p = tmp_path / "m.csv"
+    df.to_csv(p, index=False)
+    r = run("calibrate", p, "--measured-engine", "torch-graph", "--out", tmp_path / "e.yaml")
+    one_line_error(r, text)
+    assert str(p) in r.output and "at row 5" in r.output and not (tmp_path / "e.yaml").exists()
+
+
+def test_a_folder_given_as_measurements_is_one_line(tmp_path):
+    one_line_error(run("validate", tmp_path, "--engine", "default"), "is a folder")
+
+
+@pytest.mark.parametrize("text, message", [("gpu,x\nh100,1\n", "no column bench, gbps"), ("", "No columns")])
+def test_a_microbenchmark_file_without_its_columns_is_one_line(tmp_path, text, message):
+    mb = tmp_path / "mb.csv"
+    mb.write_text(text)
+    one_line_error(run("calibrate", ROWS, "--measured-engine", "torch-graph", "--microbench", mb, "--out",
+                       tmp_path / "e.yaml"), message)
+
+
+def test_non_finite_microbenchmark_rates_cap_nothing():
+    import pandas as pd
+
+    from kfsim import calibrate
+    from kfsim.hardware import get_hardware
+
+    micro = pd.DataFrame({"bench": ["hbm_read", "sdpa_decode"], "gbps": [float("nan"), -3.0]})
+    assert calibrate.ceilings(micro, get_hardware("h100")) == {}
