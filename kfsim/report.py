@@ -192,9 +192,16 @@ def fig_serving(axes, gpu, model, engine, prompt, tp=1):
 def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: int = 16,
           context: int = 4096, tp: int = 1) -> Path:
     """Write the figures, report.md and report.html into `out_dir`; returns the HTML path."""
+    from .files import staged_folder
+
+    with staged_folder(out_dir) as stage:
+        _write(stage, model, gpus, engine, batch, context, tp)
+    return Path(out_dir) / "report.html"
+
+
+def _write(out: Path, model: str, gpus: list[str], engine: str, batch: int, context: int, tp: int) -> None:
+    """The figures, report.md and report.html into `out`."""
     plt = _plt()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     main = gpus[0]
     specs = [
         ("roofline", "The roofline and each decode op", (7, 5), 1,
@@ -250,6 +257,5 @@ def build(model: str, gpus: list[str], engine: str, out_dir: str | Path, batch: 
         page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                     f"<p>{html.escape(caption)}</p>")
     page.append("</body></html>")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text("\n".join(page))
-    return out / "report.html"
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (out / "report.html").write_text("\n".join(page), encoding="utf-8")

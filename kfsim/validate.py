@@ -111,10 +111,11 @@ REPORT_FILES = ("rows.csv", "report.md", "predicted_vs_measured.png", "error_vs_
 
 
 def write_report(cmp, engine: Engine, out_dir: str | Path, title: str, sources: list[str]) -> Path:
-    from .files import write_atomic, write_text_atomic
+    """REPORT_FILES into `out_dir`, all of them or (on a failure) none."""
+    from .files import staged_folder
 
-    out_dir = Path(out_dir)
-    figures = plots(cmp, out_dir, title)
-    write_atomic(out_dir / "rows.csv", lambda tmp: cmp.to_csv(tmp, index=False))
-    write_text_atomic(out_dir / "report.md", markdown(cmp, engine, title, sources, figures))
-    return out_dir / "report.md"
+    with staged_folder(out_dir) as stage:
+        figures = plots(cmp, stage, title)
+        cmp.to_csv(stage / "rows.csv", index=False)
+        (stage / "report.md").write_text(markdown(cmp, engine, title, sources, figures), encoding="utf-8")
+    return Path(out_dir) / "report.md"

@@ -158,3 +158,15 @@ def test_non_finite_microbenchmark_rates_cap_nothing():
 
     micro = pd.DataFrame({"bench": ["hbm_read", "sdpa_decode"], "gbps": [float("nan"), -3.0]})
     assert calibrate.ceilings(micro, get_hardware("h100")) == {}
+
+
+def test_a_failed_report_leaves_nothing_behind(tmp_path, monkeypatch):
+    from kfsim import report
+
+    def broken(*args, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "fig_bytes", broken)
+    with pytest.raises(RuntimeError):
+        report.build("llama-3-8b", ["l4"], "default", tmp_path / "rep")
+    assert not (tmp_path / "rep").exists() and list(tmp_path.iterdir()) == []
