@@ -660,10 +660,6 @@ def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpo
         click.echo(f"({len(options) - len(shown)} more deployments not simulated: {NOT_SIMULATED}; --json lists them)")
 
 
-#: largest batch `simulate` prices (a memory-limited deployment of a small model could admit more)
-SIMULATE_MAX_BATCH = 4096
-
-
 @cli.command()
 @click.option("--gpu", default="h100", show_default=True, metavar="NAME", help="GPU profile (see `kfsim list gpus`).")
 @click.option("--model", default="llama-3-8b", show_default=True, metavar="NAME", help="Model served.")
@@ -688,7 +684,7 @@ SIMULATE_MAX_BATCH = 4096
               help="Generated tokens: N, uniform:LO:HI or normal:MEAN:STD.")
 @click.option("--trace", metavar="FILE.csv", help="Requests from a CSV (arrival_s, prompt_tokens, gen_tokens).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the arrivals.")
-@click.option("--max-batch", type=click.IntRange(min=1, max=SIMULATE_MAX_BATCH), metavar="N",
+@click.option("--max-batch", type=click.IntRange(min=1, max=4096), metavar="N",  # 4096: simulate.MAX_BATCH
               help="Most requests running at once. [default: as many as memory holds]")
 @click.option("--chunk-tokens", type=click.IntRange(min=1, max=1_000_000), default=2048, show_default=True,
               help="Token budget of one engine step (decodes plus prompt chunks), as vLLM's max_num_batched_tokens.")
@@ -711,7 +707,6 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     from . import simulate as sim
     from .fmt import table
     from .inputs import make_setup
-    from .memory import max_batch as memory_max_batch
 
     if (rate is None) == (trace is None):
         raise KfsimError("give either --rate R (Poisson arrivals) or --trace FILE.csv")
@@ -719,9 +714,7 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
                    weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
     req = sim.read_trace(trace) if trace else sim.poisson_requests(rate, n_requests, prompt_len, gen_len, seed)
     longest = int((req.prompt + req.gen).max())
-    fit = int(memory_max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine,
-                               sim.attended_tokens(s.workload, s.policy, req.prompt.min())))
-    cap = min(max_batch or SIMULATE_MAX_BATCH, SIMULATE_MAX_BATCH, max(fit, 1))
+    cap = sim.batch_cap(s, int(req.prompt.min()), max_batch)
     times = sim.StepTimes(s, cap, longest, chunk_tokens)
     with click.progressbar(length=len(req.gen), label="simulating", file=sys.stderr) as bar:
         seen = [0]

@@ -161,7 +161,6 @@ SERVING_REQUESTS, SERVING_GEN, SERVING_LOADS = 300, 256, np.linspace(0.1, 1.2, 8
 def fig_serving(axes, gpu, model, engine, prompt, tp=1):
     """p90 time to first token and time per output token against the request rate, per policy (kfsim simulate)."""
     from . import simulate as sim
-    from .memory import max_batch
     from .plan import best_batch
 
     for ratio in RATIOS:
@@ -170,13 +169,12 @@ def fig_serving(axes, gpu, model, engine, prompt, tp=1):
         if not o.feasible:
             continue
         capacity = o.tokens_per_s_per_gpu * s.tp / SERVING_GEN  # requests/s of a steady batch
-        cap = int(max(1, max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine,
-                                   sim.attended_tokens(s.workload, s.policy, np.array(prompt)))))
-        times = sim.StepTimes(s, min(cap, 4096), prompt + SERVING_GEN, 2048)
+        cap = sim.batch_cap(s, prompt)
+        times = sim.StepTimes(s, cap, prompt + SERVING_GEN, 2048)
         rates, ttft, tpot = [], [], []
         for load in SERVING_LOADS:
             req = sim.poisson_requests(load * capacity, SERVING_REQUESTS, str(prompt), str(SERVING_GEN))
-            r = sim.simulate(times, req, min(cap, 4096), 2048)
+            r = sim.simulate(times, req, cap, 2048)
             rates.append(load * capacity)
             ttft.append(np.percentile(r.ttft_s, 90) * 1e3)
             tpot.append(np.percentile(r.tpot_s, 90) * 1e3)

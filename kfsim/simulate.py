@@ -24,12 +24,15 @@ import numpy as np
 from .errors import KfsimError
 from .inputs import Setup
 from .memory import fixed_bytes, per_sequence_bytes
+from .memory import max_batch as max_batch_in_memory
 from .ops import attended_tokens
 from .policy import Policy
 from .predict import prefill_time, step_time
 
 #: a decode step's cached-token grid: log-spaced, interpolated linearly between points
 CACHED_POINTS = 96
+#: most requests a simulated deployment runs at once (the step-time grid is priced up to it)
+MAX_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,14 @@ def read_trace(path: str) -> Requests:
     order = np.argsort(out["arrival_s"], kind="stable")
     return Requests(np.asarray(out["arrival_s"])[order], np.asarray(out["prompt_tokens"], dtype=np.int64)[order],
                     np.asarray(out["gen_tokens"], dtype=np.int64)[order])
+
+
+def batch_cap(s: Setup, shortest_prompt: int, max_batch: int | None = None) -> int:
+    """Requests a deployment can run at once: `max_batch` if given, else as many of the shortest prompts' caches
+    as memory holds beside the weights (at least 1, at most MAX_BATCH)."""
+    fit = int(max_batch_in_memory(s.hw, s.workload, s.policy, s.dtypes, s.engine,
+                                  attended_tokens(s.workload, s.policy, np.asarray(shortest_prompt))))
+    return min(max_batch or MAX_BATCH, MAX_BATCH, max(fit, 1))
 
 
 class StepTimes:
