@@ -51,7 +51,11 @@ def allreduce_s(hw: Hardware, message_bytes, tp: int) -> np.ndarray:
     return hw.interconnect_latency_us * 1e-6 + 2 * (tp - 1) / tp * np.asarray(message_bytes, dtype=float) / one_way
 
 
+def message_bytes(w: Workload, batch, act_bytes: float) -> np.ndarray:
+    """One all-reduce's message in a decode step: the batch's activations, batch x d_model."""
+    return np.asarray(batch, dtype=float) * w.d_model * act_bytes
+
+
 def comm_s(w: Workload, hw: Hardware, tp: int, batch, act_bytes: float) -> np.ndarray:
-    """Time a decode step spends all-reducing activations: ALLREDUCES_PER_LAYER per layer of batch x d_model."""
-    message = np.asarray(batch, dtype=float) * w.d_model * act_bytes
-    return w.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(hw, message, tp)
+    """Time a decode step spends all-reducing activations: ALLREDUCES_PER_LAYER per layer."""
+    return w.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(hw, message_bytes(w, batch, act_bytes), tp)

@@ -124,7 +124,7 @@ def predict(s: Setup, batch, seq, prompt_len: int | None = None, gen_len: int | 
     out["speedup_vs_full"] = full_step / out["step_ms"]
     # the full cache's breakdown, so that a reader sees which term a policy grew or shrank
     for name, part in (("weights_ms", ft.weight_s), ("kv_ms", ft.kv_s), ("other_memory_ms", ft.other_mem_s),
-                       ("compute_ms", ft.compute_s), ("overhead_ms", ft.overhead_s)):
+                       ("compute_ms", ft.compute_s), ("overhead_ms", ft.overhead_s), ("host_wait_ms", ft.host_s)):
         out[f"full_{name}"] = part * 1e3 * np.ones_like(full_step)
     out["full_kernels"] = ft.kernels * np.ones_like(full_step)
     if prompt_len is not None or gen_len is not None:

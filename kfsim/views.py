@@ -43,9 +43,7 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
          if s.policy.evicts else "this is the full cache"),
         *([("why slower", why_slower(o))] if s.policy.evicts and o["speedup_vs_full"] < 1 else []),
         *([("largest batch", dividend(o))] if "full_max_batch" in o and s.policy.evicts else []),
-        *([("tensor parallel", f"{h['tp']} GPUs split every layer: {o['comm_ms']:.3f} ms of all-reduces per step "
-                                f"({2 * w.n_layers} of {si(h['batch'] * w.d_model * s.dtypes.compute.bytes, 'B')}); "
-                                "memory below is per GPU")] if h.get("tp", 1) > 1 else []),
+        *([("tensor parallel", tp_text(s, h, o))] if h.get("tp", 1) > 1 else []),
         ("bound by", f"{BOUND_WORDS[o['bound']]}   (" + ", ".join(f"{k} {_pct(v, step)}" for k, v in parts.items())
          + ")"),
         ("bytes moved", f"weights {si(o['weight_bytes'], 'B')}, KV {si(o['kv_bytes'], 'B')} "
@@ -90,12 +88,22 @@ def engine_line(s: Setup) -> str:
     return f"engine {e.name}: fitted on {e.fitted_on}{note}"
 
 
+def tp_text(s: Setup, h: dict, o: dict) -> str:
+    """The all-reduces of a tensor-parallel step: their time, count and message."""
+    from .parallel import ALLREDUCES_PER_LAYER, message_bytes
+
+    message = float(message_bytes(s.workload, h["batch"], s.dtypes.compute.bytes))
+    return (f"{h['tp']} GPUs split every layer: {o['comm_ms']:.3f} ms of all-reduces per step "
+            f"({ALLREDUCES_PER_LAYER * s.workload.n_layers} of {si(message, 'B')}); memory below is per GPU")
+
+
 def why_slower(o: dict) -> str:
     """In words, which terms a reducing policy grew more than its smaller cache saved."""
     saved = o["full_kv_ms"] - o["kv_ms"]
     grew = {"fixed overhead": o["overhead_ms"] - o["full_overhead_ms"],
             "other memory (scores, logits)": o["other_memory_ms"] - o["full_other_memory_ms"],
-            "compute": o["compute_ms"] - o["full_compute_ms"]}
+            "compute": o["compute_ms"] - o["full_compute_ms"],
+            "host wait": o["host_wait_ms"] - o["full_host_wait_ms"]}
     grew = {k: v for k, v in sorted(grew.items(), key=lambda kv: -kv[1]) if v > 0.0005}
     extra = int(round(o["kernels"] - o["full_kernels"]))
     parts = ", ".join(f"{k} +{v:.3f} ms" for k, v in grew.items())
