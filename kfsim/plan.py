@@ -123,8 +123,6 @@ def plan_serving(setups: list[Setup], prompt: int, gen: int, rate: float, max_tt
     first token and time per output token within the targets, cheapest first: each candidate's largest
     sustainable rate per replica is bisected by simulation (the SIMULATED most promising by a steady-state
     estimate), then replicas = ceil(rate / that rate)."""
-    import dataclasses
-
     from . import simulate as sim
 
     estimates = []
@@ -133,20 +131,19 @@ def plan_serving(setups: list[Setup], prompt: int, gen: int, rate: float, max_tt
         price = prices.get(s.hw.name, s.hw.usd_per_hour)
         per_gpu = o.tokens_per_s_per_gpu / gen if o.feasible else 0.0  # requests/s per GPU, steady state
         estimates.append((s, o, price, per_gpu))
-    ranked = sorted(estimates, key=lambda e: (e[3] <= 0, (e[2] or 1.0) / max(e[3], 1e-12)))
-    chosen = ranked[:SIMULATED]
-    for policy in {e[0].policy.evicts for e in ranked}:  # the best of each kind, to say what KV reduction buys
-        best = next(e for e in ranked if e[0].policy.evicts == policy)
-        if best not in chosen:
-            chosen.append(best)
+    ranked = sorted(range(len(estimates)), key=lambda i: (estimates[i][3] <= 0,
+                                                          (estimates[i][2] or 1.0) / max(estimates[i][3], 1e-12)))
+    chosen = set(ranked[:SIMULATED])
+    for evicts in {s.policy.evicts for s in setups}:  # the best of each kind, to say what KV reduction buys
+        chosen.add(next(i for i in ranked if estimates[i][0].policy.evicts == evicts))
     options = []
-    for s, o, price, per_gpu in estimates:
+    for i, (s, o, price, per_gpu) in enumerate(estimates):
         label = dict(gpu=s.hw.name, tp=s.tp, kv_ratio=s.policy.kv_ratio,
                      policy=s.policy.kind if s.policy.evicts else "full")
         if not o.feasible:
             options.append(ServingOption(**label, feasible=False, why=o.why))
             continue
-        if (s, o, price, per_gpu) not in chosen:
+        if i not in chosen:
             options.append(ServingOption(**label, feasible=False, why=NOT_SIMULATED))
             continue
         cap = max(1, o.batch)
