@@ -95,13 +95,17 @@ class Runner:
 
         return split_options(self.kernel_options.split("+") if self.kernel_options else [])
 
+    def row_head(self, pt: Point) -> dict:
+        """The columns of `pt`'s row that say what was measured, where and when."""
+        return {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
+                "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine,
+                "kernel_options": self.kernel_options,
+                "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
+                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
     def measure(self, pt: Point) -> dict:
         w = get_workload(pt.model)
-        row = {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
-               "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine,
-               "kernel_options": self.kernel_options,
-               "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
-               "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        row = self.row_head(pt)
         try:
             model = self.model_for(pt.model)
             need = _cache_bytes(w, pt.policy, pt.batch, pt.context, pt.kv_ratio)

@@ -9,8 +9,6 @@ included, one CUDA event pair per step.
 """
 from __future__ import annotations
 
-import datetime as dt
-
 import torch
 
 from kfsim.errors import KfsimError
@@ -44,8 +42,8 @@ class HfRunner(Runner):
         return self.model
 
     def measure(self, pt: Point) -> dict:
-        row = super().measure(pt) if self._supported(pt) is None else self._refused(pt)
-        return {**row, "kernel_options": ""}
+        why = self._supported(pt)
+        return super().measure(pt) if why is None else {**self.row_head(pt), "status": "unsupported", "error": why}
 
     def _supported(self, pt: Point) -> str | None:
         """Why transformers cannot measure `pt` here (None: it can)."""
@@ -63,12 +61,6 @@ class HfRunner(Runner):
         if pt.policy not in ("full", "keyformer", "h2o"):
             return f"policy {pt.policy} has no transformers cache here (full, keyformer, h2o)"
         return None
-
-    def _refused(self, pt: Point) -> dict:
-        return {**self.env, "model": pt.model, "phase": pt.phase, "batch": pt.batch, "context": pt.context,
-                "kv_ratio": pt.kv_ratio, "policy": pt.policy, "engine": self.engine, "dtype": "bf16",
-                "kv_dtype": "bf16", "status": "unsupported", "error": self._supported(pt),
-                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _decode(self, model, w, pt) -> dict:
         step, cache, rewind = self.steady_step(model, w, pt)
