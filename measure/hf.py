@@ -209,7 +209,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _take_pending(layer_idx) -> KeyformerLayer | None:
+def _take_pending():
+    """The Keyformer layer whose cache update came right before this attention call (None: another cache's)."""
     layer, _PENDING[0] = _PENDING[0], None
     return layer
 
@@ -219,7 +220,7 @@ def _keyformer_attention(module, query, key, value, attention_mask, scaling=None
     implementation the model had before (`module.config._keyformer_fallback`)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    layer = _take_pending(getattr(module, "layer_idx", None))
+    layer = _take_pending()
     if layer is None:
         fallback = ALL_ATTENTION_FUNCTIONS[module.config._keyformer_fallback]
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -265,7 +266,7 @@ def _gptj_attn(attn):
     plain = attn._keyformer_plain
 
     def keyformer_attn(query, key, value, attention_mask=None):
-        layer = _take_pending(attn.layer_idx)
+        layer = _take_pending()
         if layer is None:
             return plain(query, key, value, attention_mask)
         return layer.attend(query, float(1.0 / attn.scale_attn)), None
