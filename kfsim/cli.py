@@ -32,6 +32,24 @@ class _Group(click.Group):
         sys.exit(0)
 
 
+class _Positive(click.FloatRange):
+    """A finite number > 0 (click's FloatRange lets NaN through: every comparison with NaN is false)."""
+
+    name = "positive number"
+
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; allowed: a finite number > 0", param, ctx)
+        return number
+
+
+POSITIVE = _Positive()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="kfsim")
 def cli():
@@ -489,20 +507,22 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
 
 @cli.command()
 @click.option("--model", default="gpt-j-6b", show_default=True, metavar="NAME", help="Model to serve.")
-@click.option("--prompt-len", type=click.IntRange(min=1), required=True, metavar="P", help="Prompt tokens per request.")
-@click.option("--gen-len", type=click.IntRange(min=1), required=True, metavar="G", help="Generated tokens per request.")
-@click.option("--target-tokens-per-s", type=click.FloatRange(min=0, min_open=True), metavar="T",
+@click.option("--prompt-len", type=click.IntRange(min=1, max=10_000_000), required=True, metavar="P",
+              help="Prompt tokens per request.")
+@click.option("--gen-len", type=click.IntRange(min=1, max=1_000_000), required=True, metavar="G",
+              help="Generated tokens per request.")
+@click.option("--target-tokens-per-s", type=POSITIVE, metavar="T",
               help="Generated tokens per second the whole deployment must serve (a static batch per GPU).")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="R",
+@click.option("--rate", type=POSITIVE, metavar="R",
               help="Requests per second to serve instead, found by simulating continuous batching (kfsim "
                    "simulate) against --max-ttft-ms and --max-tpot-ms at the 90th percentile.")
-@click.option("--max-ttft-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+@click.option("--max-ttft-ms", type=POSITIVE, metavar="MS",
               help="--rate: p90 time to first token, ms.")
-@click.option("--max-tpot-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+@click.option("--max-tpot-ms", type=POSITIVE, metavar="MS",
               help="--rate: p90 time per output token, ms.")
 @click.option("--weight-dtype", metavar="D", help="Weight dtype of every option. [default: the model's]")
 @click.option("--kv-dtype", metavar="D", help="KV-cache dtype of every option. [default: the model's]")
-@click.option("--max-step-ms", type=click.FloatRange(min=0, min_open=True), metavar="L",
+@click.option("--max-step-ms", type=POSITIVE, metavar="L",
               help="Latency bound on every decode step (time between tokens), ms.")
 @click.option("--gpus", default="a100,h100,h200", show_default=True, metavar="LIST", help="GPU types to consider.")
 @click.option("--kv-ratio", default="1,0.5,0.2", show_default=True, metavar="LIST", help="KV budgets to consider.")
@@ -606,12 +626,13 @@ def say(text: str) -> None:
 def _options_head(options, as_json: bool, none_text: str):
     """The best of `plan`'s options, best first; None once `--json` printed them. Where none is feasible, says
     why for each and exits with status 1."""
-    import dataclasses
     import json
+
+    from .plan import as_json as option_json
 
     best = options[0]
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(o) for o in options], indent=2))
+        click.echo(json.dumps([option_json(o) for o in options], indent=2))
     elif not best.feasible:
         say(f"{none_text}: " + "; ".join(f"{o.gpu} tp {o.tp} kv-ratio {o.kv_ratio:g}: {o.why}" for o in options))
     if not best.feasible:
@@ -674,7 +695,7 @@ def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpo
               help="Recent window as a fraction of the budget.")
 @click.option("--dtype", "weight_dtype", metavar="D", help="Weight dtype. [default: the model's]")
 @click.option("--kv-dtype", metavar="D", help="KV-cache dtype. [default: the model's]")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="R",
+@click.option("--rate", type=POSITIVE, metavar="R",
               help="Poisson arrivals, requests per second (or give --trace).")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1, max=10_000_000), default=1000,
               show_default=True, help="Requests to simulate with --rate.")
@@ -688,9 +709,9 @@ def _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpo
               help="Most requests running at once. [default: as many as memory holds]")
 @click.option("--chunk-tokens", type=click.IntRange(min=1, max=1_000_000), default=2048, show_default=True,
               help="Token budget of one engine step (decodes plus prompt chunks), as vLLM's max_num_batched_tokens.")
-@click.option("--slo-ttft-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+@click.option("--slo-ttft-ms", type=POSITIVE, metavar="MS",
               help="Goodput counts requests whose first token comes within MS.")
-@click.option("--slo-tpot-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+@click.option("--slo-tpot-ms", type=POSITIVE, metavar="MS",
               help="... and whose later tokens come MS apart or less.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_dtype, rate, n_requests, prompt_len,
@@ -716,6 +737,7 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     longest = int((req.prompt + req.gen).max())
     cap = sim.batch_cap(s, int(req.prompt.min()), max_batch)
     times = sim.StepTimes(s, cap, longest, chunk_tokens)
+    sim.check_fits(times, req)
     with click.progressbar(length=len(req.gen), label="simulating", file=sys.stderr) as bar:
         seen = [0]
 
@@ -740,9 +762,10 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     slo = " within " + " and ".join(x for x in (slo_ttft_ms and f"TTFT {slo_ttft_ms:g} ms",
                                                  slo_tpot_ms and f"TPOT {slo_tpot_ms:g} ms") if x) \
         if (slo_ttft_ms or slo_tpot_ms) else ""
-    click.echo(f"throughput {out['throughput_tokens_per_s']:,.0f} generated tokens/s, "
-               f"{out['throughput_requests_per_s']:.2f} requests/s; goodput{slo} "
-               f"{out['goodput_requests_per_s']:.2f} requests/s ({100 * out['slo_attained']:.0f}% of requests)")
+    rate = lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"  # noqa: E731 - 3 figures, never a rounded 0
+    click.echo(f"throughput {rate(out['throughput_tokens_per_s'])} generated tokens/s, "
+               f"{rate(out['throughput_requests_per_s'])} requests/s; goodput{slo} "
+               f"{rate(out['goodput_requests_per_s'])} requests/s ({100 * out['slo_attained']:.0f}% of requests)")
     click.echo(f"peak batch {out['peak_batch']} (cap {cap}), peak KV memory {out['peak_memory_bytes'] / 1e9:.1f} GB "
                f"of {times.capacity / 1e9:.1f} GB free beside the weights, {out['preemptions']} preemptions")
 

@@ -12,7 +12,8 @@ from .errors import KfsimError
 
 def output_path(out: str, flag: str, inputs=(), folder: bool = False, writes=()) -> Path:
     """`out` as a path to write, refused where it is empty, where a file stands for a folder or the reverse, or
-    where writing it (or, for a folder, its files `writes`) would replace one of `inputs`; parent folders are made."""
+    where writing it (or, for a folder, its files `writes`) would replace one of `inputs`; parent folders are made
+    (the output folder itself is not: staged_folder makes it once its files are complete)."""
     if out is None or not str(out).strip():
         raise KfsimError(f"--{flag} is empty: give a {'folder' if folder else 'file'} name")
     p = Path(out)
@@ -25,8 +26,8 @@ def output_path(out: str, flag: str, inputs=(), folder: bool = False, writes=())
         src = Path(given).resolve()
         if any(src == t.resolve() for t in targets):
             raise KfsimError(f"--{flag} {out} would overwrite the input {given}; write somewhere else")
-    try:
-        (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
+    try:  # a folder itself is made when its files are written whole (staged_folder): a failed run leaves none
+        p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KfsimError(f"--{flag} {out}: cannot make its folder ({exc.strerror})") from None
     return p

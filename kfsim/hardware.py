@@ -46,6 +46,9 @@ class Hardware:
             )
         if self.peak_dense_tflops.get("bf16") is None and self.peak_dense_tflops.get("fp16") is None:
             raise KfsimError(f"hardware {self.name}: needs a bf16 or fp16 tensor rate")
+        if self.peak_dense_tflops.get("fp32") is None:  # the vector units' rate: norms, softmax, Keyformer scores
+            raise KfsimError(f"hardware {self.name}: peak_dense_tflops.fp32 is null; allowed: a number > 0 "
+                             f"(the vector rate that element-wise work runs at)")
         figures = [f.name for f in dataclasses.fields(self) if f.name in FIGURES and getattr(self, f.name) is not None]
         unsourced = [k for k in figures if not self.source.get(k)]
         if unsourced:

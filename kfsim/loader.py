@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,24 @@ try:  # the C loader is about 10x faster; fall back where libyaml is missing
     _Loader = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover
     _Loader = yaml.SafeLoader
+
+
+#: magnitudes a number in a profile, workload or engine may have (or be 0): every field is a physical figure in the
+#: unit its name gives (GB, GB/s, TFLOP/s, tokens, us) and none comes near either end; beyond them, products and
+#: quotients overflow
+MAX_MAGNITUDE, MIN_MAGNITUDE = 1e9, 1e-9
+
+
+#: a number written in scientific notation that YAML 1.1 leaves as text
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _in_bounds(value, where: str):
+    if abs(value) > MAX_MAGNITUDE:
+        raise KfsimError(f"{where}: {value!r} is too large; allowed: at most {MAX_MAGNITUDE:g} in magnitude")
+    if value and abs(value) < MIN_MAGNITUDE:
+        raise KfsimError(f"{where}: {value!r} is too small; allowed: 0 or at least {MIN_MAGNITUDE:g} in magnitude")
+    return value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -66,16 +85,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if tp in (float, int) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e12 and 3.35e3 (no dot or no exponent sign) as text
+        value = int(value) if tp is int and value.is_integer() and abs(value) <= MAX_MAGNITUDE else value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KfsimError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
             raise KfsimError(f"{where}: {value!r} is not a finite number")
-        return float(value)
+        return float(_in_bounds(value, where))
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise KfsimError(f"{where}: expected a whole number, got {value!r}")
-        return int(value)
+        return int(_in_bounds(value, where))
     if tp is bool:
         if not isinstance(value, bool):
             raise KfsimError(f"{where}: expected true or false, got {value!r}")

@@ -6,6 +6,9 @@ length for prefill rows), kv_ratio, policy, step_ms (median decode-step time; pr
 from __future__ import annotations
 
 import csv
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +59,31 @@ def append_row(path: str | Path, row: dict) -> None:
             fields = next(csv.reader(f), fields)
         if lost := [k for k in COLUMNS if k not in fields and row.get(k) not in (None, "")]:
             raise KfsimError(f"{path} has no column {lost[0]!r} (an older kfsim began it): write to a new file")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    if new:
+        writer.writeheader()
+    writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    _append_whole(path, text.getvalue().encode("utf-8"))
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` to `path` whole or not at all: a write that fails part-way (a full disk) is cut back off, so
+    the file never ends mid-row and looks valid."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, start)
+            raise KfsimError(f"{path}: could not append a row ({exc.strerror}); the file is left as it was, "
+                             f"rerun to resume") from None
+    finally:
+        os.close(fd)
 
 
 def read(path: str | Path, only_ok: bool = True):
@@ -84,25 +107,70 @@ def read(path: str | Path, only_ok: bool = True):
     if "phase" not in df.columns:
         df["phase"] = "decode"
     df["phase"] = df["phase"].fillna("decode")
-    for col, whole, top in (("batch", True, None), ("context", True, None), ("kv_ratio", False, 1.0),
-                            ("step_ms", False, None)):
-        values = pd.to_numeric(df[col], errors="coerce")
-        wrong = values.isna() | ~np.isfinite(values) | (values <= 0)
-        if whole:
-            wrong |= values != np.floor(values)
-        if top is not None:
-            wrong |= values > top
-        bad = df[col][wrong]
+    for col in ("gpu", "model", "policy"):
+        text = df[col].astype("string").str.strip()
+        bad = df[col][text.isna() | (text == "")]
         if len(bad):
-            allowed = ("a whole number >= 1" if whole else "a finite number > 0") + (f", at most {top:g}" if top else "")
-            raise KfsimError(f"{path}: column {col} has a bad value {bad.iloc[0]!r} at row {bad.index[0] + 2}; "
-                             f"allowed: {allowed}")
-        df[col] = values.astype(int) if whole else values
+            allowed = "a policy name (full, keyformer, ...)" if col == "policy" else f"a name (`kfsim list {col}s`)"
+            raise KfsimError(f"{path}: column {col} is empty at row {bad.index[0] + 2}; allowed: {allowed}")
+        df[col] = text.astype(str)
+    for col, rule in NUMBERS.items():
+        if col in df.columns:
+            df[col] = _checked(df[col], rule, path)
     bad_phase = df[~df["phase"].isin(PHASES)]
     if len(bad_phase):
         raise KfsimError(f"{path}: phase {bad_phase['phase'].iloc[0]!r} at row {bad_phase.index[0] + 2}; "
                          f"allowed: {', '.join(PHASES)}")
     return df.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric column holds: a positive number (or >= 0), whole or not, with an optional top; optional
+    columns may be empty."""
+
+    whole: bool = False
+    zero_ok: bool = False
+    top: float | None = None
+    optional: bool = False
+
+    def allowed(self) -> str:
+        text = ("a whole number >= 1" if self.whole else f"a finite number {'>= 0' if self.zero_ok else '> 0'}")
+        return text + (f", at most {self.top:g}" if self.top else "") + (", or empty" if self.optional else "")
+
+
+#: the numeric columns kfsim reads, and what each may hold
+NUMBERS = {"batch": Rule(whole=True), "context": Rule(whole=True), "kv_ratio": Rule(top=1.0), "step_ms": Rule(),
+           "window": Rule(zero_ok=True, top=1.0, optional=True), "power_w": Rule(zero_ok=True, optional=True),
+           "mem_used_gb": Rule(zero_ok=True, optional=True)}
+
+
+def _checked(column, rule: Rule, path):
+    """`column` as numbers, or a one-line error naming the file, the row, the value and what is allowed."""
+    import pandas as pd
+
+    values = pd.to_numeric(column, errors="coerce")
+    empty = column.isna() | (column.astype("string").str.strip() == "")
+    wrong = (values.isna() & ~(empty & rule.optional)) | (~values.isna() & ~np.isfinite(values))
+    wrong |= (values < 0) if rule.zero_ok else (values <= 0)
+    if rule.whole:
+        wrong |= values != np.floor(values)
+    if rule.top is not None:
+        wrong |= values > rule.top
+    bad = column[wrong.fillna(True) & ~(empty & rule.optional)]
+    if len(bad):
+        raise KfsimError(f"{path}: column {column.name} has a bad value {_cell(bad.iloc[0])} at row "
+                         f"{bad.index[0] + 2}; allowed: {rule.allowed()}")
+    return values.astype(int) if rule.whole else values
+
+
+def _cell(value) -> str:
+    """A CSV cell as a message shows it: 'an empty cell', or the value as it was written (no numpy repr)."""
+    import pandas as pd
+
+    from .fmt import scalar
+
+    return "(an empty cell)" if pd.isna(value) else repr(scalar(value))
 
 
 def load(paths, measured_engine: str | None = None, phase: str = "all"):

@@ -2,6 +2,7 @@
 tokens within a per-step latency bound and the GPU's memory, with cost and energy per token."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -95,6 +96,16 @@ class ServingOption:
     tpot_p90_ms: float = 0.0
     usd_per_hour: float | None = None
     usd_per_million_tokens: float | None = None
+
+
+#: what names an option; its other fields are figures of a deployment that serves, and mean nothing where it cannot
+LABELS = ("gpu", "tp", "kv_ratio", "policy", "feasible", "why")
+
+
+def as_json(option) -> dict:
+    """An option as JSON: where it is not feasible, its figures are null (never a 0 that reads as a claim)."""
+    fields = dataclasses.asdict(option)
+    return fields if option.feasible else {k: (v if k in LABELS else None) for k, v in fields.items()}
 
 
 #: why a candidate was not simulated

@@ -33,6 +33,8 @@ from .predict import prefill_time, step_time
 CACHED_POINTS = 96
 #: most requests a simulated deployment runs at once (the step-time grid is priced up to it)
 MAX_BATCH = 4096
+#: longest prompt and generation of one request, as predict and plan take them
+MAX_PROMPT, MAX_GEN = 10_000_000, 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,24 @@ class Requests:
             raise KfsimError("request arrivals must be in time order")
         if np.any(self.prompt < 1) or np.any(self.gen < 1):
             raise KfsimError("every request needs a prompt of >= 1 token and >= 1 generated token")
+        for what, tokens, top in (("prompt", self.prompt, MAX_PROMPT), ("generated", self.gen, MAX_GEN)):
+            if np.any(tokens > top):
+                raise KfsimError(f"a request of {int(tokens.max()):,} {what} tokens; allowed: at most {top:,}")
+
+
+def _number_above(text: str, top: float) -> bool:
+    try:
+        return abs(float(text)) > top
+    except ValueError:
+        return False  # not a number: lengths() says what is allowed
 
 
 def lengths(spec: str, n: int, rng: np.random.Generator, what: str) -> np.ndarray:
     """Token counts from a spec: 'N' (fixed), 'uniform:LO:HI' or 'normal:MEAN:STD' (rounded, at least 1)."""
     parts = str(spec).split(":")
+    top = MAX_GEN if what == "gen-len" else MAX_PROMPT
+    if any(_number_above(p, top) for p in parts[1 if len(parts) > 1 else 0:]):
+        raise KfsimError(f"--{what} {spec!r}: allowed: token counts of at most {top:,}")
     try:
         if len(parts) == 1:
             value = int(parts[0])
@@ -63,6 +78,8 @@ def lengths(spec: str, n: int, rng: np.random.Generator, what: str) -> np.ndarra
                 raise ValueError
             return np.full(n, value, dtype=np.int64)
         kind, a, b = parts[0], float(parts[1]), float(parts[2])
+        if not (math.isfinite(a) and math.isfinite(b)) or len(parts) != 3:
+            raise ValueError
     except (ValueError, IndexError):
         raise KfsimError(f"--{what} {spec!r}: allowed: N >= 1, uniform:LO:HI or normal:MEAN:STD") from None
     if kind == "uniform" and 1 <= a <= b:
@@ -177,9 +194,17 @@ class Result:
         return np.where(self.gen > 1, (self.e2e_s - self.ttft_s) / np.maximum(self.gen - 1, 1), 0.0)
 
 
+def check_fits(times: StepTimes, req: Requests) -> None:
+    """Refuse requests whose prompt alone cannot be held beside the weights, before any simulation starts."""
+    longest = int(req.prompt.max())
+    if times.per_request + times.per_token * float(longest) > times.capacity:
+        raise KfsimError(f"one request of {longest} prompt tokens does not fit in the GPU's memory beside the weights")
+
+
 def simulate(times: StepTimes, req: Requests, max_batch: int, chunk_tokens: int, on_progress=None) -> Result:
     """Serve `req` with continuous batching (at most `max_batch` running) and chunked prefill (`chunk_tokens` a
     step, decodes included); see the module docstring."""
+    check_fits(times, req)
     n = len(req.arrival_s)
     ttft = np.full(n, np.nan)
     finish = np.full(n, np.nan)
@@ -209,9 +234,9 @@ def simulate(times: StepTimes, req: Requests, max_batch: int, chunk_tokens: int,
             i = waiting[0]
             need = times.per_request + times.per_token * float(prompt_of[i])
             if mem + need > times.capacity:
-                if not ids:
-                    raise KfsimError(f"one request of {prompt_of[i]} prompt tokens does not fit in the GPU's "
-                                     "memory beside the weights")
+                if not ids:  # a preempted request's prompt grew by what it had generated
+                    raise KfsimError(f"one preempted request of {prompt_of[i]} prompt and generated tokens does "
+                                     "not fit in the GPU's memory beside the weights")
                 break
             waiting.popleft()
             ids.append(i)

@@ -170,3 +170,94 @@ def test_a_failed_report_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         report.build("llama-3-8b", ["l4"], "default", tmp_path / "rep")
     assert not (tmp_path / "rep").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_row_that_cannot_be_written_whole_is_cut_back_off(tmp_path, monkeypatch):
+    """A full disk mid-row once left a CSV ending mid-row that looked valid."""
+    import errno
+    import os
+
+    from kfsim import measurements
+    from kfsim.errors import KfsimError
+
+    path = tmp_path / "rows.csv"
+    row = {"gpu": "h100-sxm", "model": "gpt-j-6b", "batch": 1, "context": 1024, "kv_ratio": 1.0, "policy": "full",
+           "step_ms": 6.7, "status": "ok"}
+    measurements.append_row(path, row)
+    before = path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 8:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(KfsimError, match="No space left on device.*left as it was"):
+        measurements.append_row(path, dict(row, batch=2))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, text", [
+    (("plan", "--prompt-len", "5", "--gen-len", "5", "--target-tokens-per-s", "nan"), "'nan' is not a finite number"),
+    (("simulate", "--gpu", "h100", "--rate", "inf", "--prompt-len", "5", "--gen-len", "5"), "not a finite number"),
+    (("simulate", "--gpu", "h100", "--rate", "1", "--prompt-len", "normal:inf:3", "--gen-len", "5"), "at most 10,000,000"),
+    (("simulate", "--gpu", "h100", "--rate", "1", "--prompt-len", "5", "--gen-len", "100000000"), "at most 1,000,000"),
+    (("plan", "--prompt-len", "5", "--gen-len", "9" * 30, "--target-tokens-per-s", "10"), "--gen-len"),
+])
+def test_non_finite_and_huge_flags_are_refused(args, text):
+    """click's FloatRange passes NaN (a comparison with NaN is false); a NaN target once reached an int()."""
+    one_line_error(run(*args), text)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_the_progress_bar():
+    r = run("simulate", "--gpu", "h100", "--rate", "1", "--prompt-len", "2000000", "--gen-len", "5")
+    one_line_error(r, "does not fit in the GPU's memory")
+
+
+def test_a_failed_validate_leaves_no_folder(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text(ROWS.read_text().replace("h100-sxm,gpt-j-6b,4,", "h100-sxm,gpt-k-6b,4,", 1))
+    one_line_error(run("validate", m, "--engine", "default", "--measured-engine", "torch-graph", "--out",
+                       tmp_path / "report"), "gpt-k-6b")
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_empty_numeric_cell_is_named_without_a_numpy_repr(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text(ROWS.read_text().replace("h100-sxm,gpt-j-6b,4,1024,", "h100-sxm,gpt-j-6b,,1024,", 1))
+    one_line_error(run("validate", m, "--engine", "default", "--measured-engine", "torch-graph"),
+                   "column batch has a bad value (an empty cell) at row 3")
+
+
+def test_a_gpu_profile_without_an_fp32_rate_is_refused(tmp_path):
+    p = tmp_path / "gpu.yaml"
+    p.write_text((ROOT / "hw_profiles" / "h100-sxm.yaml").read_text().replace("fp32: 67,", "fp32: null,"))
+    one_line_error(run("predict", "--hw", p, "--seq", "64"), "peak_dense_tflops.fp32 is null")
+
+
+@pytest.mark.parametrize("value, text", [("1e12", "is too large"), ("1e-300", "is too small")])
+def test_numbers_beyond_any_physical_figure_are_refused(tmp_path, value, text):
+    """8.7e18 GB of memory once overflowed a cast; 2e-311 TFLOP/s overflowed a division."""
+    p = tmp_path / "gpu.yaml"
+    p.write_text((ROOT / "hw_profiles" / "h100-sxm.yaml").read_text().replace("memory_gb: 80", f"memory_gb: {value}"))
+    one_line_error(run("predict", "--hw", p, "--seq", "64"), text)
+
+
+def test_an_option_that_cannot_serve_has_no_figures_in_json():
+    r = run("plan", "--json", "--prompt-len", "512", "--gen-len", "128", "--target-tokens-per-s", "2000",
+            "--max-step-ms", "2")
+    import json
+
+    assert r.exit_code == 1
+    options = json.loads(r.stdout)
+    assert options and all(not o["feasible"] and o["step_ms"] is None and o["batch"] is None for o in options)
+
+
+def test_scientific_notation_that_yaml_reads_as_text_is_a_number(tmp_path):
+    """YAML 1.1 reads 3.35e3 (no exponent sign) as text: a user writing it meant 3350."""
+    p = tmp_path / "gpu.yaml"
+    p.write_text((ROOT / "hw_profiles" / "h100-sxm.yaml").read_text()
+                 .replace("hbm_bandwidth_gbps: 3350", "hbm_bandwidth_gbps: 3.35e3"))
+    assert run("predict", "--hw", p, "--seq", "64", "--json").stdout == \
+        run("predict", "--gpu", "h100", "--seq", "64", "--json").stdout

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
+from kfsim import predict as predict_module
 from kfsim.errors import KfsimError
+from kfsim.inputs import make_setup
 from kfsim.predict import predict, request_cached
 
 
@@ -160,3 +162,15 @@ def test_slower_matrix_vector_kernels_are_refused(tmp_path):
     path.write_text("name: slow\nmatvec_max_batch: 1\nmatvec_kernels_per_op: {gemv: 0}\n")
     with pytest.raises(KfsimError, match="unknown op kind 'gemv' in matvec_kernels_per_op"):
         get_engine(str(path))
+
+
+@pytest.mark.parametrize("engine, policy, ratio", [("default", None, 1.0), ("hf-eager", "keyformer", 0.3),
+                                                   ("compiled", "h2o", 0.1)])
+def test_a_long_generation_priced_from_sampled_steps_moves_by_under_a_thousandth(engine, policy, ratio):
+    """Beyond PRICED_STEPS generated tokens a request is priced from evenly spread steps (plan --gen-len 1e6
+    once needed gigabytes); against the step-by-step sum the total moves by less than 0.1 %."""
+    s = make_setup(gpu="a100", model="mpt-7b", engine=engine, policy=policy, kv_ratio=ratio)
+    B = np.array([1, 8, 64])
+    cached = request_cached(s, 1000, 6 * predict_module.PRICED_STEPS + 7)
+    exact = predict_module.step_time(s, B[:, None], cached).seconds.sum(axis=-1)
+    assert np.allclose(predict_module._decode_seconds(s, B, cached), exact, rtol=1e-3, atol=0)
