@@ -26,6 +26,9 @@ OPTIONAL = (
     # what code and libraries measured the row: the kfsim checkout's commit ('+dirty' with uncommitted changes),
     # and the versions of triton and transformers where they are installed
     "git_commit", "triton", "transformers",
+    # the power reading: seconds between the two energy-counter updates it spans, the board idle before the
+    # campaign, the enforced power limit, and a flag where the reading is above it (energy not to be trusted)
+    "energy_window_s", "idle_w", "power_limit_w", "energy_flag",
 )
 COLUMNS = REQUIRED + OPTIONAL
 PHASES = ("decode", "prefill")

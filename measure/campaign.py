@@ -20,13 +20,12 @@ from kfsim.errors import KfsimError
 from kfsim.policy import measured_pairs
 from kfsim.workload import get_workload
 
-from . import timing
-from .decoder import build
+from . import energy, timing
+from .decoder import build, slopes_of
 from .env import environment
-from .kv_policies import make_cache
+from .kv_policies import attended, make_cache
 from .nvml import Nvml
 
-ENERGY_WINDOW_S = 0.5  # NVML's energy counter updates about every 20-100 ms; a longer window averages that out
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,7 @@ def grid(models, batches, contexts, kv_ratios, policies, prefill_prompts=(), pre
 
 def _cache_bytes(w, policy, batch, context, kv_ratio) -> float:
     """Memory the caches and the step's temporaries need (to skip points that cannot fit)."""
+    context = attended(context, w.sliding_window)
     slots = context + 1 if policy == "full" or kv_ratio >= 1 else math.ceil(kv_ratio * context) + 1
     kv = w.n_layers * 2 * batch * w.n_kv_heads * slots * w.head_dim * 2
     state = 0 if policy == "full" else w.n_layers * batch * w.n_kv_heads * slots * (8 + 4)
@@ -76,6 +76,8 @@ class Runner:
         self.nvml = nvml or Nvml()
         self.env = environment(self.nvml)
         self.model_name, self.model, self.compiled = None, None, None
+        # the board with the CUDA context open and no work, before the campaign's first point
+        self.idle, self.power_limit_w = energy.idle_power(self.nvml.energy_mj), self.nvml.power_limit_w()
 
     def model_for(self, name):
         if name != self.model_name:
@@ -126,14 +128,15 @@ class Runner:
 
     def _caches(self, w, pt, extra_slots=0):
         return [make_cache(pt.policy, pt.batch, w.n_kv_heads, w.head_dim, pt.context, pt.kv_ratio, self.window,
-                           torch.bfloat16, "cuda", extra_slots) for _ in range(w.n_layers)]
+                           torch.bfloat16, "cuda", extra_slots, w.sliding_window, slopes_of(w))
+                for _ in range(w.n_layers)]
 
     def decode_step(self, model, w, pt):
         """(step, caches): a callable running one steady-state decode step of point `pt` (a graph replay when the
         engine uses graphs), and the caches it reads."""
         caches = self._caches(w, pt)
         for c in caches:
-            c.fill_random(pt.context)
+            c.fill_random(attended(pt.context, w.sliding_window))
         tokens = torch.randint(0, w.vocab_size, (pt.batch,), device="cuda")
         pos = torch.tensor(pt.context, device="cuda")
         if self.engine == "compiled":
@@ -171,18 +174,25 @@ class Runner:
                 "step_ms_min": round(t.min_ms, 5), "n_steps": t.n, "warmup_s": round(t.warmup_s, 3)}
 
     def _energy(self, step, median_ms) -> dict:
-        """Energy per step from NVML's total-energy counter over a window of back-to-back steps; clocks after it."""
-        e0 = self.nvml.energy_mj()
-        repeats = max(3, math.ceil(ENERGY_WINDOW_S * 1e3 / max(median_ms, 1e-3)))
-        ms = timing.time_block(step, repeats)
-        e1 = self.nvml.energy_mj()
-        state = self.nvml.state()  # read right after the window, while clocks are still at load
+        """Board power over seconds of back-to-back steps between two updates of NVML's energy counter
+        (measure.energy), energy per step from it and the median step; clocks right after, while still at load."""
+        repeats = max(1, math.ceil(energy.CHUNK_S * 1e3 / max(median_ms, 1e-3)))
+
+        def chunk():
+            for _ in range(repeats):
+                step()
+            torch.cuda.synchronize()
+
+        power = energy.board_power(self.nvml.energy_mj, chunk)
+        state = self.nvml.state()
         out = {k: state.get(k) for k in ("sm_mhz", "mem_mhz", "temp_c", "mem_used_gb", "throttle")}
-        if e0 is not None and e1 is not None and e1 > e0:
-            out["energy_j"] = round((e1 - e0) / 1e3 / repeats, 6)
-            out["power_w"] = round((e1 - e0) / ms, 1)  # mJ per ms = W
-        else:
-            out["power_w"] = state.get("power_w")
+        out.update(idle_w=round(self.idle.watts, 1) if self.idle else None, power_limit_w=self.power_limit_w)
+        if power is None:
+            return {**out, "power_w": state.get("power_w")}
+        out.update(power_w=round(power.watts, 1), energy_j=round(power.watts * median_ms / 1e3, 6),
+                   energy_window_s=round(power.window_s, 3))
+        if self.power_limit_w and power.watts > self.power_limit_w:
+            out["energy_flag"] = f"{power.watts:.0f} W is above the board limit {self.power_limit_w:.0f} W"
         return out
 
 
@@ -201,6 +211,8 @@ def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = Tru
         measurements.append_row(out, row)
         rows.append(row)
         result = f"{row['step_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
+        if row.get("energy_flag"):
+            result += f"; power flagged: {row['energy_flag']}"
         echo(f"[{i}/{len(points)}] {_label(pt)}: {result}")
     return rows
 

@@ -41,6 +41,11 @@ def alibi_slopes(n_heads: int, bias_max: float = 8.0) -> torch.Tensor:
     return slopes
 
 
+def slopes_of(w: Workload) -> torch.Tensor | None:
+    """The ALiBi slopes a full cache of `w` needs (measure.kv_policies.FullCache), or None for other positions."""
+    return alibi_slopes(w.n_heads) if w.position == "alibi" else None
+
+
 class Rotary(nn.Module):
     """Rotary embedding on the first `dim` of each head: GPT-J rotates interleaved pairs, Llama rotates halves."""
 

@@ -34,14 +34,43 @@ def split_heads_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(B, kv_heads, (H // kv_heads) * T, D)
 
 
+#: Columns appended to every head of a full cache of an ALiBi model (MPT). K holds the key's position in base-256
+#: digits (each exact in bf16), the query holds slope x sqrt(head_dim) x the digits' weights, so q.k carries
+#: slope x key position and fused (flash) attention applies ALiBi with no mask; slope x query position is the same
+#: for every key of a row and cancels in the softmax. V's columns are zeros. 8 columns keep rows 16-byte aligned.
+ALIBI_COLUMNS = 8
+ALIBI_DIGITS = 3  # positions up to 256^3
+
+
+def alibi_key_columns(positions: torch.Tensor, dtype) -> torch.Tensor:
+    """[T] positions -> [T, ALIBI_COLUMNS]: base-256 digits, most significant first, then zeros."""
+    p = positions.long()
+    digits = [(p // 256 ** i) % 256 for i in reversed(range(ALIBI_DIGITS))]
+    cols = torch.stack(digits, -1)
+    return F.pad(cols, (0, ALIBI_COLUMNS - ALIBI_DIGITS)).to(dtype)
+
+
+def alibi_query_columns(slopes: torch.Tensor, head_dim: int, dtype) -> torch.Tensor:
+    """[H] slopes -> [H, ALIBI_COLUMNS]: what each head's query appends so that q.k / sqrt(head_dim) gains
+    slope x key position."""
+    weights = torch.tensor([256.0 ** i for i in reversed(range(ALIBI_DIGITS))], device=slopes.device)
+    cols = slopes.float()[:, None] * math.sqrt(head_dim) * weights
+    return F.pad(cols, (0, ALIBI_COLUMNS - ALIBI_DIGITS)).to(dtype)
+
+
 class FullCache:
-    """The whole context: `capacity` slots, attention through torch's fused SDPA."""
+    """The whole context: `capacity` slots, attention through torch's fused SDPA (for an ALiBi model, with its
+    position columns: see ALIBI_COLUMNS)."""
 
     kind = "full"
 
-    def __init__(self, batch, kv_heads, capacity, head_dim, dtype, device):
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch, kv_heads, capacity, head_dim, dtype, device, alibi_slopes=None):
+        extra = ALIBI_COLUMNS if alibi_slopes is not None else 0
+        self.head_dim = head_dim
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim + extra, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.q_columns = None if alibi_slopes is None else alibi_query_columns(alibi_slopes.to(device), head_dim,
+                                                                               dtype)
         self.length = 0  # tokens held
         self.steady = False  # steady state: every step rewrites the last slot, so shapes and cost stay fixed
 
@@ -56,25 +85,45 @@ class FullCache:
 
     def fill_random(self, tokens: int) -> None:
         """Hold `tokens` random tokens plus one slot for the step's new token (timing does not depend on values)."""
-        self.k[:, :, : tokens + 1].normal_()
-        self.v[:, :, : tokens + 1].normal_()
+        D = self.head_dim
+        self.k[:, :, : tokens + 1, :D].normal_()
+        self.v[:, :, : tokens + 1, :D].normal_()
+        if self.q_columns is not None:
+            self.k[:, :, : tokens + 1, D:] = alibi_key_columns(torch.arange(tokens + 1, device=self.k.device),
+                                                                self.k.dtype)
         self.length, self.steady = tokens, True
 
+    def _write(self, start: int, k, v, positions) -> None:
+        D, stop = self.head_dim, start + k.shape[2]
+        self.k[:, :, start:stop, :D] = k
+        self.v[:, :, start:stop, :D] = v
+        if self.q_columns is not None:
+            self.k[:, :, start:stop, D:] = alibi_key_columns(positions, self.k.dtype)
+
+    def _attend(self, q, stop: int, bias, causal):
+        keys, values = self.k[:, :, :stop], self.v[:, :, :stop]
+        if self.q_columns is None:
+            return _sdpa(q, keys, values, bias, causal)
+        B, H, T, D = q.shape
+        q = torch.cat([q, self.q_columns[None, :, None, :].expand(B, H, T, ALIBI_COLUMNS)], dim=-1)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=1.0 / math.sqrt(D),
+                                             enable_gqa=H != keys.shape[1])
+        return out[..., :D]
+
     def prefill(self, q, k, v, bias=None):
+        """`bias`: an ALiBi bias for a cache made without slopes (a test's reference); ignored with them."""
         P = k.shape[2]
-        self.k[:, :, :P] = k
-        self.v[:, :, :P] = v
+        self._write(0, k, v, torch.arange(P, device=k.device))
         self.length = P
-        return _sdpa(q, k, v, bias, causal=True)
+        return self._attend(q, P, bias, causal=True)
 
     def decode(self, q, k, v, pos: int, bias_fn=None):
         """q [B, H, 1, D]; k, v [B, kv_heads, 1, D]. Writes the token at slot `length`, attends over length + 1."""
         n = self.length
-        self.k[:, :, n : n + 1] = k
-        self.v[:, :, n : n + 1] = v
-        keys, values = self.k[:, :, : n + 1], self.v[:, :, : n + 1]
-        bias = bias_fn(torch.arange(n + 1, device=q.device), pos) if bias_fn else None
-        out = _sdpa(q, keys, values, bias, causal=False)
+        if bias_fn is not None and self.q_columns is None:
+            raise ValueError("an ALiBi model's full cache needs alibi_slopes (a float mask is never built)")
+        self._write(n, k, v, torch.as_tensor(pos, device=k.device).reshape(1))
+        out = self._attend(q, n + 1, None, causal=False)
         if not self.steady:
             self.length = n + 1
         return out
@@ -235,9 +284,20 @@ class EvictingCache:
         return out
 
 
-def make_cache(policy, batch, kv_heads, head_dim, context, kv_ratio, window, dtype, device, extra_slots=0):
-    """The cache a policy needs for `context` tokens (steady state) plus `extra_slots` for generating beyond it."""
+def attended(context: int, sliding_window: int | None) -> int:
+    """Tokens of a `context` that a model with a sliding window (Mistral: 4096) can attend to, as kfsim counts them
+    (kfsim.ops.attended_tokens): a step attends the last `sliding_window` of them."""
+    return min(context, sliding_window) if sliding_window else context
+
+
+def make_cache(policy, batch, kv_heads, head_dim, context, kv_ratio, window, dtype, device, extra_slots=0,
+               sliding_window=None, alibi_slopes=None):
+    """The cache a policy needs for `context` tokens (steady state) plus `extra_slots` for generating beyond it.
+    With a `sliding_window` the cache holds only the tokens the window reaches (a rolling cache: the same bytes a
+    step reads), and a reducing policy's budget is capped at it. `alibi_slopes`: the heads' ALiBi slopes, for a
+    full cache of an ALiBi model (reducing caches take the bias from the decoder's bias_fn)."""
+    held = attended(context, sliding_window)
     if policy == "full" or kv_ratio >= 1:
-        return FullCache(batch, kv_heads, context + 1 + extra_slots, head_dim, dtype, device)
-    budget = max(1, math.ceil(kv_ratio * context - 1e-9))
+        return FullCache(batch, kv_heads, held + 1 + extra_slots, head_dim, dtype, device, alibi_slopes)
+    budget = min(max(1, math.ceil(kv_ratio * context - 1e-9)), held)
     return EvictingCache(policy, batch, kv_heads, budget, round(window * budget), head_dim, dtype, device)

@@ -32,6 +32,11 @@ class Nvml:
         """Total energy since the driver loaded, millijoules (Volta and newer)."""
         return self._q(pynvml.nvmlDeviceGetTotalEnergyConsumption) if pynvml else None
 
+    def power_limit_w(self):
+        """The board power limit the driver enforces, W."""
+        mw = self._q(pynvml.nvmlDeviceGetEnforcedPowerLimit) if pynvml else None
+        return mw / 1000 if mw is not None else None
+
     def state(self) -> dict:
         """A snapshot: power, clocks, temperature, memory used, throttle reasons."""
         if self.handle is None:

@@ -131,7 +131,7 @@ def test_folding_norms_keeps_the_function(name):
 
     from kfsim.workload import get_workload
     from measure.compiled import CompiledDecoder
-    from measure.decoder import build
+    from measure.decoder import build, slopes_of
     from measure.kv_policies import FullCache
 
     w = dataclasses.replace(get_workload(name), n_layers=2, d_model=64, n_heads=4, n_kv_heads=2 if "llama" in name
@@ -144,8 +144,8 @@ def test_folding_norms_keeps_the_function(name):
     norms = [(n, p) for n, p in model.named_parameters() if "norm" in n]
     assert all(bool((p == (1 if n.endswith("weight") else 0)).all()) for n, p in norms)
     prompt = torch.randint(0, w.vocab_size, (2, 10))
-    a = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
-    b = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    a, b = ([FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu", slopes_of(w))
+             for _ in range(w.n_layers)] for _ in range(2))
     with torch.no_grad():
         assert torch.allclose(reference.prefill(prompt, a), model.prefill(prompt, b), atol=1e-5)
         assert torch.allclose(reference.decode(torch.tensor([3, 7]), 10, a), model.decode(torch.tensor([3, 7]), 10, b),
@@ -165,7 +165,7 @@ def test_fused_products_decoder_matches_decoder(name, fused, batch):
 
     from kfsim.workload import get_workload
     from measure.compiled import CompiledDecoder
-    from measure.decoder import build
+    from measure.decoder import build, slopes_of
     from measure.kv_policies import FullCache
 
     w = get_workload(name)
@@ -178,7 +178,8 @@ def test_fused_products_decoder_matches_decoder(name, fused, batch):
     reference = copy.deepcopy(model)
     fast = CompiledDecoder(model, compile=False, batch1_gemv=True, small_gemm=True)  # folds the norms into `model`
     assert fast.small_gemm == (batch > 1)  # batch 1's dims do not tile; that decoder uses cuBLAS past batch 1
-    caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE) for _ in range(w.n_layers)]
+    caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE, slopes_of(w))
+               for _ in range(w.n_layers)]
               for _ in range(2)]
     if fused:
         if DEVICE != "cuda":

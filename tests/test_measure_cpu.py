@@ -10,7 +10,7 @@ from kfsim import measurements  # noqa: E402
 from kfsim.errors import KfsimError  # noqa: E402
 from kfsim.workload import get_workload  # noqa: E402
 from measure import campaign  # noqa: E402
-from measure.decoder import build  # noqa: E402
+from measure.decoder import build, slopes_of  # noqa: E402
 from measure.kv_policies import TAU_INIT, EvictingCache, FullCache, make_cache  # noqa: E402
 
 
@@ -43,7 +43,8 @@ def test_budget_of_everything_equals_full(name, kind):
     model = build(w, dtype=torch.float32, device="cpu")
     prompt = torch.randint(0, w.vocab_size, (2, 12))
     steps = 6
-    full = [FullCache(2, w.n_kv_heads, 32, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    full = [FullCache(2, w.n_kv_heads, 32, w.head_dim, torch.float32, "cpu", slopes_of(w))
+            for _ in range(w.n_layers)]
     evict = [EvictingCache(kind, 2, w.n_kv_heads, 12 + steps + 2, 3, w.head_dim, torch.float32, "cpu")
              for _ in range(w.n_layers)]
     with torch.no_grad():
@@ -241,8 +242,8 @@ def test_compiled_glue_matches_decoder(name):
     torch.manual_seed(0)
     model = build(w, dtype=torch.float32, device="cpu")
     prompt = torch.randint(0, w.vocab_size, (2, 10))
-    a = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
-    b = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu") for _ in range(w.n_layers)]
+    a, b = ([FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu", slopes_of(w))
+             for _ in range(w.n_layers)] for _ in range(2))
     glue = CompiledDecoder(model, compile=False, l2_persist_mib=24)  # a CPU model: no CUDA context to set L2 in
     with torch.no_grad():
         model.prefill(prompt, a)
@@ -252,3 +253,23 @@ def test_compiled_glue_matches_decoder(name):
             la = model.decode(token, 10 + i, a)
             lb = glue.decode(token, 10 + i, b)
             assert torch.allclose(la, lb, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+def test_alibi_full_cache_equals_the_biased_softmax(dtype, tol):
+    """The full cache of an ALiBi model carries positions in its keys (no mask): over a context past 256^2 tokens,
+    so every base-256 digit is used, its decode step equals softmax(q.k / sqrt(D) + slope (j - n)) v (within fp32
+    rounding of logits near slope x 70,000: 3e-4 seen; bf16: 3e-3)."""
+    from measure.decoder import alibi_slopes
+
+    torch.manual_seed(0)
+    B, H, D, n = 2, 8, 16, 70_000
+    slopes = alibi_slopes(H)
+    cache = FullCache(B, H, n + 1, D, dtype, "cpu", slopes)
+    cache.fill_random(n)
+    q, k, v = (torch.randn(B, H, 1, D, dtype=dtype) for _ in range(3))
+    got = cache.decode(q, k, v, n).float()
+    keys, values = cache.k[:, :, :, :D].float(), cache.v[:, :, :, :D].float()
+    logits = (q.float() @ keys.transpose(-1, -2)) / D ** 0.5 + slopes[:, None, None] * (torch.arange(n + 1) - n)
+    want = logits.softmax(-1) @ values
+    assert (got - want).abs().max() <= tol * want.abs().max()
