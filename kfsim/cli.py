@@ -406,6 +406,52 @@ def getattr_path(obj, dotted):
     return value[key] if key else value
 
 
+@cli.command(name="fit-power")
+@click.argument("files", nargs=-1, required=True, metavar="MEAS.csv [MORE.csv ...]")
+@click.option("--engine", default="default", show_default=True, metavar="NAME|FILE",
+              help="Engine whose byte counts (Keyformer's logit passes) the rates use.")
+@_MEASURED_ENGINE
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.5, show_default=True, metavar="F",
+              help="Fraction of rows left out of the fit (at random, --seed) to check energy per step on.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the held-out rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures and errors as JSON.")
+def fit_power(files, engine, measured_engine, holdout, seed, as_json):
+    """Fit a GPU's board-power model (idle W, pJ per HBM byte, pJ per FLOP) to measured power, and check the
+    energy per step it predicts on held-out rows. Paste the three figures into the GPU's profile.
+
+    \b
+    Example: kfsim fit-power data/h200-plain-models/rows.csv --measured-engine torch-graph
+    """
+    _need("fit-power", "pandas", "scipy")
+    import json
+
+    import numpy as np
+    import yaml
+
+    from .engine import get_engine
+    from .hardware import get_hardware
+    from .measurements import load
+    from .power_fit import energy_error_pct, fit_rows, usable
+    from .validate import metrics
+
+    eng = get_engine(engine)
+    df, above = usable(load(files, measured_engine, "decode"))
+    held = np.random.default_rng(seed).random(len(df)) < holdout
+    figures = fit_rows(df[~held].reset_index(drop=True), eng)
+    test = df[held].reset_index(drop=True)
+    check = metrics(energy_error_pct(test, get_hardware(figures["gpu"]), figures, eng)) if len(test) else metrics([])
+    out = {**figures, "rows_above_limit_dropped": above, "held_out_energy": check}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{figures['gpu']}: fitted on {figures['rows']} rows (in-sample power MAPE {figures['mape_pct']}%)"
+               + (f"; {above} rows above the board limit dropped" if above else ""))
+    click.echo(yaml.safe_dump({k: figures[k] for k in ("idle_w", "pj_per_byte", "pj_per_flop")}).rstrip())
+    if check["n"]:
+        click.echo(f"energy per step on {check['n']} held-out rows: MAPE {check['mape']:.2f}%, median "
+                   f"{check['median_ape']:.2f}%, worst {check['max_ape']:.2f}%")
+
+
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="MEAS.csv [MORE.csv ...]")
 @click.option("--engine", required=True, metavar="NAME|FILE", help="Engine to predict with (`ideal`, shipped, file).")
@@ -426,6 +472,7 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
 
     from . import validate as val
     from .engine import get_engine
+    from .power_fit import validate_energy
     from .fmt import table
     from .measurements import load
 
@@ -438,14 +485,19 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     cmp = val.compare(df, eng, ", ".join(files))
     m = val.metrics(cmp["error_pct"])
     groups = val.by_group(cmp)
+    energy = validate_energy(cmp, eng)
     if out:
         title = title or f"kfsim validation: engine {eng.name} on {', '.join(files)}"
         val.write_report(cmp, eng, out, title, list(files))
     if as_json:
-        click.echo(json.dumps({**m, "engine": eng.name, "by_group": groups.to_dict(orient="records")}))
+        click.echo(json.dumps({**m, "engine": eng.name, "by_group": groups.to_dict(orient="records"),
+                               "energy": energy}))
         return
     click.echo(table([[str(v) for v in r] for r in groups.itertuples(index=False)], list(groups.columns)))
     click.echo(f"\nall {m['n']} rows: MAPE {m['mape']:.2f}%, median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
+    if energy:
+        click.echo(f"energy per step, {energy['n']} rows: MAPE {energy['mape']:.2f}%, median {energy['median_ape']:.2f}%, "
+                   f"worst {energy['max_ape']:.2f}% (the GPU's power model at the predicted step)")
     if out:
         click.echo(f"wrote {out}/report.md, rows.csv and figures")
 

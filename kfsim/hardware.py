@@ -34,6 +34,11 @@ class Hardware:
     usd_per_hour: float | None = rng(above=0, default=None)
     #: latency of one collective message between GPUs (an all-reduce's fixed cost), microseconds; None: unknown
     interconnect_latency_us: float | None = rng(0, default=None)
+    #: board power model (kfsim.power): idle power, and energy per byte moved from HBM and per FLOP; None: not
+    #: measured on this GPU (energy falls back to TDP x a constant)
+    idle_w: float | None = rng(0, default=None)
+    pj_per_byte: float | None = rng(0, default=None)
+    pj_per_flop: float | None = rng(0, default=None)
     notes: str = ""
 
     def __post_init__(self):
@@ -79,7 +84,7 @@ class Hardware:
 
 #: Fields that are facts about the GPU and so need a source.
 FIGURES = ("memory_gb", "hbm_bandwidth_gbps", "peak_dense_tflops", "l2_mb", "sm_count", "interconnect_gbps", "tdp_w",
-           "usd_per_hour", "interconnect_latency_us")
+           "usd_per_hour", "interconnect_latency_us", "idle_w", "pj_per_byte", "pj_per_flop")
 
 
 def get_hardware(name_or_path: str) -> Hardware:

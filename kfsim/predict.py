@@ -11,6 +11,7 @@ from .errors import KfsimError
 from .inputs import Setup
 from .ops import attended_tokens, decode_ops, prefill_ops
 from .policy import Policy
+from .power import board_power_w
 from .parallel import comm_s
 from .roofline import StepTime, bound_of, op_times, with_comm, with_host
 
@@ -77,7 +78,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
     moved = weight + kv_read + kv_write + other
     B = np.asarray(batch, dtype=float) * np.ones_like(t.seconds)
     mem = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, batch, cached)
-    power = s.hw.tdp_w * s.engine.power_fraction_of_tdp
+    power = board_power_w(s.hw, moved, flops, t.seconds, s.engine.power_fraction_of_tdp)
     return {
         "step_ms": t.seconds * 1e3,
         "tokens_per_s": B / t.seconds,
@@ -107,6 +108,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
         "max_batch": memory.max_batch(s.hw, s.workload, s.policy, s.dtypes, s.engine, cached) * np.ones_like(
             t.seconds, dtype=np.int64),
         "energy_per_token_j": power * t.seconds / B,
+        "board_power_w": power * np.ones_like(t.seconds),
     }
 
 

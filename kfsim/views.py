@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import textwrap
 
+from .power import has_model
 from .fmt import scalar, si
 from .inputs import Setup
 
@@ -54,8 +55,10 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
                            f"datasheet ({_pct(o['achieved_bandwidth_gbps'], hw.hbm_bandwidth_gbps)})"),
         ("memory", f"{si(o['memory_bytes'], 'B')} of {si(o['memory_capacity_bytes'], 'B')}: "
                    f"{'fits' if o['fits'] else 'DOES NOT FIT'}; largest batch at this context {o['max_batch']:,}"),
-        ("energy", f"{o['energy_per_token_j']:.3f} J/token at {hw.tdp_w * s.engine.power_fraction_of_tdp:.0f} W "
-                   f"(TDP x {s.engine.power_fraction_of_tdp:g})"),
+        ("energy", f"{o['energy_per_token_j']:.3f} J/token at {o['board_power_w']:.0f} W "
+                   + (f"(idle {hw.idle_w:g} W + {hw.pj_per_byte:g} pJ/byte + {hw.pj_per_flop:g} pJ/FLOP, fitted on "
+                      f"measured power)" if has_model(hw) else
+                      f"(TDP x {s.engine.power_fraction_of_tdp:g}: no power model measured for {hw.name})")),
     ]
     if "ttft_ms" in o:
         rows += [
