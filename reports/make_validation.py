@@ -14,6 +14,10 @@ then reports/validation-summary.json with every figure quoted in the README.
    validated on the other half (`--only compiled-options` runs this step alone).
 7. engines/hf-eager.yaml and reports/hf-eager-h200-holdout/: Hugging Face transformers in eager PyTorch
    (data/h200-hf-eager), fitted with --host-dispatch, likewise (`--only hf-eager`).
+8. reports/plain-h200-unseen-models/ and reports/plain-h200-models-holdout/: the plain decoder on five
+   architectures (data/h200-plain-models): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
+   Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
+   other half (`--only plain-models`).
 """
 from __future__ import annotations
 
@@ -198,7 +202,32 @@ def hf_eager_engine() -> None:
                      "Hugging Face transformers, eager")
 
 
-ONLY = {"compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine()}
+def plain_models() -> None:
+    """Step 8: models the engine never saw. The fitted engines stay in the report folders (not shipped)."""
+    grid, micro = DATA / "h200-plain-models" / "rows.csv", DATA / "h200-plain" / "microbench.csv"
+    rows = measurements.load([grid], MEASURED).drop(columns="source")
+    seen = rows["model"].isin(["gpt-j-6b", "llama-3-8b"])
+    unseen = REPORTS / "plain-h200-unseen-models"
+    unseen.mkdir(parents=True, exist_ok=True)
+    rows[seen].to_csv(unseen / "fit.csv", index=False)
+    rows[~seen].to_csv(unseen / "test.csv", index=False)
+    kfsim("calibrate", rel(unseen / "fit.csv"), "--microbench", rel(micro), "--name", "plain-h200-two-models",
+          "--out", rel(unseen / "engine.yaml"))
+    kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(unseen / "engine.yaml"), "--out", rel(unseen),
+          "--title", "Plain decoder: MPT-7B, Mistral-7B and Cerebras-GPT-6.7B predicted by an engine fitted on "
+          "GPT-J-6B and Llama-3-8B (H200)")
+    hold = REPORTS / "plain-h200-models-holdout"
+    hold.mkdir(parents=True, exist_ok=True)
+    mask = split_half(rows)
+    rows[mask].to_csv(hold / "fit.csv", index=False)
+    rows[~mask].to_csv(hold / "test.csv", index=False)
+    kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", "plain-h200-models-half",
+          "--out", rel(hold / "engine.yaml"))
+    kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
+          "--title", "Plain decoder, five architectures: held-out half of the H200 rows")
+
+
+ONLY = {"plain-models": lambda: plain_models(), "compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine()}
 
 
 def main() -> None:
@@ -243,6 +272,7 @@ def main() -> None:
     print(markdown_table(summary.astype(object).where(summary.notna(), "")))
     compiled_options_engine()
     hf_eager_engine()
+    plain_models()
 
 
 if __name__ == "__main__":
