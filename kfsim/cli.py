@@ -138,8 +138,8 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
         from .predict import largest_batch
 
         out.update(largest_batch(s, seq))
-    header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind
-              if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
+    header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": "full"
+              if s.policy.is_full else s.policy.kind, "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
               "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv),
               "tp": tp, "notes": list(s.notes)}
     if as_json:

@@ -5,7 +5,8 @@
              the highest accumulated Gumbel-softmax score (Adnan et al., MLSys 2024); one eviction per step.
 - h2o:       the same structure with a plain-softmax accumulated score (Zhang et al., NeurIPS 2023).
 - window:    the most recent kv_ratio x context tokens only (no score).
-A budget of the whole context (kv_ratio = 1) evicts nothing, so every policy is then the full cache.
+A budget of the whole context (kv_ratio = 1) evicts nothing: `window` is then the full cache, while `keyformer` and
+`h2o` read the full cache's bytes but still score every token each step, and pay for it.
 """
 from __future__ import annotations
 
@@ -46,7 +47,13 @@ class Policy:
 
     @property
     def scored(self) -> bool:
-        return self.evicts and self.kind in SCORED
+        """True where a step scores tokens (Keyformer, H2O), at any kv-ratio: a scoring decoder pays at 1 too."""
+        return self.kind in SCORED
+
+    @property
+    def is_full(self) -> bool:
+        """True where a step is the full cache's: nothing evicted and nothing scored."""
+        return not (self.evicts or self.scored)
 
     def budget(self, context) -> np.ndarray:
         """Tokens kept for a context of `context` tokens: ceil(kv_ratio x context), at least 1."""
@@ -56,8 +63,10 @@ class Policy:
         return np.maximum(1, np.ceil(self.kv_ratio * context - 1e-9)).astype(context.dtype)
 
     def label(self) -> str:
-        if not self.evicts:
+        if self.is_full:
             return "full"
+        if not self.evicts:
+            return f"{self.kind} (kv-ratio 1: keeps every token, still scores them)"
         return f"{self.kind} (kv-ratio {self.kv_ratio:g}, window {self.window:g} of budget)"
 
 

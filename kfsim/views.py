@@ -41,8 +41,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
         ("decode step", f"{step:.3f} ms   {o['tokens_per_s']:,.1f} tokens/s"),
         ("vs full cache", f"{o['full_step_ms']:.3f} ms  ->  {o['speedup_vs_full']:.2f}x "
                           + ("speedup" if o['speedup_vs_full'] >= 1 else "(slower)")
-         if s.policy.evicts else "this is the full cache"),
-        *([("why slower", why_slower(o))] if s.policy.evicts and o["speedup_vs_full"] < 1 else []),
+         if not s.policy.is_full else "this is the full cache"),
+        *([("why slower", why_slower(o))] if not s.policy.is_full and o["speedup_vs_full"] < 1 else []),
         *([("largest batch", dividend(o))] if "full_max_batch" in o and s.policy.evicts else []),
         *([("tensor parallel", tp_text(s, h, o))] if h.get("tp", 1) > 1 else []),
         ("bound by", f"{BOUND_WORDS[o['bound']]}   (" + ", ".join(f"{k} {_pct(v, step)}" for k, v in parts.items())

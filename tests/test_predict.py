@@ -174,3 +174,11 @@ def test_a_long_generation_priced_from_sampled_steps_moves_by_under_a_thousandth
     cached = request_cached(s, 1000, 6 * predict_module.PRICED_STEPS + 7)
     exact = predict_module.step_time(s, B[:, None], cached).seconds.sum(axis=-1)
     assert np.allclose(predict_module._decode_seconds(s, B, cached), exact, rtol=1e-3, atol=0)
+
+
+def test_keyformer_at_kv_ratio_one_pays_its_scorer():
+    """`--policy keyformer --kv-ratio 1` was once answered as the full cache: a Keyformer decoder scores at any
+    budget, so the step is slower by the scorer's work while the KV read is the same."""
+    full = predict(make_setup(gpu="h100", model="gpt-j-6b"), 1, 4096)
+    kf = predict(make_setup(gpu="h100", model="gpt-j-6b", policy="keyformer", kv_ratio=1.0), 1, 4096)
+    assert kf["kv_bytes"] == full["kv_bytes"] and kf["step_ms"] > full["step_ms"] * 1.05

@@ -61,10 +61,16 @@ def test_latency_never_rises_as_bandwidth_grows(c, batch, seq, bw, factor):
 @given(gpu=st.sampled_from(GPUS), model=st.sampled_from(MODELS), engine=st.sampled_from(ENGINES),
        kind=st.sampled_from(["keyformer", "h2o", "window"]), batch=st.integers(1, 256), seq=st.integers(1, 65_536))
 def test_kv_ratio_one_is_the_full_cache(gpu, model, engine, kind, batch, seq):
+    """At kv-ratio 1 every policy reads the full cache's KV; `window` is then the full cache, while a scoring
+    policy (Keyformer, H2O) still pays its scorer: never faster, never less memory."""
     full = predict(make_setup(gpu=gpu, model=model, engine=engine), batch, seq)
     one = predict(make_setup(gpu=gpu, model=model, engine=engine, policy=kind, kv_ratio=1.0), batch, seq)
-    for key in ("step_ms", "kv_bytes", "flops", "memory_bytes"):
-        assert one[key] == full[key], key
+    assert one["kv_bytes"] == full["kv_bytes"] and one["cached_tokens"] == full["cached_tokens"]
+    if kind == "window":
+        for key in ("step_ms", "flops", "memory_bytes"):
+            assert one[key] == full[key], key
+    else:
+        assert one["step_ms"] >= full["step_ms"] and one["memory_bytes"] >= full["memory_bytes"]
 
 
 @settings(max_examples=40, deadline=None)
