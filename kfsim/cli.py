@@ -435,17 +435,20 @@ def fit_power(files, engine, measured_engine, holdout, seed, as_json):
     from .validate import metrics
 
     eng = get_engine(engine)
-    df, above = usable(load(files, measured_engine, "decode"))
+    if not math.isfinite(holdout):
+        raise KfsimError(f"--holdout {holdout}: allowed: a finite fraction, 0 <= F <= 0.9")
+    df, above, unread = usable(load(files, measured_engine, "decode"))
     held = np.random.default_rng(seed).random(len(df)) < holdout
     figures = fit_rows(df[~held].reset_index(drop=True), eng)
     test = df[held].reset_index(drop=True)
     check = metrics(energy_error_pct(test, get_hardware(figures["gpu"]), figures, eng)) if len(test) else metrics([])
-    out = {**figures, "rows_above_limit_dropped": above, "held_out_energy": check}
+    out = {**figures, "rows_above_limit_dropped": above, "rows_without_power": unread, "held_out_energy": check}
     if as_json:
         click.echo(json.dumps(out))
         return
     click.echo(f"{figures['gpu']}: fitted on {figures['rows']} rows (in-sample power MAPE {figures['mape_pct']}%)"
-               + (f"; {above} rows above the board limit dropped" if above else ""))
+               + (f"; {above} rows above the board limit dropped" if above else "")
+               + (f"; {unread} rows without a power reading (power_w, idle_w) left out" if unread else ""))
     click.echo(yaml.safe_dump({k: figures[k] for k in ("idle_w", "pj_per_byte", "pj_per_flop")}).rstrip())
     if check["n"]:
         click.echo(f"energy per step on {check['n']} held-out rows: MAPE {check['mape']:.2f}%, median "

@@ -22,13 +22,16 @@ def rates(df, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
 
 
 def usable(df):
-    """Decode rows with a power reading, none above the board limit; (rows, count dropped as above it)."""
+    """Decode rows with a power reading, none above the board limit; (rows, count dropped as above it, count
+    without a reading)."""
     need = {"power_w", "idle_w"}
     if not need <= set(df.columns):
         raise KfsimError("fitting power needs the columns power_w and idle_w (kfsim measure writes them)")
-    df = df[(df["phase"] == "decode") & df["power_w"].notna() & df["idle_w"].notna()]
+    df = df[df["phase"] == "decode"]
+    read = df["power_w"].notna() & df["idle_w"].notna()
+    df, unread = df[read], int((~read).sum())
     above = df["power_w"] > df["power_limit_w"] if "power_limit_w" in df.columns else df["power_w"] < 0
-    return df[~above.fillna(False)].reset_index(drop=True), int(above.fillna(False).sum())
+    return df[~above.fillna(False)].reset_index(drop=True), int(above.fillna(False).sum()), unread
 
 
 def fit_rows(df, engine: Engine) -> dict:

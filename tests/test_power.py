@@ -68,3 +68,17 @@ def test_profile_power_figures_need_a_source(tmp_path):
     p.write_text(text.replace("tdp_w: 700", "tdp_w: 700\nidle_w: 70"))
     r = CliRunner().invoke(cli, ["predict", "--hw", str(p), "--seq", "64"])
     assert r.exit_code == 2 and "no source for idle_w" in r.output
+
+
+def test_fit_power_bad_input_is_one_line():
+    r = CliRunner().invoke(cli, ["fit-power", str(ROWS), "--holdout", "nan"])
+    assert r.exit_code == 2 and "--holdout nan: allowed" in r.output
+    old = Path(__file__).resolve().parents[1] / "data" / "h200-plain" / "rows.csv"  # measured before idle_w
+    r = CliRunner().invoke(cli, ["fit-power", str(old), "--measured-engine", "torch-graph"])
+    assert r.exit_code == 2 and "needs the columns power_w and idle_w" in r.output
+
+
+def test_rows_without_power_are_counted_not_silently_dropped():
+    h100 = Path(__file__).resolve().parents[1] / "data" / "h100-sxm-plain" / "rows.csv"
+    r = CliRunner().invoke(cli, ["fit-power", str(ROWS), str(h100), "--measured-engine", "torch-graph"])
+    assert r.exit_code == 0 and "65 rows without a power reading" in r.output
