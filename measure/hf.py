@@ -26,7 +26,7 @@ from .kv_policies import EMPTY, EvictingCache
 #: HF modes -> the `engine` column of their rows
 ENGINES = {"eager": "hf-eager", "compiled": "hf-compiled"}
 #: families whose attention Keyformer's hook reaches (attention interface, or GPT-J's own `_attn`)
-KEYFORMER_FAMILIES = ("llama", "gptj")
+KEYFORMER_FAMILIES = ("llama", "gptj", "mpt")
 
 
 def hf_config(w: Workload, max_positions: int):
@@ -115,21 +115,27 @@ def _cache_classes():
             _PENDING[0] = self
             return key_states, value_states
 
-        def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        def attend(self, query: torch.Tensor, scale: float, alibi: torch.Tensor | None = None) -> torch.Tensor:
             """Attention of `query` [B, H, T, D] over what the layer keeps plus the new tokens, then score and
-            evict: the prompt when nothing is kept yet, else one decode step. Returns [B, H, T, D]."""
+            evict: the prompt when nothing is kept yet, else one decode step. `alibi`: the heads' ALiBi slopes
+            (MPT), applied at the kept tokens' own positions. Returns [B, H, T, D]."""
             key, value = self.new_kv
             self.new_kv = None
             B, Hkv, T, D = key.shape
             if self.evicting is None:
                 ev = self.start(B, Hkv, D, T, key.dtype, key.device)
                 ev.scale = scale
-                out = ev.prefill(query, key, value)
+                bias = None
+                if alibi is not None:
+                    pos = torch.arange(T, device=key.device)
+                    bias = alibi.to(key.device)[:, None, None] * (pos[None, :] - pos[:, None]).float()
+                out = ev.prefill(query, key, value, bias)
             elif T == 1:
                 if self.kv_ratio >= 1:
                     self._make_room()
                 self.evicting.scale = scale
-                out = self.evicting.decode(query, key, value, self.seen)
+                bias_fn = None if alibi is None else _alibi_bias_fn(alibi.to(key.device), query.shape[1] // Hkv)
+                out = self.evicting.decode(query, key, value, self.seen, bias_fn)
             else:
                 raise KfsimError("KeyformerCache takes one prompt, then one token per step (no chunked or "
                                  "speculative decoding)")
@@ -238,9 +244,49 @@ def _keyformer_mask(*args, **kwargs):
     return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, **kwargs)
 
 
+def _alibi_bias_fn(slopes: torch.Tensor, group: int):
+    """bias_fn for EvictingCache.decode: slope x (kept token's position - query position), per query head."""
+
+    def bias_fn(key_pos, query_pos):
+        rel = (key_pos - query_pos).float()  # [B, Hkv, S]
+        return slopes[None, :, None] * rel.repeat_interleave(group, dim=1)
+
+    return bias_fn
+
+
+def _mpt_forward(attn):
+    """MptAttention.forward with Keyformer where a KeyformerCache is passed (MPT computes its attention inline, with
+    an ALiBi bias sliced as if the cache held contiguous positions: Keyformer's kept tokens are not)."""
+    from .decoder import alibi_slopes
+
+    plain = attn.forward
+    slopes = alibi_slopes(attn.n_heads, attn.alibi_bias_max if hasattr(attn, "alibi_bias_max") else 8.0)
+
+    def forward(hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+        if not isinstance(past_key_values, _cache_classes()[1]):
+            return plain(hidden_states, position_bias, past_key_values, attention_mask, **kwargs)
+        B, T = hidden_states.shape[:2]
+        qkv = attn.Wqkv(hidden_states)
+        if attn.clip_qkv:
+            qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
+        q, k, v = (t.reshape(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
+        past_key_values.update(k, v, attn.layer_idx)
+        out = _take_pending().attend(q, attn.softmax_scale, alibi=slopes)
+        return attn.out_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+
+    return forward
+
+
 def enable_keyformer(model) -> None:
     """Install the attention hook KeyformerCache needs (once per model; other caches keep the model's attention)."""
     family = model.config.model_type
+    if family == "mpt":
+        for block in model.transformer.blocks:
+            attn = block.attn
+            if not getattr(attn, "_keyformer_hooked", False):
+                attn.alibi_bias_max = model.config.attn_config.alibi_bias_max
+                attn.forward, attn._keyformer_hooked = _mpt_forward(attn), True
+        return
     if family == "gptj":
         for layer in model.transformer.h:
             attn = layer.attn
@@ -254,7 +300,8 @@ def enable_keyformer(model) -> None:
     if model.config._attn_implementation == "keyformer":
         return
     if family not in ("llama", "mistral"):
-        raise KfsimError(f"KeyformerCache has no attention hook for {family} models here (Llama, Mistral, GPT-J)")
+        raise KfsimError(f"KeyformerCache has no attention hook for {family} models here (Llama, Mistral, GPT-J, "
+                         f"MPT)")
     AttentionInterface.register("keyformer", _keyformer_attention)
     AttentionMaskInterface.register("keyformer", _keyformer_mask)
     model.config._keyformer_fallback = model.config._attn_implementation or "sdpa"

@@ -53,7 +53,7 @@ class HfRunner(Runner):
         if pt.context + self.steps + self.warmup + 8 > MAX_POSITIONS:
             return f"context {pt.context} is past the {MAX_POSITIONS} positions the models are built with"
         if pt.policy != "full" and (self.mode == "compiled" or w.family not in hf.KEYFORMER_FAMILIES):
-            return (f"{pt.policy} through transformers runs eagerly on Llama-, Mistral- and GPT-J-style models only "
+            return (f"{pt.policy} through transformers runs eagerly on Llama-, Mistral-, GPT-J- and MPT-style models only "
                     f"({w.family} model, mode {self.mode})")
         if self.mode == "compiled" and w.sliding_window and pt.context + 1 > w.sliding_window:
             return (f"the static cache of a sliding window ({w.sliding_window} slots) rolls instead of holding "
