@@ -32,22 +32,18 @@ class _Group(click.Group):
         sys.exit(0)
 
 
-class _Positive(click.FloatRange):
-    """A finite number > 0 (click's FloatRange lets NaN through: every comparison with NaN is false)."""
-
-    name = "positive number"
-
-    def __init__(self):
-        super().__init__(min=0, min_open=True)
+class _Finite(click.FloatRange):
+    """A finite number in a range (click's FloatRange lets NaN through: every comparison with NaN is false)."""
 
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number; allowed: a finite number > 0", param, ctx)
+            self.fail(f"{value!r} is not a finite number; allowed: a finite number {self._describe_range()}",
+                      param, ctx)
         return number
 
 
-POSITIVE = _Positive()
+POSITIVE = _Finite(min=0, min_open=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -411,7 +407,7 @@ def getattr_path(obj, dotted):
 @click.option("--engine", default="default", show_default=True, metavar="NAME|FILE",
               help="Engine whose byte counts (Keyformer's logit passes) the rates use.")
 @_MEASURED_ENGINE
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.5, show_default=True, metavar="F",
+@click.option("--holdout", type=_Finite(0, 0.9), default=0.5, show_default=True, metavar="F",
               help="Fraction of rows left out of the fit (at random, --seed) to check energy per step on.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the held-out rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures and errors as JSON.")
@@ -435,8 +431,6 @@ def fit_power(files, engine, measured_engine, holdout, seed, as_json):
     from .validate import metrics
 
     eng = get_engine(engine)
-    if not math.isfinite(holdout):
-        raise KfsimError(f"--holdout {holdout}: allowed: a finite fraction, 0 <= F <= 0.9")
     df, above, unread = usable(load(files, measured_engine, "decode"))
     held = np.random.default_rng(seed).random(len(df)) < holdout
     figures = fit_rows(df[~held].reset_index(drop=True), eng)

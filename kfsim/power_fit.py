@@ -11,13 +11,13 @@ from .rows import group_rows
 
 def rates(df, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Bytes moved and FLOPs of every row's step as kfsim counts them (in row order)."""
+    from .predict import traffic
+
     moved, flops = np.empty(len(df)), np.empty(len(df))
     for g in group_rows(df, engine):
-        s = g.setup
-        total = lambda attr: sum(np.broadcast_to(getattr(o, attr), g.batch.shape) for o in g.ops)  # noqa: E731
-        moved[g.index] = (total("weight_bytes") + total("kv_read_bytes") + total("kv_write_bytes")
-                          + total("other_bytes") + s.engine.keyformer_logit_passes * total("logit_pass_bytes"))
-        flops[g.index] = total("flops")
+        tr = traffic(g.ops, g.setup.engine)
+        moved[g.index] = np.broadcast_to(tr["moved"], g.batch.shape)
+        flops[g.index] = np.broadcast_to(tr["flops"], g.batch.shape)
     return moved, flops
 
 
@@ -44,27 +44,35 @@ def fit_rows(df, engine: Engine) -> dict:
     return {"gpu": gpus[0], **fit(df["power_w"], float(np.median(df["idle_w"])), moved / seconds, flops / seconds)}
 
 
-def energy_error_pct(df, hw, figures: dict, engine: Engine) -> np.ndarray:
-    """(predicted / measured - 1) x 100 of each row's energy per step, with `figures` as `hw`'s power model and
-    the measured step time (the power model's error alone)."""
-    import dataclasses
-
+def _energy_error_pct(rows, engine: Engine, seconds: np.ndarray, hardware) -> np.ndarray:
+    """(predicted / measured - 1) x 100 of each row's energy per step: `hardware(gpu)`'s power model at the step
+    times `seconds`."""
     from .power import board_power_w
+
+    moved, flops = rates(rows, engine)
+    err = np.empty(len(rows))
+    for gpu, idx in rows.groupby("gpu").indices.items():
+        power = board_power_w(hardware(str(gpu)), moved[idx], flops[idx], seconds[idx], engine.power_fraction_of_tdp)
+        err[idx] = 100 * (power * seconds[idx] / rows["energy_j"].to_numpy(float)[idx] - 1)
+    return err
+
+
+def energy_error_pct(df, hw, figures: dict, engine: Engine) -> np.ndarray:
+    """Each row's energy error with `figures` as `hw`'s power model, at the measured step time (the power model's
+    error alone)."""
+    import dataclasses
 
     keys = ("idle_w", "pj_per_byte", "pj_per_flop")
     hw = dataclasses.replace(hw, **{k: figures[k] for k in keys},
                              source={**hw.source, **{k: "kfsim fit-power, being checked" for k in keys}})
-    moved, flops = rates(df, engine)
-    seconds = df["step_ms"].to_numpy(float) / 1e3
-    energy = board_power_w(hw, moved, flops, seconds, engine.power_fraction_of_tdp) * seconds
-    return 100 * (energy / df["energy_j"].to_numpy(float) - 1)
+    return _energy_error_pct(df, engine, df["step_ms"].to_numpy(float) / 1e3, lambda gpu: hw)
 
 
-def validate_energy(cmp, engine: Engine):
-    """Energy per step predicted (the predicted step at the modelled power) against measured `energy_j`, for rows
-    of GPUs whose profile has a power model; (metrics, error column) or None where no row can be checked."""
+def validate_energy(cmp, engine: Engine) -> dict | None:
+    """Metrics of the energy per step predicted (the predicted step at the GPU profile's power model) against
+    measured `energy_j`, over rows of GPUs whose profile has a power model; None where no row can be checked."""
     from .hardware import get_hardware
-    from .power import board_power_w, has_model
+    from .power import has_model
     from .validate import metrics
 
     if "energy_j" not in cmp.columns:
@@ -75,10 +83,4 @@ def validate_energy(cmp, engine: Engine):
         rows = rows[~(rows["power_w"] > rows["power_limit_w"])].reset_index(drop=True)
     if rows.empty:
         return None
-    moved, flops = rates(rows, engine)
-    err = np.empty(len(rows))
-    for gpu, idx in rows.groupby("gpu").indices.items():
-        s = rows["predicted_ms"].to_numpy(float)[idx] / 1e3
-        power = board_power_w(get_hardware(str(gpu)), moved[idx], flops[idx], s, engine.power_fraction_of_tdp)
-        err[idx] = 100 * (power * s / rows["energy_j"].to_numpy(float)[idx] - 1)
-    return metrics(err)
+    return metrics(_energy_error_pct(rows, engine, rows["predicted_ms"].to_numpy(float) / 1e3, get_hardware))

@@ -66,16 +66,24 @@ def request_peak_cached(s: Setup, prompt: int, cached: np.ndarray) -> int:
     return max(int(prompt_cached), int(cached.max()) if cached.size else 0)
 
 
+def traffic(ops, engine) -> dict:
+    """A step's bytes by kind and its FLOPs, summed over `ops`; `other` includes the engine's passes over
+    materialised scoring logits, and `moved` is every byte."""
+    total = lambda attr: sum(getattr(o, attr) for o in ops)  # noqa: E731
+    out = {k: total(f"{k}_bytes") for k in ("weight", "kv_read", "kv_write", "other")}
+    out["other"] = out["other"] + engine.keyformer_logit_passes * total("logit_pass_bytes")
+    out["moved"] = out["weight"] + out["kv_read"] + out["kv_write"] + out["other"]
+    out["flops"] = total("flops")
+    return out
+
+
 def _step_fields(s: Setup, batch, seq) -> dict:
     cached = attended_tokens(s.workload, s.policy, seq)
     ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
     t = step_time(s, batch, cached, ops)
-    total = lambda attr: sum(getattr(o, attr) for o in ops)  # noqa: E731
-    weight, kv_read, kv_write, other = (total(a) for a in ("weight_bytes", "kv_read_bytes", "kv_write_bytes",
-                                                          "other_bytes"))
-    other = other + s.engine.keyformer_logit_passes * total("logit_pass_bytes")
-    flops = total("flops")
-    moved = weight + kv_read + kv_write + other
+    tr = traffic(ops, s.engine)
+    weight, kv_read, kv_write, other, moved, flops = (tr[k] for k in ("weight", "kv_read", "kv_write", "other",
+                                                                      "moved", "flops"))
     B = np.asarray(batch, dtype=float) * np.ones_like(t.seconds)
     mem = memory.footprint(s.workload, s.policy, s.dtypes, s.engine, batch, cached)
     power = board_power_w(s.hw, moved, flops, t.seconds, s.engine.power_fraction_of_tdp)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import textwrap
 
-from .power import has_model
 from .fmt import scalar, si
 from .inputs import Setup
+from .power import has_model
 
 
 #: columns of the printed prediction

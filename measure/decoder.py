@@ -41,6 +41,16 @@ def alibi_slopes(n_heads: int, bias_max: float = 8.0) -> torch.Tensor:
     return slopes
 
 
+def alibi_bias(slopes: torch.Tensor, key_pos: torch.Tensor, query_pos, group: int = 1) -> torch.Tensor:
+    """ALiBi bias slope_h x (key position - query position). Positions of every row alike ([S] keys, or [T, S]
+    query-by-key) give [H, 1 or T, S]; an evicting cache's own positions per sequence and KV head ([B, Hkv, S])
+    give [B, H, S], each KV head's positions repeated for its `group` query heads."""
+    rel = (key_pos - query_pos).float()
+    if rel.dim() <= 2:
+        return slopes[:, None, None] * rel.reshape(-1, rel.shape[-1])[None]
+    return slopes[None, :, None] * rel.repeat_interleave(group, dim=1)
+
+
 def slopes_of(w: Workload) -> torch.Tensor | None:
     """The ALiBi slopes a full cache of `w` needs (measure.kv_policies.FullCache), or None for other positions."""
     return alibi_slopes(w.n_heads) if w.position == "alibi" else None
@@ -90,10 +100,7 @@ class Attention(nn.Module):
 
     def bias_fn(self, key_pos, query_pos):
         """ALiBi bias slope_h x (key position - query position), shaped for the cache that asks."""
-        rel = (key_pos - query_pos).float()
-        if rel.dim() == 1:  # full cache: keys 0..n -> [H, 1, n]
-            return self.slopes[:, None, None] * rel[None, None, :]
-        return self.slopes[None, :, None] * rel.repeat_interleave(self.w.n_heads // self.w.n_kv_heads, dim=1)
+        return alibi_bias(self.slopes, key_pos, query_pos, self.w.n_heads // self.w.n_kv_heads)
 
     def forward(self, x, cache, positions, rotary, decode_pos=None):
         q, k, v = self._split(x)
@@ -103,8 +110,7 @@ class Attention(nn.Module):
         if decode_pos is None:  # prefill
             bias = None
             if has_alibi:
-                rel = (positions[None, :] - positions[:, None]).float()
-                bias = self.slopes[:, None, None] * rel[None]
+                bias = alibi_bias(self.slopes, positions[None, :], positions[:, None])
             y = cache.prefill(q, k, v, bias)
         else:
             y = cache.decode(q, k, v, decode_pos, self.bias_fn if has_alibi else None)

@@ -21,6 +21,7 @@ import torch
 from kfsim.errors import KfsimError
 from kfsim.workload import Workload
 
+from .decoder import alibi_bias, alibi_slopes
 from .kv_policies import EMPTY, EvictingCache
 
 #: HF modes -> the `engine` column of their rows
@@ -125,16 +126,15 @@ def _cache_classes():
             if self.evicting is None:
                 ev = self.start(B, Hkv, D, T, key.dtype, key.device)
                 ev.scale = scale
-                bias = None
-                if alibi is not None:
-                    pos = torch.arange(T, device=key.device)
-                    bias = alibi.to(key.device)[:, None, None] * (pos[None, :] - pos[:, None]).float()
+                pos = torch.arange(T, device=key.device)
+                bias = None if alibi is None else alibi_bias(alibi.to(key.device), pos[None, :], pos[:, None])
                 out = ev.prefill(query, key, value, bias)
             elif T == 1:
                 if self.kv_ratio >= 1:
                     self._make_room()
                 self.evicting.scale = scale
-                bias_fn = None if alibi is None else _alibi_bias_fn(alibi.to(key.device), query.shape[1] // Hkv)
+                bias_fn = None if alibi is None else functools.partial(alibi_bias, alibi.to(key.device),
+                                                                       group=query.shape[1] // Hkv)
                 out = self.evicting.decode(query, key, value, self.seen, bias_fn)
             else:
                 raise KfsimError("KeyformerCache takes one prompt, then one token per step (no chunked or "
@@ -244,23 +244,11 @@ def _keyformer_mask(*args, **kwargs):
     return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, **kwargs)
 
 
-def _alibi_bias_fn(slopes: torch.Tensor, group: int):
-    """bias_fn for EvictingCache.decode: slope x (kept token's position - query position), per query head."""
-
-    def bias_fn(key_pos, query_pos):
-        rel = (key_pos - query_pos).float()  # [B, Hkv, S]
-        return slopes[None, :, None] * rel.repeat_interleave(group, dim=1)
-
-    return bias_fn
-
-
-def _mpt_forward(attn):
+def _mpt_forward(attn, alibi_bias_max: float):
     """MptAttention.forward with Keyformer where a KeyformerCache is passed (MPT computes its attention inline, with
     an ALiBi bias sliced as if the cache held contiguous positions: Keyformer's kept tokens are not)."""
-    from .decoder import alibi_slopes
-
     plain = attn.forward
-    slopes = alibi_slopes(attn.n_heads, attn.alibi_bias_max if hasattr(attn, "alibi_bias_max") else 8.0)
+    slopes = alibi_slopes(attn.n_heads, alibi_bias_max)
 
     def forward(hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
         if not isinstance(past_key_values, _cache_classes()[1]):
@@ -284,8 +272,8 @@ def enable_keyformer(model) -> None:
         for block in model.transformer.blocks:
             attn = block.attn
             if not getattr(attn, "_keyformer_hooked", False):
-                attn.alibi_bias_max = model.config.attn_config.alibi_bias_max
-                attn.forward, attn._keyformer_hooked = _mpt_forward(attn), True
+                attn.forward = _mpt_forward(attn, model.config.attn_config.alibi_bias_max)
+                attn._keyformer_hooked = True
         return
     if family == "gptj":
         for layer in model.transformer.h:

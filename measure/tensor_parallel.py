@@ -73,7 +73,7 @@ def shard_decoder(full: Decoder, rank: int, tp: int) -> Decoder:
                 if a is not None:
                     b.load_state_dict(a.state_dict())
             if w.position == "alibi":
-                pa.slopes = alibi_slopes(w.n_heads)[r["heads"][0]:r["heads"][1]].to(p.device)
+                pa.slopes = rank_slopes(w, rank, tp).to(p.device)
         part.norm.load_state_dict(full.norm.state_dict())
         v0, v1 = r["vocab"]
         part.lm_head.weight.zero_()

@@ -48,17 +48,6 @@ def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10,
     return Timing.of([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup_s)
 
 
-def time_block(step: Callable[[], object], repeats: int) -> float:
-    """Milliseconds for `repeats` back-to-back steps between one pair of events (for energy windows)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
 def capture_graph(step: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Capture `step` in a CUDA graph after warm-up on a side stream (as torch's documentation prescribes)."""
     stream = torch.cuda.Stream()
