@@ -178,15 +178,9 @@ def list_cmd(what, as_json):
 @click.option("--eager", is_flag=True, help="Launch kernels one by one instead of replaying a CUDA graph.")
 @click.option("--engine", "engine", type=click.Choice(["torch-graph", "compiled"]), default="torch-graph",
               show_default=True, help="torch-graph: the plain decoder in a CUDA graph; compiled: torch.compile "
-              "glue + fused split-K Triton attention with Keyformer scoring, in a CUDA graph.")
-@click.option("--kernel-options", default="", metavar="LIST",
-              help="--engine compiled: opt-in options of the fused attention kernel, e.g. write_first,l2_hints "
-                   "(write_first, l2_hints, fold_combine, wave, batch1_split, fast_log; Keyformer's kernels only: "
-                   "pos32, lane_partials, short_finish; measure/fused_attention.py says what each does), and of the "
-                   "decoder around it (small_gemm: batch 2-16 on the fused products of measure/gemm_small.py instead "
-                   "of cuBLAS; fused_rotary: steps on cuBLAS hand q, k, v to the attention kernel unrotated; "
-                   "l2_persist: 24 MiB of L2 set aside for the lines l2_hints marks to stay, Keyformer's z). "
-                   "Rows record them in the kernel_options column; empty is the shipped kernel.")
+              "glue, fused matrix-vector products at batch 1-16 and fused split-K Triton attention with "
+              "Keyformer scoring and ALiBi, in a CUDA graph (rows list its kernel's features in kernel_options: "
+              "measure/kernel_options.py).")
 @click.option("--backend", type=click.Choice(["kfsim", "hf"]), default="kfsim", show_default=True,
               help="Whose decoder: kfsim's own (--engine), or Hugging Face transformers' model classes and caches "
                    "(hf: rows with engine hf-eager or hf-compiled; Keyformer as measure.hf.KeyformerCache).")
@@ -200,7 +194,7 @@ def list_cmd(what, as_json):
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
-def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine, kernel_options,
+def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine,
             backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
@@ -218,19 +212,14 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     policies = parse_list(policy, "policy", choices=("full", "keyformer", "h2o", "window"))
     prompts = parse_list(prefill_prompts, "prefill", int, lo=1) if prefill_prompts else []
     prefill_batches = parse_list(prefill_batch, "prefill-batch", int, lo=1)
-    from measure.kernel_options import ALL_OPTIONS
-
-    options = parse_list(kernel_options, "kernel-options", choices=tuple(ALL_OPTIONS)) if kernel_options else []
-    if options and engine != "compiled":
-        raise KfsimError("--kernel-options are options of the compiled engine's kernels: they need --engine compiled")
     from .policy import measured_pairs
 
     if not measured_pairs(policies, ratios):
         raise KfsimError("no points to measure: full runs only at --kv-ratio 1, other policies only below 1")
     if eager and engine != "torch-graph":
         raise KfsimError("--eager runs the plain decoder launch by launch; it does not combine with --engine compiled")
-    if backend == "hf" and (eager or engine != "torch-graph" or options):
-        raise KfsimError("--eager, --engine and --kernel-options choose kfsim's own decoder; with --backend hf use "
+    if backend == "hf" and (eager or engine != "torch-graph"):
+        raise KfsimError("--eager and --engine choose kfsim's own decoder; with --backend hf use "
                          "--hf-mode eager|compiled")
     if backend != "hf" and (hf_mode != "eager" or checkpoint is not None):
         raise KfsimError("--hf-mode and --checkpoint are options of --backend hf")
@@ -260,7 +249,7 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         runner = hf_campaign.HfRunner(mode=hf_mode, checkpoint=checkpoint, steps=steps, warmup=warmup, window=window)
     else:
         runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
-                                 engine="torch-eager" if eager else engine, kernel_options=options)
+                                 engine="torch-eager" if eager else engine)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
     rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
     from .fmt import table
@@ -295,6 +284,14 @@ _MEASURED_ENGINE = click.option("--measured-engine", metavar="NAME",
                                 help="Use only rows whose `engine` column is NAME (e.g. torch-graph).")
 _PHASE = click.option("--phase", type=click.Choice(["all", "decode", "prefill"]), default="all", show_default=True,
                       help="Which rows to use.")
+
+
+def _kernels_of(rows) -> str:
+    """'; kernels: ...' naming the kernel features the rows record (measure's kernel_options column), or ''."""
+    if "kernel_options" not in rows.columns:
+        return ""
+    kinds = sorted({str(v) for v in rows["kernel_options"].dropna() if str(v)})
+    return f"; kernels: {' | '.join(kinds)}" if kinds else ""
 
 
 @cli.command()
@@ -369,7 +366,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     eng = cal.rounded(f.engine, fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
                       description=f"fitted by kfsim calibrate on {', '.join(files)}"
-                      + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline"),
+                      + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline")
+                      + _kernels_of(df),
                       source={"fit": f"kfsim calibrate {' '.join(files)}"
                                      + "".join(f" --microbench {m}" for m in micro)
                                      + (f" --measured-engine {measured_engine}" if measured_engine else "")

@@ -30,23 +30,22 @@ import tempfile
 import torch
 
 from .bench_attention import SHAPES, _ints, _words
-from measure.kernel_options import KERNEL_OPTIONS, decoder_keywords
 from measure.l2_persist import l2_sizes, set_persisting_l2
 
-_LANE = "                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau\n"
-_STORE = "                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)\n"
-_UPDATE = ("                mz_new = tl.maximum(mz_lane, z)\n"
-           "                lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)\n"
-           "                mz_lane = mz_new\n")
+_LANE = "            z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau\n"
+_STORE = "            tl.store(Z + offs, z, mask=lmask, eviction_policy=\"evict_last\")\n"
+_UPDATE = ("            mz_new = tl.maximum(mz_lane, z)\n"
+           "            lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)\n"
+           "            mz_lane = mz_new\n")
 _FINISH = ("            grid, args, meta, options = self.finish_launch(out, pos, score_buf, state, window)\n"
            "            _finish_kernel[grid](*args, **meta, **options)\n")
 _COMBINE = ("            grid, args, meta, options = self.combine_launch(out)\n"
             "            _combine_kernel[grid](*args, **meta, **options)\n")
 
-#: ablation -> (text, replacement) edits of fused_attention.py (the lane_partials branch of the split kernel's loop)
+#: ablation -> (text, replacement) edits of fused_attention.py (the split kernel's loop, the finish launch)
 EDITS = {
     "z_store": [(_LANE + _STORE, _LANE)],
-    "noise": [(_LANE, "                z = xc * inv_tau\n")],
+    "noise": [(_LANE, "            z = xc * inv_tau\n")],
     "partials": [(_STORE + _UPDATE, _STORE)],
     "extract": [("            xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)\n",
                  "            xc = tl.zeros([GP, BLOCK_N], tl.float32)\n")],
@@ -57,9 +56,6 @@ EDITS = {
     "finish": [(_FINISH, _COMBINE)],
 }
 EDITS["all"] = EDITS["scoring"] + EDITS["finish"]
-
-#: the options of the H200 grids with every option (batch1_split changes batch 1 only)
-DEFAULT_OPTIONS = "write_first,fast_log,l2_hints,pos32,lane_partials,short_finish,batch1_split"
 
 
 def ablated_source(source: str, ablation: str) -> str:
@@ -162,14 +158,7 @@ def main(argv=None) -> int:
                     help="the L2 set-aside for persisting lines (measure.l2_persist), where l2_hints' evict-last z "
                          "can stay: 'default' (as the driver set it), 'off' (none), 'on' (the device's maximum) or "
                          "MiB; a list, run in turn (default: %(default)s)")
-    ap.add_argument("--options", default=DEFAULT_OPTIONS,
-                    help=f"kernel options, a comma list from {', '.join(KERNEL_OPTIONS)} (default: %(default)s)")
     a = ap.parse_args(argv)
-    try:
-        options = decoder_keywords([o for o in a.options.split(",") if o])
-    except ValueError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
     if not torch.cuda.is_available():
         print("Error: ablate_keyformer needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -180,8 +169,7 @@ def main(argv=None) -> int:
     from measure.nvml import Nvml
 
     nvml = Nvml()
-    env = {**environment(nvml), "triton": triton.__version__, "options": a.options}
-    rule = options.pop("split_rule", None)
+    env = {**environment(nvml), "triton": triton.__version__}
     rows = []
     runs = [("full", None), ("keyformer", None)] + [("keyformer", n) for n in a.ablations]
     with torch.inference_mode(), tempfile.TemporaryDirectory() as work, open(a.out, "w", newline="") as f:
@@ -192,7 +180,7 @@ def main(argv=None) -> int:
                 for tokens in a.tokens:
                     for policy, ablation in runs:
                         with ablated_module(ablation, work):
-                            t = time_layer(policy, batch, hkv, g, d, tokens, 0, 4, split_rule=rule, options=options)
+                            t = time_layer(policy, batch, hkv, g, d, tokens, 0, 4)
                         clocks = nvml.state()
                         r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy,
                              "ablation": ablation or policy, "l2_persist": persist, "l2_persist_bytes": aside, **t,

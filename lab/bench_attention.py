@@ -1,8 +1,8 @@
 """The fused decode-attention kernels alone: one layer's step for the full cache and for Keyformer at the same number
 of cached tokens, for each kernel configuration (tokens per block, warps per program), as achieved bandwidth of the
-K and V bytes against the HBM read ceiling. This is how the configuration `fused_attention` uses was chosen, and
-how the options it ships off are compared with it (--split-rule fill,wave --combine kernel,fold --l2-hints off,on
---write-first off,on, or named sets: --variants shipped,write_first+fast_log).
+K and V bytes against the HBM read ceiling. This is how the configuration `fused_attention` uses was chosen
+(--configs, --programs-per-sm); the kernel options it was compared with before they became its only path are in
+docs/fused-decoder.md and git history.
 
 Each timing replays a CUDA graph of many layers' kernels over separate caches (far more than the 50 MB L2 holds),
 so every layer reads its K and V from HBM, as in a real step. Run on a GPU (repository root):
@@ -21,7 +21,6 @@ from kfsim.errors import KfsimError
 from kfsim.values import parse_list
 
 from measure import timing
-from measure.kernel_options import KERNEL_OPTIONS, KEYFORMER_ONLY, decoder_keywords
 from measure.kv_policies import EvictingCache, FullCache
 
 #: (name, KV heads, query heads per KV head, head dim): GPT-J-6B and Llama-3-8B (workloads/*.yaml)
@@ -51,16 +50,14 @@ def _caches(policy, batch, kv_heads, head_dim, tokens, layers, kernel):
 
 
 def time_layer(policy, batch, kv_heads, g, head_dim, tokens, block_n, num_warps, num_stages=3, maxnreg=None,
-               steps=20, fold_combine=False, split_rule=None, l2_hints=False, write_first=False,
-               options=None) -> dict:
+               steps=20, options=None) -> dict:
     """Microseconds per layer and K+V GB/s of one configuration (and the split kernel's registers, spills, shared
-    memory and splits); `options`: more FusedDecoder keywords (measure.kernel_options), over the flags'."""
+    memory and splits); `options`: more FusedDecoder keywords."""
     kv_bytes = 2 * batch * kv_heads * (tokens + 1) * head_dim * 2
     layers = int(max(4, min(96, IN_FLIGHT_BYTES // kv_bytes)))
     caches = _caches(policy, batch, kv_heads, head_dim, tokens, layers,
                      {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg,
-                      "fold_combine": fold_combine, "split_rule": split_rule, "l2_hints": l2_hints,
-                      "write_first": write_first, **(options or {})})
+                      **(options or {})})
     q = torch.randn(batch, kv_heads * g, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -120,18 +117,6 @@ def _words(flag: str, allowed: tuple):
     return parse
 
 
-def _variants(text: str) -> list[str]:
-    """An argparse type: a comma list of kernel variants ('shipped' or '+'-joined measure.kernel_options names)."""
-    variants = parse_list(text, "variants", str)
-    for v in variants:
-        if v != "shipped":
-            try:
-                decoder_keywords(v.split("+"))
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-    return variants
-
-
 def _append(path: str, row: dict, first: bool) -> None:
     """Write `row` to the CSV at `path`, the header and a fresh file with the first row."""
     with open(path, "w" if first else "a", newline="") as f:
@@ -151,27 +136,9 @@ def main(argv=None) -> int:
                     "Keyformer's budget)")
     ap.add_argument("--configs", type=_configs, default=",".join(f"{b}x{w}x{s}" for b, w, s in CONFIGS),
                     help="BLOCK_NxWARPSxSTAGES list, or 'default' for the shipped choice (default: %(default)s)")
-    ap.add_argument("--split-rule", default="fill", type=_words("split-rule", ("fill", "wave", "rows")),
-                    help="how the cache is split: 'fill' (shipped: about PROGRAMS_PER_SM programs per SM), "
-                         "'wave' (one wave of RESIDENT_PER_SM resident programs per SM) and/or 'rows' (fill, with "
-                         "FEW_ROWS_PER_SM where the rows are fewer than the SMs), a list (default: %(default)s)")
     ap.add_argument("--programs-per-sm", type=_ints("programs-per-sm"), default=None,
-                    help="programs per SM the split aims at, a list (default: fused_attention's PROGRAMS_PER_SM for "
-                         "'fill', RESIDENT_PER_SM for 'wave')")
-    ap.add_argument("--combine", default="kernel", type=_words("combine", ("kernel", "fold")),
-                    help="full cache, more than one split: 'kernel' (shipped: a combine launch) and/or 'fold' (the "
-                         "last split to finish merges), a list (default: %(default)s)")
-    ap.add_argument("--l2-hints", default="off", type=_words("l2-hints", ("off", "on")),
-                    help="'on': K and V marked first to leave L2, Keyformer's z last (and one z buffer for all "
-                         "layers); 'off' (shipped); a list (default: %(default)s)")
-    ap.add_argument("--write-first", default="off", type=_words("write-first", ("off", "on")),
-                    help="'on': the new token's K and V are written into the cache before the loop reads them back "
-                         "(loads straight into the dots, so Triton can pipeline them); 'off' (shipped: the loop "
-                         "swaps them in, in registers); a list (default: %(default)s)")
-    ap.add_argument("--variants", default="shipped", type=_variants,
-                    help="named option sets, a comma list: 'shipped' or options joined by '+' from "
-                         f"{', '.join(KERNEL_OPTIONS)} (e.g. shipped,write_first+fast_log), each also run with the "
-                         "flags above; one with 'wave' runs only under --split-rule wave (default: %(default)s)")
+                    help="programs per SM the split aims at, a list (default: fused_attention's PROGRAMS_PER_SM, "
+                         "FEW_ROWS_PER_SM where the rows are fewer than the SMs)")
     ap.add_argument("--ceiling-gbps", type=float, default=0.0, help="HBM read ceiling, for the fraction column")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -180,38 +147,25 @@ def main(argv=None) -> int:
     import triton
     from triton.runtime.errors import OutOfResources
 
-    from . import fused_attention  # needs triton
+    from measure import fused_attention  # needs triton
     from measure.env import environment
     from measure.nvml import Nvml
 
     nvml = Nvml()
     env = {**environment(nvml), "triton": triton.__version__}
 
-    splits = [(rule, p) for rule in a.split_rule for p in a.programs_per_sm or
-              [fused_attention.RESIDENT_PER_SM if rule == "wave" else fused_attention.PROGRAMS_PER_SM]]
     rows = []
     with torch.inference_mode():
         shapes = [shape for shape in SHAPES if shape[0] in a.models]
         for (name, hkv, g, d), batch, tokens in itertools.product(shapes, a.batch, a.tokens):
             for policy in ("full", "keyformer"):
-                best, line, seen = None, [], set()
-                combines = a.combine if policy == "full" else [""]
-                for (block_n, warps, stages, maxnreg), (rule, per_sm), combine, hints, first, variant in \
-                        itertools.product(a.configs, splits, combines, a.l2_hints, a.write_first, a.variants):
-                    options = {} if variant == "shipped" else decoder_keywords(variant.split("+"))
-                    if options.get("split_rule", rule) != rule:  # a variant's 'wave' runs with --split-rule wave
-                        continue
-                    if policy == "full":  # variants that differ in Keyformer-only options: the full cache once
-                        same = (block_n, warps, stages, maxnreg, rule, per_sm, combine, hints, first,
-                                tuple(sorted((k, v) for k, v in options.items() if k not in KEYFORMER_ONLY)))
-                        if same in seen:
-                            continue
-                        seen.add(same)
-                    fused_attention.PROGRAMS_PER_SM = fused_attention.RESIDENT_PER_SM = per_sm
+                best, line = None, []
+                for (block_n, warps, stages, maxnreg), per_sm in itertools.product(a.configs,
+                                                                                   a.programs_per_sm or [None]):
+                    if per_sm is not None:  # both rules at this count
+                        fused_attention.PROGRAMS_PER_SM = fused_attention.FEW_ROWS_PER_SM = per_sm
                     try:
-                        timed = time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg,
-                                           fold_combine=combine == "fold", split_rule=rule, l2_hints=hints == "on",
-                                           write_first=first == "on", options=options)
+                        timed = time_layer(policy, batch, hkv, g, d, tokens, block_n, warps, stages, maxnreg)
                     except KfsimError as exc:  # a shape the kernel does not take (fused_attention.INT32_MAX)
                         print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} skipped: {exc}", flush=True)
                         break
@@ -220,9 +174,8 @@ def main(argv=None) -> int:
                               f"{type(exc).__name__}", flush=True)
                         continue
                     r = {"model": name, "batch": batch, "tokens": tokens, "policy": policy, "block_n": block_n,
-                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "", "split_rule": rule,
-                         "programs_per_sm": per_sm,
-                         "combine": combine, "l2_hints": hints, "write_first": first, "variant": variant, **timed}
+                         "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or "",
+                         "programs_per_sm": per_sm or "", **timed}
                     if a.ceiling_gbps:
                         r["fraction"] = round(r["kv_gbps"] / a.ceiling_gbps, 3)
                     clocks = nvml.state()  # just after the timed replays
@@ -231,17 +184,13 @@ def main(argv=None) -> int:
                     _append(a.out, r, first=len(rows) == 1)  # row by row: a run cut off keeps what it timed
                     best = r if best is None or r["us_per_layer"] < best["us_per_layer"] else best
                     cap = f"r{maxnreg}" if maxnreg else ""
-                    fold = "" if policy != "full" else "f" if combine == "fold" else "k"
-                    l2 = ("h" if hints == "on" else "") + ("w" if first == "on" else "") + (
-                        "" if variant == "shipped" else f"[{variant}]")
-                    line.append(f"{block_n}x{warps}x{stages}{cap}{rule[0]}{per_sm}{fold}{l2}/{r['splits']} "
-                                f"{r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}/{r['shared_bytes']}")
-                if best is None:  # every variant asked for another split rule
-                    continue
-                print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
-                      f"[config/splits us/regs/spills/smem]: {'  '.join(line)}", flush=True)
+                    line.append(f"{block_n}x{warps}x{stages}{cap}{'p' + str(per_sm) if per_sm else ''}/"
+                                f"{r['splits']} {r['us_per_layer']:.1f}/{r['regs']}/{r['spills']}/{r['shared_bytes']}")
+                if best is not None:
+                    print(f"{name:10s} B={batch:<3d} T={tokens:<5d} {policy:9s} best {best['kv_gbps']:5.0f} GB/s | "
+                          f"[config/splits us/regs/spills/smem]: {'  '.join(line)}", flush=True)
     if not rows:
-        print("Error: nothing ran: a variant with 'wave' needs --split-rule wave", file=sys.stderr)
+        print("Error: nothing ran (every shape was skipped)", file=sys.stderr)
         return 2
     return 0
 

@@ -3,9 +3,8 @@
 # batch-1 matrix-vector kernels against cuBLAS, then the grid with the compiled engine (full cache also at every
 # Keyformer budget, for the ideal reduced-cache step), then the table.
 # Usage (repository root): bash lab/bench_fused.sh OUTDIR [MODELS]
-# KERNEL=write_first,l2_hints runs the grid with those fused-attention options (kfsim measure --kernel-options)
-# into $gpu-compiled-write_first_l2_hints.csv; TESTS=0 skips the kernel checks, ATTENTION=0
-# the attention kernels alone, GEMV=0 the products; BATCH=16 runs the grid at that batch only (default 1,16,64).
+# TESTS=0 skips the kernel checks, ATTENTION=0 the attention kernels alone, GEMV=0 the products; BATCH=16 runs the
+# grid at that batch only (default 1,16,64).
 set -uo pipefail
 out=${1:?usage: bench_fused.sh OUTDIR [MODELS]}
 models=${2:-gpt-j-6b,llama-3-8b}
@@ -22,17 +21,15 @@ kf="python3 -m kfsim"
 [ -f "data/$gpu-plain/microbench.csv" ] || timeout 120 $kf microbench --out "$out/$gpu-microbench.csv"
 micro=data/$gpu-plain/microbench.csv; [ -f "$micro" ] || micro=$out/$gpu-microbench.csv
 ceiling=$(python3 -c "from measure.summarize import read_ceiling_gbps as c; print(c('$micro'))")
-# the attention kernels alone, full cache and Keyformer at the same cached tokens (the shipped configuration)
+# the attention kernels alone, full cache and Keyformer at the same cached tokens (the default configuration)
 [ "${ATTENTION:-1}" = 0 ] || timeout 240 python3 -m lab.bench_attention --configs default --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-attention.csv" | tee "$out/$gpu-attention.txt"
 # the layer's batch-1 products: cuBLAS against the fused kernels, per configuration and gemv's own choice
 [ "${GEMV:-1}" = 0 ] || timeout 200 python3 -m lab.bench_gemv --block-n 1,2,8 --warps 4 --block-k 256,1024 --ceiling-gbps "$ceiling" \
   --out "$out/$gpu-gemv.csv" | tee "$out/$gpu-gemv.txt"
-kernel=${KERNEL:-}
-name=$gpu-compiled${kernel:+-${kernel//,/_}}${BATCH:+-batch${BATCH//,/_}}  # '_' joins the options: a '+' in a file name does not travel everywhere
-opts=(); [ -z "$kernel" ] || opts=(--kernel-options "$kernel")
-timeout "${FULL_S:-300}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch "${BATCH:-1,16,64}" \
+name=$gpu-compiled${BATCH:+-batch${BATCH//,/_}}
+timeout "${FULL_S:-300}" $kf measure --engine compiled --model "$models" --batch "${BATCH:-1,16,64}" \
   --context 205,512,820,1024,2048,3277,4096,8192,16384 --kv-ratio 1 --policy full --steps 50 --out "$out/$name.csv"
-timeout "${KF_S:-200}" $kf measure --engine compiled "${opts[@]}" --model "$models" --batch "${BATCH:-1,16,64}" \
+timeout "${KF_S:-200}" $kf measure --engine compiled --model "$models" --batch "${BATCH:-1,16,64}" \
   --context 1024,4096,16384 --kv-ratio 0.5,0.2 --policy keyformer --steps 50 --out "$out/$name.csv"
 python3 -m lab.fused_table "$out/$name.csv" "$micro" | tee "$out/${name/compiled/fused-table}.md" | tail -4

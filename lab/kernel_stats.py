@@ -1,10 +1,10 @@
 """What the fused attention's split kernel costs the GPU before it runs: registers, spills, shared memory, how many
-programs fit on one SM at a time, and the machine instructions of its K/V loop per cached token, for each
-kernel option. Triton compiles the kernel for the target architecture (sm_90 by default: H100 and H200) on any
-machine, GPU or not, and cuobjdump (shipped with Triton) lists the SASS; so kernel options can be compared, and
-a change checked for what it does to the inner loop, without a GPU. Times still come from bench_attention.
+programs fit on one SM at a time, and the machine instructions of its K/V loop per cached token (with and without
+ALiBi). Triton compiles the kernel for the target architecture (sm_90 by default: H100 and H200) on any machine,
+GPU or not, and cuobjdump (shipped with Triton) lists the SASS; so a change can be checked for what it does to
+the inner loop without a GPU. Times still come from bench_attention.
 
-  python -m lab.kernel_stats --out kernel-stats.csv [--options shipped,write_first] [--arch 90]
+  python -m lab.kernel_stats --out kernel-stats.csv [--alibi off,on] [--arch 90]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from .bench_attention import SHAPES, _ints, _words
-from measure.kernel_options import KERNEL_OPTIONS, decoder_keywords
+from measure.kernel_options import KERNEL_FEATURES
 
 
 # Per-SM limits of compute capability 9.0 (H100, H200): CUDA C++ Programming Guide, "Features and Technical
@@ -44,12 +44,6 @@ CLASSES = {
 _CLASS_OF = {op: cls for cls, ops in CLASSES.items() for op in ops}
 
 
-def variant_options(variant: str) -> dict:
-    """FusedDecoder keywords of a variant: 'shipped' -> {}; 'write_first+wave' -> {'write_first': True,
-    'split_rule': 'wave'} (names from measure.kernel_options)."""
-    return {} if variant == "shipped" else decoder_keywords(variant.split("+"))
-
-
 def _signature(args) -> tuple[dict, dict]:
     """Triton types of the runtime arguments, and the divisibility Triton's JIT would have seen: 16-byte aligned
     tensors (torch's allocations) and integers that are multiples of 16."""
@@ -69,27 +63,26 @@ def _signature(args) -> tuple[dict, dict]:
     return sig, aligned
 
 
-def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, batch: int, options: dict,
-          sms: int):
+def _step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, batch: int, sms: int,
+          alibi: bool = False):
     """A CPU FusedDecoder of one layer sized as bench_attention's (`tokens` cached, the cache split for `batch` x
-    `kv_heads` rows on `sms` SMs) and the tensors of its step: (decoder, split_launch's keywords)."""
+    `kv_heads` rows on `sms` SMs; ALiBi slopes if `alibi`) and the tensors of its step: (decoder, split_launch's
+    keywords)."""
     from measure.fused_attention import FusedDecoder, StepState, _blocks, split_length
     from measure.kv_policies import SLOT_ALIGN
 
     score = policy == "keyformer"
     slots = -(-(tokens + 1) // SLOT_ALIGN) * SLOT_ALIGN if score else tokens + 1
-    # the split is sized here, for `sms`; pos32 is the positions' dtype, not a decoder keyword
-    kernel = {k: v for k, v in options.items() if k not in ("split_rule", "pos32")}
-    split = split_length(slots, batch * kv_heads, options.get("block_n") or _blocks(head_dim), sms,
-                         rule=options.get("split_rule"))
-    dec = FusedDecoder(1, heads, kv_heads, slots, head_dim, "cpu", split_tokens=split, scoring=score, **kernel)
+    split = split_length(slots, batch * kv_heads, _blocks(head_dim), sms)  # sized here, for `sms`
+    dec = FusedDecoder(1, heads, kv_heads, slots, head_dim, "cpu", split_tokens=split, scoring=score,
+                       slopes=torch.ones(heads) if alibi else None)
     bf16 = dict(dtype=torch.bfloat16)
     cache = torch.empty(1, kv_heads, slots, head_dim, **bf16)
     step = dict(q=torch.empty(1, heads, head_dim, **bf16), k_new=torch.empty(1, kv_heads, head_dim, **bf16),
                 v_new=torch.empty(1, kv_heads, head_dim, **bf16), k_cache=cache, v_cache=cache, n_valid=slots,
                 out=torch.empty(1, heads, head_dim, **bf16))
     if score:  # bench_attention's window (kv_policies' default share of the budget)
-        step.update(pos=torch.empty(1, kv_heads, slots, dtype=torch.int32 if options.get("pos32") else torch.int64),
+        step.update(pos=torch.empty(1, kv_heads, slots, dtype=torch.int32),
                     score_buf=torch.empty(1, kv_heads, slots, dtype=torch.float32), state=StepState("cpu"),
                     window=max(1, int(0.3 * tokens)))
     return dec, step
@@ -112,29 +105,35 @@ def aot_compile(fn, args, meta: dict, options: dict, arch: int = 90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _gpu_split_launch(dec, step) -> tuple:
+    """split_launch's (arguments, constants, options) as on a GPU: the noise's logs on the special-function unit
+    (a CPU decoder turns them off for Triton's interpreter)."""
+    _, args, meta, opts = dec.split_launch(**step)
+    return args, {**meta, "FAST_LOG": True}, opts
+
+
 def compile_split_kernel(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, batch: int,
-                         options: dict, sms: int = 132, arch: int = 90):
+                         sms: int = 132, arch: int = 90, alibi: bool = False):
     """The split kernel of one layer's step, as bench_attention launches it, compiled for sm_`arch`; and its
     compile-time constants."""
     from measure.fused_attention import _split_kernel
 
-    dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, options, sms)
-    _, args, meta, opts = dec.split_launch(**step)
+    args, meta, opts = _gpu_split_launch(*_step(policy, heads, kv_heads, head_dim, tokens, batch, sms, alibi))
     return aot_compile(_split_kernel, args, meta, opts, arch), meta
 
 
-def compile_step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, batch: int, options: dict,
-                 sms: int = 132, arch: int = 90) -> dict:
+def compile_step(policy: str, heads: int, kv_heads: int, head_dim: int, tokens: int, batch: int, sms: int = 132,
+                 arch: int = 90, alibi: bool = False) -> dict:
     """Every kernel one layer's step launches ({"split", and "combine" or "finish" where the cache is split}),
     compiled for sm_`arch`."""
     from measure.fused_attention import _combine_kernel, _finish_kernel, _split_kernel
 
-    dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, options, sms)
-    out = {"split": aot_compile(_split_kernel, *dec.split_launch(**step)[1:], arch)}
+    dec, step = _step(policy, heads, kv_heads, head_dim, tokens, batch, sms, alibi)
+    out = {"split": aot_compile(_split_kernel, *_gpu_split_launch(dec, step), arch)}
     if dec.NSPLIT > 1 and policy == "keyformer":
         launch = dec.finish_launch(step["out"], step["pos"], step["score_buf"], step["state"], step["window"])
         out["finish"] = aot_compile(_finish_kernel, *launch[1:], arch)
-    elif dec.NSPLIT > 1 and not dec._combines(False):
+    elif dec.NSPLIT > 1:
         out["combine"] = aot_compile(_combine_kernel, *dec.combine_launch(step["out"])[1:], arch)
     return out
 
@@ -185,12 +184,11 @@ def resident_programs(regs: int, shared: int, warps: int, limits: dict = SM90_LI
     return int(min(by_regs, by_shared, limits["warps"] // warps, limits["blocks"]))
 
 
-def kernel_stats(policy, heads, kv_heads, head_dim, tokens, batch, variant, sms=132, arch=90) -> dict:
+def kernel_stats(policy, heads, kv_heads, head_dim, tokens, batch, sms=132, arch=90, alibi=False) -> dict:
     """One row: the compiled kernel's resources and its loop's instruction mix, per cached token."""
     import triton
 
-    compiled, meta = compile_split_kernel(policy, heads, kv_heads, head_dim, tokens, batch,
-                                          variant_options(variant), sms, arch)
+    compiled, meta = compile_split_kernel(policy, heads, kv_heads, head_dim, tokens, batch, sms, arch, alibi)
     usage = _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = int(re.search(r"LOCAL:(\d+)", usage).group(1))
@@ -199,7 +197,7 @@ def kernel_stats(policy, heads, kv_heads, head_dim, tokens, batch, variant, sms=
     ops = loop_instructions(_cuobjdump(compiled.asm["cubin"], "-sass"))
     mix = collections.Counter(_CLASS_OF.get(op, "other") for op in ops)
     block = meta["BLOCK_N"]
-    row = {"arch": f"sm_{arch}", "triton": triton.__version__, "variant": variant, "policy": policy,
+    row = {"arch": f"sm_{arch}", "triton": triton.__version__, "alibi": "on" if alibi else "off", "policy": policy,
            "batch": batch, "tokens": tokens, "splits": meta["NSPLIT"], "blocks_per_split": meta["BLOCKS"],
            "block_n": block, "num_warps": warps, "regs": regs, "spill_bytes": spills,
            "shared_bytes": shared, "resident_per_sm": resident_programs(regs, shared, warps),
@@ -211,25 +209,34 @@ def kernel_stats(policy, heads, kv_heads, head_dim, tokens, batch, variant, sms=
     return row
 
 
+#: the split kernel's own options, when they were options (bench_attention's `variant` column): a GPU row ran
+#: today's split kernel if its variant has these and nothing that is not a kernel feature now
+SPLIT_KERNEL_FEATURES = {"full": {"write_first", "l2_hints"},
+                         "keyformer": {"write_first", "l2_hints", "fast_log", "pos32", "lane_partials"}}
+
+
+def ran_this_kernel(r: dict) -> bool:
+    """Whether a bench_attention row timed today's split kernel: the default block configuration, and (in files
+    of the option era) a variant with every split-kernel feature and no option that lost."""
+    if not (r.get("regs") and int(r.get("block_n") or 0) == 0 and int(r.get("num_warps") or 4) == 4
+            and int(r.get("num_stages") or 3) == 3 and not r.get("maxnreg")):
+        return False
+    if "variant" not in r:  # a file of today's bench_attention
+        return True
+    names = set(r["variant"].split("+"))
+    return SPLIT_KERNEL_FEATURES.get(r["policy"], set()) <= names <= set(KERNEL_FEATURES)
+
+
 def check_registers(rows: list[dict], measured_csv: str) -> list[str]:
-    """Lines comparing the shipped kernel's compiled registers with those a GPU run of bench_attention recorded
-    at the same model, policy, batch and tokens (the check that this compile is the one the GPU ran)."""
-    from measure.fused_attention import PROGRAMS_PER_SM
-
-    def shipped(r: dict) -> bool:  # the shipped configuration: default block, fill split, no option on
-        return (bool(r.get("regs")) and int(r.get("block_n") or 0) == 0 and int(r.get("num_warps") or 4) == 4
-                and int(r.get("num_stages") or 3) == 3 and not r.get("maxnreg")
-                and int(r.get("programs_per_sm") or PROGRAMS_PER_SM) == PROGRAMS_PER_SM
-                and r.get("split_rule", "fill") == "fill" and r.get("l2_hints", "off") == "off"
-                and r.get("write_first", "off") == "off" and r.get("combine", "kernel") in ("kernel", ""))
-
+    """Lines comparing the kernel's compiled registers with those a GPU run of bench_attention recorded at the
+    same model, policy, batch and tokens (the check that this compile is the one the GPU ran)."""
     with open(measured_csv, newline="") as f:
         measured = {(r["model"], r["policy"], int(r["batch"]), int(r["tokens"])): int(r["regs"])
-                    for r in csv.DictReader(f) if shipped(r)}
+                    for r in csv.DictReader(f) if ran_this_kernel(r)}
     lines = []
     for r in rows:
         key = (r["model"], r["policy"], r["batch"], r["tokens"])
-        if r["variant"] == "shipped" and key in measured:
+        if r["alibi"] == "off" and key in measured:
             lines.append(f"{' '.join(map(str, key))}: compiled {r['regs']} registers, GPU run {measured[key]}"
                          + ("" if r["regs"] == measured[key] else "  <- differs"))
     return lines
@@ -238,9 +245,8 @@ def check_registers(rows: list[dict], measured_csv: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="CSV to write (default: print only)")
-    ap.add_argument("--options", default="shipped,write_first",
-                    help="kernel variants, a comma list: 'shipped', or options joined by '+' from "
-                         + ", ".join(KERNEL_OPTIONS) + " (default: %(default)s)")
+    ap.add_argument("--alibi", type=_words("alibi", ("off", "on")), default="off",
+                    help="without and/or with ALiBi's bias, a list (default: %(default)s)")
     ap.add_argument("--policy", type=_words("policy", ("full", "keyformer")), default="full,keyformer")
     ap.add_argument("--batch", type=_ints("batch"), default="1,64",
                     help="sequences; they set the split (1: many splits and a finish kernel, 64: one split per row; "
@@ -250,14 +256,8 @@ def main(argv=None) -> int:
                     "SXM and H200)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: %(default)s, Hopper)")
     ap.add_argument("--check", metavar="ATTENTION_CSV",
-                    help="a bench_attention CSV from a GPU: compare the shipped kernel's registers with it")
+                    help="a bench_attention CSV from a GPU: compare the kernel's registers with it")
     a = ap.parse_args(argv)
-    variants = a.options.split(",")
-    for v in variants:
-        try:
-            variant_options(v)
-        except ValueError as exc:
-            ap.error(str(exc))
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -267,11 +267,11 @@ def main(argv=None) -> int:
         print("Error: TRITON_INTERPRET=1 runs kernels in Python; unset it to compile them", file=sys.stderr)
         return 2
     rows = []
-    for (name, hkv, g, d), policy, batch, tokens, variant in itertools.product(SHAPES, a.policy, a.batch,
-                                                                                a.tokens, variants):
-        r = {"model": name, **kernel_stats(policy, hkv * g, hkv, d, tokens, batch, variant, a.sms, a.arch)}
+    for (name, hkv, g, d), policy, batch, tokens, alibi in itertools.product(SHAPES, a.policy, a.batch, a.tokens,
+                                                                              a.alibi):
+        r = {"model": name, **kernel_stats(policy, hkv * g, hkv, d, tokens, batch, a.sms, a.arch, alibi == "on")}
         rows.append(r)
-        print(f"{name:10s} {policy:9s} B={batch:<3d} T={tokens:<5d} {r['splits']:3d} splits {variant:24s} "
+        print(f"{name:10s} {policy:9s} B={batch:<3d} T={tokens:<5d} {r['splits']:3d} splits alibi {alibi:3s} "
               f"regs {r['regs']:3d} spill {r['spill_bytes']:3d} smem {r['shared_bytes'] // 1024:3d} KB "
               f"resident {r['resident_per_sm']} | " + (
                   f"loop {r['loop_instructions']:4d} instr, {r['warp_instructions_per_token']:5.1f} warp-instr/token "
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
             w.writerows(rows)
     if a.check:
         lines = check_registers(rows, a.check)
-        print("\n".join(lines) if lines else f"no shipped-kernel row of {a.check} matches these points")
+        print("\n".join(lines) if lines else f"no row of {a.check} ran this kernel at these points")
     return 0
 
 

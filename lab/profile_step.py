@@ -23,7 +23,6 @@ from kfsim.workload import get_workload
 
 from measure import timing
 from measure.campaign import Point, Runner
-from measure.kernel_options import split_options
 
 #: Kernel kinds by a piece of the kernel's name (first match wins); names are those cuBLAS, Triton and torch give.
 KINDS = (("attention", ("_split_kernel", "_combine_kernel", "_finish_kernel", "flash", "fmha", "attention",
@@ -97,7 +96,6 @@ def profile_point(runner: Runner, pt: Point, out: str | None, gemms: bool = True
         torch.cuda.empty_cache()
         alone = gemm_rates(w, pt.batch) if gemms else []
     label = (f"{pt.model} B={pt.batch} C={pt.context} {pt.policy} r={pt.kv_ratio:g} {runner.engine}"
-             f"{' ' + runner.kernel_options if runner.kernel_options else ''} "
              f"on {runner.env['gpu']}")
     busy = sum(r["us_per_step"] for r in kernels)
     launches = sum(r["launches_per_step"] for r in kernels)
@@ -141,20 +139,13 @@ def main(argv=None) -> int:
     ap.add_argument("--point", type=parse_point, action="append", required=True,
                     help="MODEL,BATCH,CONTEXT,POLICY,KV_RATIO (repeat for several)")
     ap.add_argument("--engine", default="compiled", choices=("torch-graph", "torch-eager", "compiled"))
-    ap.add_argument("--kernel-options", default="", metavar="LIST",
-                    help="the compiled engine's options, comma-separated (measure.kernel_options)")
     ap.add_argument("--no-gemms", action="store_true", help="skip timing each weight GEMM alone")
     ap.add_argument("--out", help="CSV of the kernel tables (appended; a column names the point)")
     a = ap.parse_args(argv)
-    options = [o for o in a.kernel_options.split(",") if o]
-    try:
-        split_options(options)
-    except ValueError as e:
-        ap.error(str(e))
     if not torch.cuda.is_available():
         print("Error: profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
-    runner = Runner(engine=a.engine, kernel_options=options)
+    runner = Runner(engine=a.engine)
     seen = set()
     for pt in a.point:
         profile_point(runner, pt, a.out, gemms=not a.no_gemms and (pt.model, pt.batch) not in seen)

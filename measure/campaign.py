@@ -20,7 +20,7 @@ from kfsim.errors import KfsimError
 from kfsim.policy import measured_pairs
 from kfsim.workload import get_workload
 
-from . import energy, timing
+from . import energy, kernel_options, timing
 from .decoder import build, slopes_of
 from .env import environment
 from .kv_policies import attended, make_cache
@@ -66,11 +66,10 @@ except ImportError:  # no Triton: nothing raises it
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
-    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None, kernel_options=()):
-        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled;
-        `kernel_options`: the compiled engine's opt-in attention-kernel options (names of measure.kernel_options)."""
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None):
+        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled."""
         self.engine = engine or ("torch-graph" if graph else "torch-eager")
-        self.kernel_options = "+".join(sorted(kernel_options))
+        self.kernel_options = kernel_options.recorded() if self.engine == "compiled" else ""
         self.graph = self.engine != "torch-eager"
         self.steps, self.warmup, self.window = steps, warmup, window
         self.nvml = nvml or Nvml()
@@ -87,15 +86,9 @@ class Runner:
             if self.engine == "compiled":
                 from .compiled import CompiledDecoder
 
-                self.compiled = CompiledDecoder(self.model, **self._options()[1])
+                self.compiled = CompiledDecoder(self.model)
             self.model_name = name
         return self.model
-
-    def _options(self) -> tuple[dict, dict]:
-        """The kernel options' keywords: (the attention kernel's, the compiled decoder's)."""
-        from .kernel_options import split_options
-
-        return split_options(self.kernel_options.split("+") if self.kernel_options else [])
 
     def row_head(self, pt: Point) -> dict:
         """The columns of `pt`'s row that say what was measured, where and when."""
@@ -127,8 +120,10 @@ class Runner:
             torch.cuda.empty_cache()
 
     def _caches(self, w, pt, extra_slots=0):
+        # the compiled engine's kernels add ALiBi themselves (fuse_caches): its full caches carry no position columns
+        slopes = None if self.engine == "compiled" else slopes_of(w)
         return [make_cache(pt.policy, pt.batch, w.n_kv_heads, w.head_dim, pt.context, pt.kv_ratio, self.window,
-                           torch.bfloat16, "cuda", extra_slots, w.sliding_window, slopes_of(w))
+                           torch.bfloat16, "cuda", extra_slots, w.sliding_window, slopes)
                 for _ in range(w.n_layers)]
 
     def decode_step(self, model, w, pt):
@@ -141,7 +136,7 @@ class Runner:
         pos = torch.tensor(pt.context, device="cuda")
         if self.engine == "compiled":
             from .compiled import fuse_caches
-            caches = fuse_caches(caches, alibi=w.position == "alibi", kernel=self._options()[0])
+            caches = fuse_caches(caches, slopes=slopes_of(w))
             step = lambda: self.compiled.decode(tokens, pos, caches)  # noqa: E731
         else:
             step = lambda: model.decode(tokens, pos, caches)  # noqa: E731

@@ -16,22 +16,20 @@ from .kv_policies import EvictingCache, FullCache
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
-def fuse_caches(caches: list, split_tokens: int | None = None, alibi: bool = False, kernel: dict | None = None) -> list:
-    """Wrap full and Keyformer caches so that their attention runs in the fused kernels (others, and ALiBi
-    models, whose bias the kernels do not add, stay plain); `kernel`: FusedDecoder keywords (see
-    measure.kernel_options)."""
-    if alibi:
-        return list(caches)
+def fuse_caches(caches: list, split_tokens: int | None = None, slopes=None, kernel: dict | None = None) -> list:
+    """Wrap full and Keyformer caches so that their attention runs in the fused kernels (others stay plain).
+    `slopes`: an ALiBi model's slopes per query head, which the kernels add (its full caches are then made
+    without alibi_slopes: the kernel reads head-wide rows); `kernel`: more FusedDecoder keywords (tests)."""
     from .fused_attention import FusedFullCache, FusedKeyformerCache, StepState  # needs triton
 
     out = []
     state = StepState(caches[0].k.device) if caches else None
     for i, c in enumerate(caches):
         if isinstance(c, FullCache):
-            out.append(FusedFullCache(c, split_tokens, kernel=kernel))
+            out.append(FusedFullCache(c, split_tokens, kernel=kernel, slopes=slopes))
         elif isinstance(c, EvictingCache) and c.kind == "keyformer":
             out.append(FusedKeyformerCache(c, split_tokens, state, first=i == 0, last=i == len(caches) - 1,
-                                           kernel=kernel))
+                                           kernel=kernel, slopes=slopes))
         else:
             out.append(c)
     return out
@@ -94,22 +92,25 @@ def _qkv_slices(qkv, w):
     return (t.view(B, -1, 1, w.head_dim) for t in qkv.split([w.q_dim, w.kv_dim, w.kv_dim], dim=1))
 
 
+#: The CUDA context's L2 set-aside for persisting lines (measure.l2_persist), in MiB: the fused kernels write
+#: Keyformer's z evict-last, which keeps it in L2 only inside the set-aside. 24 MiB: on the H200 (60 MiB of L2)
+#: z then stays in L2 where it fits (Llama-3-8B batch 16 x 8192 tokens: 156.5 -> 145.4 us per layer) and the full
+#: cache runs as fast as with the driver's default (11.25 MiB); at 37.5 MiB (the most it allows) the kernels ran
+#: 7-28 % slower (lab/data/l2/h200-l2-sweep-llama.csv)
+L2_PERSIST_MIB = 24
+
+
 class CompiledDecoder:
     """decode(tokens, pos, caches) like Decoder.decode, with the per-layer glue compiled; a batch-1 step runs on
-    the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`, by default where supported), and with
-    `small_gemm` a step of 2-16 sequences (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small. With
-    `fused_rotary`, a step on cuBLAS's products hands q, k and v to a fused attention cache as column slices of the
-    QKV product and lets its kernel rotate them, as the fused-product steps do (no rotary or copy kernels)."""
+    the fused matrix-vector kernels of measure.gemv instead (`batch1_gemv`), a step of 2-16 sequences
+    (SMALL_GEMM_ROWS) on the fused products of measure.gemm_small (`small_gemm`), each by default where supported.
+    Every step hands q, k and v to a fused attention cache as column slices of the QKV product and lets its kernel
+    rotate them (no rotary or copy kernels)."""
 
     def __init__(self, model: Decoder, compile: bool = True, batch1_gemv: bool | None = None,
-                 small_gemm: bool = False, fused_rotary: bool = False, l2_persist_mib: int | None = None):
+                 small_gemm: bool | None = None, l2_persist_mib: int | None = L2_PERSIST_MIB):
         w = model.w
         if l2_persist_mib is not None and next(model.parameters()).is_cuda:
-            # the CUDA context's L2 set-aside for persisting lines (measure.l2_persist): with l2_hints Keyformer's z
-            # is written evict-last, which keeps it in L2 only inside the set-aside. 24 MiB: on the H200 (60 MiB of
-            # L2) Keyformer's z then stays in L2 where it fits (Llama-3-8B batch 16 x 8192 tokens: 156.5 -> 145.4 us
-            # per layer) and the full cache runs as fast as with the driver's default (11.25 MiB); at 37.5 MiB (the
-            # most it allows) the kernels ran 7-28 % slower (lab/data/l2/h200-l2-sweep-llama.csv)
             from .l2_persist import set_persisting_l2
 
             set_persisting_l2(l2_persist_mib << 20)
@@ -168,8 +169,7 @@ class CompiledDecoder:
         self.pre, self.post, self.head, self.heads, self.pre_qkv = (
             (torch.compile(f, dynamic=False) for f in fns) if compile else fns)
         self.gemv = batch1_gemv if batch1_gemv is not None else gemv_supported(model)
-        self.small_gemm = small_gemm and self.gemv and _tiles_small_gemm(w)
-        self.fused_rotary = fused_rotary
+        self.small_gemm = (small_gemm is not False) and self.gemv and _tiles_small_gemm(w)
         self._consts = {}
         if self.gemv:
             self._fold_norms()
@@ -225,9 +225,10 @@ class CompiledDecoder:
         for block, cache in zip(m.blocks, caches):
             a = block.attn
             n1 = (block.norm1.weight, getattr(block.norm1, "bias", None), a.qkv.weight, a.qkv.bias)
-            if self.fused_rotary and rotary is not None and getattr(cache, "rotates", False):
+            if getattr(cache, "rotates", False):  # a fused cache: rotary (if any) in its kernel
                 h, qkv = self.pre_qkv(x, *n1)
-                y = cache.decode(*_qkv_slices(qkv, w), pos, rotary=rotary)
+                y = cache.decode(*_qkv_slices(qkv, w), pos, a.bias_fn if w.position == "alibi" else None,
+                                 rotary=rotary)
             else:
                 h, q, k, v = self.pre(x, *n1, cos, sin)
                 y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None)
@@ -261,9 +262,10 @@ class CompiledDecoder:
                 qkv, u = hu[:, :qkv_rows], hu[:, qkv_rows:]
             else:
                 qkv = _product(x, a.qkv.weight, bias=a.qkv.bias, norm=norm, row_sums=c["qkv_sums"])
-            if rotary is not None and getattr(cache, "rotates", False):  # the attention kernel applies rotary
+            if getattr(cache, "rotates", False):  # the attention kernel applies rotary (if any)
                 # column slices of the products, handed over without a copy (the kernel takes their row stride)
-                y = cache.decode(*_qkv_slices(qkv, w), pos, rotary=rotary).reshape(B, -1)
+                y = cache.decode(*_qkv_slices(qkv, w), pos, a.bias_fn if w.position == "alibi" else None,
+                                 rotary=rotary).reshape(B, -1)
             else:
                 q, k, v = self.heads(qkv.reshape(B, 1, -1), cos, sin)
                 y = cache.decode(q, k, v, pos, a.bias_fn if w.position == "alibi" else None).reshape(B, -1)

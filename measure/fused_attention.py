@@ -2,36 +2,31 @@
 
 One decode step of one layer, for an evicting cache (budget + free slot, see kv_policies.EvictingCache):
   A. `_split_kernel`   one program per (sequence, KV head, split of the cache): applies rotary to q and the new
-                       token's K if asked (the batch-1 decoder hands over q and K unrotated, saving a kernel),
-                       writes the new token's K and V into the slot the last step freed, reads its K and V block
-                       once, computes the logits of the KV head's query heads, the attention partials (max, sum,
-                       P.V) and the Gumbel-softmax partials (max, sum of exp(z)), z = (logit + noise) / tau;
-                       writes z (fp32) for B.
-  B. `_finish_kernel`  one program per (sequence, KV head, split): merges the Gumbel partials into log Z, adds
-                       f = exp(z - log Z), summed over the query heads, to each token's score, and leaves the split's
-                       lowest-ranked evictable slot; programs of the first splits also merge the attention partials
-                       of one query head each into the output. The next step's kernel A takes the arg-min over the
-                       splits' candidates.
+                       token's K if asked (the decoder hands over q and K unrotated, saving a kernel), writes the
+                       new token's K and V into the slot the last step freed, then reads its K and V block once,
+                       computes the logits of the KV head's query heads (plus the ALiBi bias, slope x (key position
+                       - query position), for an ALiBi model), the attention partials (max, sum, P.V) and the
+                       Gumbel-softmax partials (max, sum of exp(z)) of z = (logit + noise) / tau, kept per token
+                       lane and reduced once after the loop; writes z (fp32) for B.
+  B. `_finish_kernel`  one program per (sequence, KV head, FINISH_CHUNK slots): merges the Gumbel partials into
+                       log Z, adds f = exp(z - log Z), summed over the query heads, to each token's score, and
+                       leaves the chunk's lowest-ranked evictable slot; programs of the first chunks also merge the
+                       attention partials of one query head each into the output. The next step's kernel A takes
+                       the arg-min over the chunks' candidates.
 K and V are read once per step; the extra traffic is one fp32 z per query head and token (written in A, read in
-B), the score read and written once and the positions read twice: 3 % (GPT-J) to 11 % (Llama-3-8B) of the K and V
-bytes (with `l2_hints`, z is marked to stay in L2 and K and V to leave it first, and the layers share one z
-buffer, so that z can stay out of HBM; z keeps that mark only inside the L2's set-aside for persisting lines,
-which the decoder option `l2_persist` sizes (measure/l2_persist.py), and Triton puts no hint on the pipelined
-(cp.async) K and V loads, only on z's stores and the finish kernel's loads: the PTX of the split kernel).
-The full cache runs A without scoring and `_combine_kernel`: two launches per layer, like Keyformer (with
-`fold_combine`, the last of a row's splits to finish merges the row's partials instead, counted by an atomic per
-row: one launch). When one split holds a whole row (large batches), A
-does B's work (or the combine's) itself: one launch per layer.
+B), the score read and written once and the int32 positions read twice: 3 % (GPT-J) to 11 % (Llama-3-8B) of the K
+and V bytes. K and V are marked to leave L2 first and z to stay (the layers share one z buffer), so z can stay out
+of HBM; z keeps that mark only inside the L2's set-aside for persisting lines, which the compiled decoder sizes
+(measure/l2_persist.py).
+The full cache runs A without scoring and `_combine_kernel`: two launches per layer, like Keyformer. When one split
+holds a whole row (large batches), A does B's work (or the combine's) itself: one launch per layer.
 The query heads of one KV head are the rows of a 16-row tensor-core tile (MHA pads 15 of them); the scoring then
 runs on the real rows only. K and V loads are software-pipelined (no branch in the loop).
-The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over (or, with the
-"wave" rule, exactly one wave of resident programs), so a batch-1 step reads the cache with every SM, as
-flash-decoding does. Noise is generated in A only, from a hash of the step and the element's offset, or, for
-tests, read from a tensor shared with the plain path. `fold_combine`, `split_rule="wave"` and `l2_hints` are off
-by default: the committed grids ran without them, and they await a GPU measurement (bench_attention compares).
-Off by default too, for Keyformer only: int32 positions (FusedKeyformerCache's `pos32`), `lane_partials` (the
-Gumbel partials per token lane, reduced after the loop) and `finish_chunk` (finish programs of that many slots);
-and `split_rule="rows"` (fewer programs per SM at batch 1). measure/kernel_options.py names them all.
+The cache is split so that (sequences x KV heads x splits) fills the GPU about four times over (about twice where
+the rows are fewer than the SMs: batch 1), so a batch-1 step reads the cache with every SM, as flash-decoding
+does. Noise is generated in A only, from a hash of the step and the element's offset (logs on the special-function
+unit on a GPU), or, for tests, read from a tensor shared with the plain path. Each of these choices won a
+measurement on the H200 against the alternatives it replaced (docs/fused-decoder.md; their code is in git history).
 """
 from __future__ import annotations
 
@@ -146,16 +141,14 @@ def _rotated(X, offs, d, COS, SIN, mask, ROT: tl.constexpr, ROT_DIM: tl.constexp
 
 @triton.jit
 def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, Z, NOISE, M, L, ACC, MZ, LZ, OUT,
-                  COS, SIN, DONE, S, n_valid, split_len, scale, tau_init, tau_delta, window, sq, skv,
-                  ROT: tl.constexpr, ROT_DIM: tl.constexpr,
+                  COS, SIN, SLOPES, S, n_valid, split_len, scale, tau_init, tau_delta, window, sq, skv,
+                  ROT: tl.constexpr, ROT_DIM: tl.constexpr, ALIBI: tl.constexpr,
                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
                   BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr, SCORE: tl.constexpr, HAS_POS: tl.constexpr,
-                  USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr, COMBINE: tl.constexpr,
-                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, KV_EVICT: tl.constexpr, Z_EVICT: tl.constexpr,
-                  WRITE_FIRST: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
-                  ROWS_APART: tl.constexpr, LANE_PARTIALS: tl.constexpr, NCAND: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  USE_NOISE: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr,
+                  FBLOCK: tl.constexpr, FBLOCKS: tl.constexpr, FAST_LOG: tl.constexpr, OFFS64: tl.constexpr,
+                  ROWS_APART: tl.constexpr, NCAND: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -165,7 +158,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     gmask = g < G
     heads = hk * G + g
     # q and the new K and V: with ROWS_APART, the rows of sequence b start sq and skv elements apart (column
-    # slices of a batch's stacked projections); else they are contiguous [B, heads, D] (the committed grids' code)
+    # slices of a batch's stacked projections); else they are contiguous [B, heads, D]
     if ROWS_APART:
         q = _rotated(Q, (b * sq + heads * D)[:, None], d[None, :], COS, SIN, gmask[:, None], ROT, ROT_DIM)
         new_row = b * skv + hk * D
@@ -186,15 +179,22 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
     rows_c = b * H + hk * G + gc
     mz = tl.full([GP], float("-inf"), tl.float32)
     lz = tl.zeros([GP], tl.float32)
-    if LANE_PARTIALS:  # the Gumbel partials kept per token lane, reduced over the tokens once, after the loop
-        mz_lane = tl.full([GP, BLOCK_N], -1e30, tl.float32)
-        lz_lane = tl.zeros([GP, BLOCK_N], tl.float32)
+    # the Gumbel partials kept per token lane and reduced over the tokens once, after the loop: no reduction over
+    # a block's tokens inside it (each costs the program a barrier)
+    mz_lane = tl.full([GP, BLOCK_N], -1e30, tl.float32)
+    lz_lane = tl.zeros([GP, BLOCK_N], tl.float32)
     # the new token: its K and V come from KNEW/VNEW and are written into its slot by the program that owns it
     if HAS_POS:
         new_slot = _free_slot(CANDV, CANDI, pid, NCAND, BLOCK_C)
-        cur = tl.load(CUR).to(POS.dtype.element_ty)  # int32 positions (pos32) compare in 32 bits
+        cur = tl.load(CUR).to(POS.dtype.element_ty)  # the new token's position (int32, as the positions)
     else:
         new_slot = n_valid - 1
+    if ALIBI:  # each query head's slope (padding rows 0); the full cache holds position p in slot p
+        slope = tl.load(SLOPES + heads, mask=gmask, other=0.0)
+        if HAS_POS:
+            qpos = cur
+        else:
+            qpos = new_slot
     knew = _rotated(KNEW, new_row, d, COS, SIN, d < D, ROT, ROT_DIM)
     vnew = tl.load(VNEW + new_row + d)
     if (new_slot >= start) & (new_slot < start + split_len):
@@ -203,10 +203,9 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if HAS_POS:
             tl.store(POS + kv_base + new_slot, cur)
             tl.store(SCORE_BUF + kv_base + new_slot, 0.0)
-    if WRITE_FIRST:
-        # the loop reads the new token back from the cache: K and V then go from memory straight into the dots,
-        # which lets Triton pipeline their loads (a value changed in registers on the way is not pipelined)
-        tl.debug_barrier()
+    # the loop reads the new token back from the cache: K and V then go from memory straight into the dots, which
+    # lets Triton pipeline their loads (a value swapped in, in registers, on the way is not pipelined)
+    tl.debug_barrier()
     if SCORE:
         step = tl.load(STEP)
         seed = step.to(tl.int32)
@@ -220,22 +219,19 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < n_valid
         k = tl.load(K + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
-                    eviction_policy=KV_EVICT)
+                    eviction_policy="evict_first")
         v = tl.load(V + (kv_base + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0,
-                    eviction_policy=KV_EVICT)
-        if not WRITE_FIRST:
-            # the loads do not wait for the new token's write: the evicted token's row is read, then replaced
-            # (this order is the shipped kernel's, whose code the committed grids ran: kernel_stats checks it)
-            is_new = n == new_slot
-            k = tl.where(is_new[:, None], knew[None, :], k)
-            v = tl.where(is_new[:, None], vnew[None, :], v)
+                    eviction_policy="evict_first")
         valid = nmask
         if HAS_POS:
             pos = tl.load(POS + kv_base + n, mask=nmask, other=-1)
-            if not WRITE_FIRST:
-                pos = tl.where(is_new, cur, pos)
             valid = valid & (pos >= 0)
         x = _qk(q, k, IEEE) * scale
+        if ALIBI:  # the bias of MPT's attention, on the logits that both the softmax and the scores take
+            if HAS_POS:
+                x += slope[:, None] * (pos - qpos).to(tl.float32)[None, :]
+            else:
+                x += slope[:, None] * (n - qpos).to(tl.float32)[None, :]
         x = tl.where(valid[None, :] & gmask[:, None], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -249,24 +245,14 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             xc = tl.max(tl.reshape(x, [BLOCK_G // GP, GP, BLOCK_N]), 0)
             offs = rows_c[:, None] * S + n[None, :]
             lmask = gcmask[:, None] & nmask[None, :]
-            if LANE_PARTIALS:
-                # no reduction over the block's tokens here (each costs the program a barrier): an online
-                # max and sum per element, two exps each, and a multiply by 1 / tau instead of a division; x is
-                # -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
-                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
-                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-                mz_new = tl.maximum(mz_lane, z)
-                lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
-                mz_lane = mz_new
-            else:
-                z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) / tau
-                z = tl.where(valid[None, :] & gcmask[:, None], z, float("-inf"))
-                tl.store(Z + offs, z, mask=lmask, eviction_policy=Z_EVICT)
-                mz_new = tl.maximum(mz, tl.max(z, 1))
-                mz_safe = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-                lz = lz * tl.exp(mz - mz_safe) + tl.sum(tl.exp(z - mz_safe[:, None]), 1)
-                mz = mz_new
-    if SCORE and LANE_PARTIALS:  # mz_lane starts finite, so mz is too
+            # an online max and sum per element, two exps each, and a multiply by 1 / tau instead of a division;
+            # x is -inf at invalid tokens already, so is z, and the running max starts finite (no guards)
+            z = (xc + _noise(NOISE, seed, offs, lmask, USE_NOISE, FAST_LOG)) * inv_tau
+            tl.store(Z + offs, z, mask=lmask, eviction_policy="evict_last")
+            mz_new = tl.maximum(mz_lane, z)
+            lz_lane = lz_lane * tl.exp(mz_lane - mz_new) + tl.exp(z - mz_new)
+            mz_lane = mz_new
+    if SCORE:  # mz_lane starts finite, so mz is too
         mz = tl.max(mz_lane, 1)
         lz = tl.sum(lz_lane * tl.exp(mz_lane - mz[:, None]), 1)
     if FINISH:  # one split holds the whole row (large batch): output, log Z and scores right here, no partials
@@ -276,7 +262,7 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
             logz = tl.where(gcmask, mz + tl.log(tl.where(gcmask, lz, 1.0)), 0.0)
             tl.debug_barrier()  # z stored by this program's threads above is read back by others below
             _score_and_candidate(Z, POS, SCORE_BUF, CANDV, CANDI, rows_c, gcmask, logz, cur, window, kv_base, start,
-                                 S, split_len, pid, FBLOCK, FBLOCKS, KV_EVICT)
+                                 S, split_len, pid, FBLOCK, FBLOCKS)
     else:
         part = (b * H + heads) * NSPLIT + split
         tl.store(M + part, m_i, mask=gmask)
@@ -285,54 +271,42 @@ def _split_kernel(Q, K, V, KNEW, VNEW, POS, SCORE_BUF, CANDV, CANDI, STEP, CUR, 
         if SCORE:
             tl.store(MZ + rows_c * NSPLIT + split, mz, mask=gcmask)
             tl.store(LZ + rows_c * NSPLIT + split, lz, mask=gcmask)
-        if COMBINE:  # the row's last split to finish merges every split's partials: no combine launch
-            tl.debug_barrier()  # all of this program's partials are stored before its count is released
-            done = tl.atomic_add(DONE + pid, 1, sem="acq_rel", scope="gpu")
-            if done == NSPLIT - 1:
-                for gi in tl.static_range(G):
-                    _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, ".cg")
-                tl.store(DONE + pid, 0)  # ready for the next step (no other program of this row is left)
 
 
 @triton.jit
-def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                 CACHE: tl.constexpr):
-    """Merge the splits' attention partials of one (sequence, query head) row into its output. Inside the split
-    kernel CACHE is ".cg" (read from L2, not L1: a program of the same SM may have cached the line before every
-    split had written it), elsewhere "". Every caller passes it: Triton 3.6's GPU compiler rejects a nested jit
-    function's default constexpr string (its CPU interpreter accepts it; tests/test_kernel_stats compiles all)."""
+def _combine_row(M, L, ACC, OUT, row, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the splits' attention partials of one (sequence, query head) row into its output."""
     s = tl.arange(0, BLOCK_S)
     smask = s < NSPLIT
     d = tl.arange(0, D)
-    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0, cache_modifier=CACHE)
+    m = tl.load(M + row * NSPLIT + s, mask=smask, other=float("-inf"))
+    l = tl.load(L + row * NSPLIT + s, mask=smask, other=0.0)
     mmax = tl.max(m, 0)
     w = tl.where(smask & (m > float("-inf")), tl.exp(m - mmax), 0.0)
-    acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0,
-                  cache_modifier=CACHE)
+    acc = tl.load(ACC + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + row * D + d, out.to(OUT.dtype.element_ty))
 
 
 @triton.jit
 def _combine_kernel(M, L, ACC, OUT, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
-    _combine_row(M, L, ACC, OUT, tl.program_id(0), D, NSPLIT, BLOCK_S, "")
+    _combine_row(M, L, ACC, OUT, tl.program_id(0), D, NSPLIT, BLOCK_S)
 
 
 @triton.jit
 def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, cur, window, S, chunk_len,
                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   Z_READ: tl.constexpr, NCAND: tl.constexpr):
-    """One program per (sequence, KV head, chunk of chunk_len slots): a split's tokens (NCAND = NSPLIT), or with
-    `short_finish` one finish block's, so that many short programs, not a few long loops, read z and the scores."""
+                   NCAND: tl.constexpr):
+    """One program per (sequence, KV head, chunk of chunk_len slots, one block): many short programs, not a few
+    long loops, read z and the scores."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
     for gi in tl.static_range(G):  # the attention output of query head gi, merged by one of the chunks' programs
         if chunk == gi % NCAND:
-            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S, "")
+            _combine_row(M, L, ACC, OUT, b * H + hk * G + gi, D, NSPLIT, BLOCK_S)
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * H + hk * G + g
@@ -347,16 +321,15 @@ def _finish_kernel(M, L, ACC, OUT, MZ, LZ, Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX
     logz = mzmax + tl.log(tl.where(gmask, tl.sum(lz * tl.exp(mz - mzmax[:, None]), 1), 1.0))
     cur_pos = tl.load(cur).to(POS.dtype.element_ty)
     _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window,
-                         (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS,
-                         Z_READ)
+                         (b * HKV + hk) * S, chunk * chunk_len, S, chunk_len, pid * NCAND + chunk, BLOCK_N, BLOCKS)
 
 
 @triton.jit
 def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, logz, cur_pos, window, kv_base, start,
-                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, Z_READ: tl.constexpr):
+                         S, split_len, cand, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
     """Add f = exp(z - log Z), summed over the query heads `rows`, to the score of each token of the split
-    [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand]; `Z_READ` is
-    the eviction policy of z's last read."""
+    [start, start + split_len) and store the split's lowest-ranked evictable slot at CAND_*[cand] (z's last read
+    marked to leave L2 first)."""
     end = start + split_len
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
@@ -365,7 +338,7 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
         nmask = (n < S) & (n < end)
         pos = tl.load(POS + kv_base + n, mask=nmask, other=-2)
         lmask = gmask[:, None] & nmask[None, :]
-        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy=Z_READ)
+        z = tl.load(Z + rows[:, None] * S + n[None, :], mask=lmask, other=float("-inf"), eviction_policy="evict_first")
         f = tl.where(lmask & (pos[None, :] >= 0), tl.exp(z - logz[:, None]), 0.0)
         score = tl.load(SCORE_BUF + kv_base + n, mask=nmask, other=0.0) + tl.sum(f, 0)
         tl.store(SCORE_BUF + kv_base + n, score, mask=nmask)
@@ -386,9 +359,10 @@ def _score_and_candidate(Z, POS, SCORE_BUF, CAND_VAL, CAND_IDX, rows, gmask, log
 #: lab/data/attention/h200-attention-options-run1.txt); z, scores and positions (B x H x slots) must stay below it
 INT32_MAX = 2**31 - 1
 
-#: Tokens per block of the finish kernel (score update and eviction candidate): a few small rows per token, so
-#: wide blocks keep the chain of dependent loads short.
-FINISH_BLOCK = 256
+#: Slots per program of Keyformer's finish kernel, one block each (no loop): many short programs read z and the
+#: scores faster than one loop per split (H200: Llama-3-8B's batch-16 x 16384 finish kernels 566 -> 409 us per
+#: step, lab/data/profiles/h200-profile-keyformer.txt; chunks of 1024 slots: 575 us)
+FINISH_CHUNK = 256
 
 
 def _blocks(head_dim: int) -> int:
@@ -396,47 +370,23 @@ def _blocks(head_dim: int) -> int:
     return 32 if head_dim > 128 else 64
 
 
-#: How the cache is split when no length is given: "fill" (shipped; the committed grids ran it) makes
-#: ceil(PROGRAMS_PER_SM x SMs / rows) splits, so the programs fill the GPU about four times over; "wave" makes
-#: floor(RESIDENT_PER_SM x SMs / rows), one wave of resident programs and no partial wave trailing.
-SPLIT_RULE = "fill"
+#: The split kernel's programs per SM that the split aims at: about 4 (a wave and a third, with 3 resident per
+#: SM), but 2 where sequences x KV heads are fewer than the SMs (batch 1): there 2 per SM was faster on the H200
+#: (GPT-J-6B at 8192 tokens 45.3 -> 39.6 us per layer for the full cache, Llama-3-8B 17.0 -> 14.5) and at batch
+#: 16-64 slower (lab/data/attention/h200-attention-variants-per-sm.csv)
 PROGRAMS_PER_SM = 4
-#: The "rows" rule (option batch1_split): where sequences x KV heads are fewer than the SMs (batch 1), about this
-#: many programs per SM instead: with write_first 3 programs are resident per SM, so 2 per SM is one wave and 4 a
-#: wave and a third (H200, lab/data/attention/h200-attention-variants-per-sm.csv: GPT-J-6B at 8192 tokens 45.3 -> 39.6 us
-#: per layer for the full cache, Llama-3-8B 17.0 -> 14.5; at batch 16 and 64, 2 per SM is slower)
 FEW_ROWS_PER_SM = 2
-#: Programs of the split kernel resident on one SM at a time: its K and V pipeline (3 stages of a [BLOCK_N, D] bf16
-#: K and V tile, 96 KB) leaves room for two in the 228 KB of shared memory of an H100 or H200 SM.
-RESIDENT_PER_SM = 2
 
 
-def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int | None = None,
-                 rule: str | None = None) -> int:
-    """Tokens per split, whole blocks: `split_tokens` rounded up if given, else the slots spread over the splits
-    `rule` (default SPLIT_RULE) asks for given `rows` (sequences x KV heads) and `sms`.
-
-    Why "wave": a partly filled last wave runs alone at the end of the layer. The committed spread runs fit it with
-    two resident programs per SM: GPT-J-6B's 16 rows in 17 splits (272 programs, 264 resident) took 66 us per
-    layer at 8k tokens, in 33 splits (two full waves) 48 us; Llama-3-8B at 16k, 264 programs (one wave) 25.5 us,
-    520 (two waves less 8) 29.3 us (lab/data/attention/h200-attention-spread.csv).
-    """
-    if split_tokens is None:
-        rule = rule or SPLIT_RULE
-        if rule == "rows":  # "fill", with FEW_ROWS_PER_SM where the rows are fewer than the SMs (batch 1)
-            rule = "fill"
-            per_sm = FEW_ROWS_PER_SM if rows < sms else PROGRAMS_PER_SM
-        else:
-            per_sm = PROGRAMS_PER_SM
-        if rule == "fill":
-            splits = -(-per_sm * sms // rows)
-        elif rule == "wave":
-            splits = RESIDENT_PER_SM * sms // rows
-        else:
-            raise ValueError(f"split rule {rule!r}: expected fill, wave or rows")
-        blocks = -(-slots // block)
-        return -(-blocks // max(1, splits)) * block
-    return max(block, -(-split_tokens // block) * block)
+def split_length(slots: int, rows: int, block: int, sms: int, split_tokens: int | None = None) -> int:
+    """Tokens per split, whole blocks: `split_tokens` rounded up if given, else the slots spread over
+    ceil(programs per SM x `sms` / `rows`) splits, `rows` being sequences x KV heads."""
+    if split_tokens is not None:
+        return max(block, -(-split_tokens // block) * block)
+    per_sm = FEW_ROWS_PER_SM if rows < sms else PROGRAMS_PER_SM
+    splits = -(-per_sm * sms // rows)
+    blocks = -(-slots // block)
+    return -(-blocks // splits) * block
 
 
 def _sm_count(device) -> int:
@@ -449,7 +399,7 @@ def _sm_count(device) -> int:
 class StepState:
     """Per-step scalars shared by every layer's cache: the new token's position and the decode-step counter
     (which sets Keyformer's temperature and the noise seed). The first layer sets `cur`, the last advances `step`.
-    `scratch` holds buffers a layer needs only during its own step, which the layers can share."""
+    `scratch` holds buffers a layer needs only during its own step, which the layers share (Keyformer's z)."""
 
     def __init__(self, device, step=0.0):
         self.cur = torch.zeros((), dtype=torch.int64, device=device)
@@ -467,12 +417,12 @@ def _scratch(shared: dict | None, name: str, numel: int, like: dict) -> torch.Te
 
 
 class FusedDecoder:
-    """Buffers and launches for one layer shape; the cache is read in `NSPLIT` parallel parts of `split_len`."""
+    """Buffers and launches for one layer shape; the cache is read in `NSPLIT` parallel parts of `split_len`.
+    `slopes` [heads] (fp32): an ALiBi model's slopes, added in the kernel as slope x (key - query position)."""
 
     def __init__(self, batch, heads, kv_heads, slots, head_dim, device, split_tokens=None, scoring=True,
-                 block_n=None, num_warps=4, num_stages=3, maxnreg=None, fold_combine=False, split_rule=None,
-                 l2_hints=False, write_first=False, fast_log=False, lane_partials=False, finish_chunk=None,
-                 scratch=None, offsets64=None):
+                 block_n=None, num_warps=4, num_stages=3, maxnreg=None, finish_chunk=FINISH_CHUNK, scratch=None,
+                 offsets64=None, slopes=None):
         if batch * heads * slots > INT32_MAX:
             raise KfsimError(f"the fused attention kernel addresses Keyformer's z and a layer's scores with 32-bit "
                              f"offsets: batch {batch} x {heads} heads x {slots} slots = {batch * heads * slots} "
@@ -487,24 +437,19 @@ class FusedDecoder:
         self.GP = triton.next_power_of_2(self.G)
         self.BLOCK_N = block_n or _blocks(head_dim)
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
-        self.fold_combine = fold_combine  # full cache: the last split merges (else a combine kernel)
-        # K and V stream through L2 marked first to evict; Keyformer's z, written and read back in the same step,
-        # is marked last, so it stays in L2 instead of going out to HBM and back
-        self.kv_evict, self.z_evict = ("evict_first", "evict_last") if l2_hints else ("", "")
-        self.write_first = write_first  # the new token written before the loop reads it (see _split_kernel)
-        self.fast_log = fast_log  # Keyformer's noise: logs on the special-function unit (see _noise)
-        self.lane_partials = lane_partials  # Keyformer's Gumbel partials reduced after the loop (see _split_kernel)
-        self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens,
-                                      split_rule)
+        # Keyformer's noise takes its logs on the special-function unit: PTX, which Triton's interpreter cannot run
+        self.fast_log = torch.device(device).type == "cuda"
+        if slopes is not None and tuple(slopes.shape) != (heads,):
+            raise ValueError(f"fused attention: ALiBi slopes must be [{heads}] (one per query head), got "
+                             f"{tuple(slopes.shape)}")
+        self.slopes = None if slopes is None else slopes.to(device=device, dtype=torch.float32).contiguous()
+        self.split_len = split_length(slots, batch * kv_heads, self.BLOCK_N, _sm_count(device), split_tokens)
         self.NSPLIT = triton.cdiv(slots, self.split_len)
         self.BLOCK_S = max(2, triton.next_power_of_2(self.NSPLIT))
-        # Keyformer's finish kernel: a program per split of the row (the split's eviction candidate), or, given
-        # `finish_chunk` and more than one split, per finish_chunk slots (short_finish: one block, no loop)
-        # (never longer than a split: short splits, at batch 1, keep their one program each)
-        self.chunk_len = min(finish_chunk, self.split_len) if finish_chunk and self.NSPLIT > 1 else self.split_len
-        # a chunk's tokens per finish block: a given chunk in one block (no loop), a split in blocks of FINISH_BLOCK
-        self.FBLOCK = triton.next_power_of_2(self.chunk_len) if self.chunk_len == finish_chunk else \
-            min(FINISH_BLOCK, triton.next_power_of_2(self.chunk_len))
+        # Keyformer's finish kernel: a program per `finish_chunk` slots in one block, never longer than a split
+        # (short splits, at batch 1, keep their one program each)
+        self.chunk_len = min(finish_chunk, self.split_len) if self.NSPLIT > 1 else self.split_len
+        self.FBLOCK = min(triton.next_power_of_2(finish_chunk), triton.next_power_of_2(self.chunk_len))
         self.NCAND = triton.cdiv(slots, self.chunk_len)
         self.BLOCK_C = max(2, triton.next_power_of_2(self.NCAND))
         f32 = dict(dtype=torch.float32, device=device)
@@ -513,13 +458,12 @@ class FusedDecoder:
         self.acc = torch.empty(batch * heads * self.NSPLIT * head_dim, **f32)
         if scoring:
             self.mz, self.lz = torch.empty_like(self.m), torch.empty_like(self.m)
-            # z lives for one layer's step: with l2_hints, the layers that share `scratch` (a dict) share one
-            # buffer, which can then stay in L2 from layer to layer
-            self.z = _scratch(scratch if l2_hints else None, "z", batch * heads * slots, f32)
+            # z lives for one layer's step: the layers that share `scratch` (a dict) share one buffer, which can
+            # then stay in L2 from layer to layer
+            self.z = _scratch(scratch, "z", batch * heads * slots, f32)
             self.cand_val = torch.empty(batch * kv_heads * self.NCAND, **f32)
             self.cand_idx = torch.empty(batch * kv_heads * self.NCAND, dtype=torch.int32, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.done = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)  # splits finished, per row
 
     def set_free(self, free):
         """Make the next step write into `free` [B, HKV] (as if the last step's candidates had chosen it)."""
@@ -532,10 +476,6 @@ class FusedDecoder:
         vals = self.cand_val.view(self.B, self.HKV, self.NCAND)
         return self.cand_idx.view(self.B, self.HKV, self.NCAND).gather(-1, vals.argmin(-1, keepdim=True)).long()
 
-    def _combines(self, score: bool) -> bool:
-        """Whether the split kernel merges the full cache's partials itself."""
-        return not score and self.NSPLIT > 1 and self.fold_combine
-
     def split_launch(self, q, k_new, v_new, k_cache, v_cache, n_valid, out, pos=None, score_buf=None, state=None,
                      noise=None, tau_delta=0.0, window=0, rotary=None):
         """The split kernel's grid, arguments and compile-time constants for one step (kernel_stats compiles
@@ -546,22 +486,25 @@ class FusedDecoder:
         if q.stride()[1:] != (self.D, 1) or k_new.stride()[1:] != (self.D, 1) or k_new.stride() != v_new.stride():
             raise ValueError(f"fused attention: q, k_new and v_new must be [B, heads, D] with contiguous heads (rows "
                              f"may be further apart), got strides {q.stride()}, {k_new.stride()}, {v_new.stride()}")
+        if k_cache.shape[-1] != self.D:
+            raise ValueError(f"fused attention: the cache's rows must be {self.D} wide (the head), got "
+                             f"{k_cache.shape[-1]} (a full cache made with alibi_slopes carries extra columns: "
+                             f"make it without them and give the slopes to the fused cache)")
         args = (q, k_cache, v_cache, k_new, v_new, pos if pos is not None else dummy,
                 score_buf if score else dummy, self.cand_val if score else dummy,
                 self.cand_idx if score else dummy, state.step if state is not None else dummy,
                 state.cur if state is not None else dummy, self.z if score else dummy,
                 noise if noise is not None else dummy, self.m, self.l, self.acc, self.mz if score else dummy,
-                self.lz if score else dummy, out, cos, sin, self.done, self.S, n_valid, self.split_len, self.scale,
-                TAU_INIT, tau_delta, window, q.stride(0), k_new.stride(0))
+                self.lz if score else dummy, out, cos, sin, self.slopes if self.slopes is not None else dummy,
+                self.S, n_valid, self.split_len, self.scale, TAU_INIT, tau_delta, window, q.stride(0),
+                k_new.stride(0))
         meta = dict(
-            ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim,
+            ROT=0 if rotary is None else 1 if interleaved else 2, ROT_DIM=rot_dim, ALIBI=self.slopes is not None,
             H=self.H, HKV=self.HKV, G=self.G, D=self.D, BLOCK_G=self.BLOCK_G, GP=self.GP, BLOCK_N=self.BLOCK_N,
             NSPLIT=self.NSPLIT, BLOCKS=self.split_len // self.BLOCK_N, BLOCK_S=self.BLOCK_S, SCORE=score,
             HAS_POS=pos is not None, USE_NOISE=noise is not None, IEEE=q.dtype == torch.float32,
-            FINISH=self.NSPLIT == 1, COMBINE=self._combines(score), FBLOCK=self.FBLOCK,
-            FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK), KV_EVICT=self.kv_evict, Z_EVICT=self.z_evict,
-            WRITE_FIRST=self.write_first, FAST_LOG=self.fast_log, OFFS64=self.offsets64,
-            LANE_PARTIALS=self.lane_partials and score, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
+            FINISH=self.NSPLIT == 1, FBLOCK=self.FBLOCK, FBLOCKS=triton.cdiv(self.split_len, self.FBLOCK),
+            FAST_LOG=self.fast_log, OFFS64=self.offsets64, NCAND=self.NCAND, BLOCK_C=self.BLOCK_C,
             ROWS_APART=self.B > 1 and not (q.is_contiguous() and k_new.is_contiguous() and v_new.is_contiguous()))
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
         return (self.B * self.HKV, self.NSPLIT), args, meta, options
@@ -571,7 +514,7 @@ class FusedDecoder:
         self.split_handle = _split_kernel[grid](*args, **meta, **options)
 
     def combine_launch(self, out):
-        """The full cache's combine kernel (more than one split, not folded): grid, arguments, constants, options."""
+        """The full cache's combine kernel (more than one split): grid, arguments, constants, options."""
         return ((self.B * self.H,), (self.m, self.l, self.acc, out),
                 dict(D=self.D, NSPLIT=self.NSPLIT, BLOCK_S=self.BLOCK_S), {})
 
@@ -580,8 +523,7 @@ class FusedDecoder:
         args = (self.m, self.l, self.acc, out, self.mz, self.lz, self.z, pos, score_buf, self.cand_val,
                 self.cand_idx, state.cur, window, self.S, self.chunk_len)
         meta = dict(H=self.H, HKV=self.HKV, G=self.G, D=self.D, GP=self.GP, BLOCK_N=self.FBLOCK, NSPLIT=self.NSPLIT,
-                    BLOCKS=triton.cdiv(self.chunk_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, Z_READ=self.kv_evict,
-                    NCAND=self.NCAND)
+                    BLOCKS=triton.cdiv(self.chunk_len, self.FBLOCK), BLOCK_S=self.BLOCK_S, NCAND=self.NCAND)
         return (self.B * self.HKV, self.NCAND), args, meta, dict(num_warps=self.num_warps)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, n_valid, out=None, rotary=None):
@@ -589,7 +531,7 @@ class FusedDecoder:
         `rotary` (cos, sin, dim, interleaved): q and k_new are not rotated yet; the kernel rotates them."""
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, n_valid, out, rotary=rotary)
-        if self.NSPLIT > 1 and not self._combines(False):
+        if self.NSPLIT > 1:
             grid, args, meta, options = self.combine_launch(out)
             _combine_kernel[grid](*args, **meta, **options)
         return out
@@ -597,7 +539,7 @@ class FusedDecoder:
     def attend_and_score(self, q, k_new, v_new, k_cache, v_cache, pos, score_buf, state, window, noise=None,
                          tau_delta=0.0, out=None, rotary=None):
         """Evicting cache: as `attend`, with the new token in the slot the last step freed (pos = state.cur,
-        score 0); this step's Gumbel-softmax is added to `score_buf` and each split's eviction candidate left."""
+        score 0); this step's Gumbel-softmax is added to `score_buf` and each chunk's eviction candidate left."""
         out = torch.empty_like(q) if out is None else out
         self._split(q, k_new, v_new, k_cache, v_cache, self.S, out, pos, score_buf, state, noise, tau_delta,
                     window, rotary)
@@ -608,20 +550,22 @@ class FusedDecoder:
 
 
 class FusedKeyformerCache:
-    """The EvictingCache algorithm (keyformer only) run by the fused kernels on the same state tensors.
+    """The EvictingCache algorithm (keyformer only) run by the fused kernels on the same state tensors (the
+    positions made int32: half the bytes each kernel reads for them).
 
     Two kernels per layer and step; `plain.free` and `plain.step` are brought up to date by `sync()`.
+    `slopes`: an ALiBi model's slopes per query head (the kernel adds the bias; `decode`'s bias_fn is then unused).
     """
 
     kind = "keyformer"
 
-    def __init__(self, plain, split_tokens=None, state=None, first=True, last=True, kernel=None):
+    def __init__(self, plain, split_tokens=None, state=None, first=True, last=True, kernel=None, slopes=None):
         self.plain = plain  # an EvictingCache holding the state
         self.fused = None
         self.split_tokens = split_tokens
-        self.kernel = dict(kernel or {})  # FusedDecoder's block_n / num_warps / options, and pos32
-        if self.kernel.pop("pos32", False):  # the positions as int32: 4 bytes per slot read by each kernel, not 8
-            plain.pos = plain.pos.to(torch.int32)
+        self.kernel = dict(kernel or {})  # more FusedDecoder keywords (block_n, num_warps, finish_chunk, ...)
+        self.slopes = slopes
+        plain.pos = plain.pos.to(torch.int32)
         self.state = state or StepState(plain.k.device)
         self.first, self.last = first, last
         self.noise_tensor = None  # tests: [B, H, S] fp32 shared with the plain path
@@ -633,7 +577,7 @@ class FusedKeyformerCache:
         c = self.plain
         B, HKV, S, D = c.k.shape
         self.fused = FusedDecoder(B, q.shape[1], HKV, S, D, q.device, self.split_tokens, scratch=self.state.scratch,
-                                  **self.kernel)
+                                  slopes=self.slopes, **self.kernel)
         self.fused.set_free(c.free)
         if self.first:
             self.state.step.copy_(c.step)
@@ -642,7 +586,7 @@ class FusedKeyformerCache:
     rotates = True
 
     def decode(self, q, k, v, pos, bias_fn=None, rotary=None):
-        assert bias_fn is None, "the fused kernel has no ALiBi; use the plain cache for MPT"
+        _check_bias(bias_fn, self.slopes)
         c = self.plain
         B, HKV, S, D = c.k.shape
         H = q.shape[1]
@@ -663,13 +607,20 @@ class FusedKeyformerCache:
         self.plain.step.copy_(self.state.step)
 
 
+def _check_bias(bias_fn, slopes):
+    """An ALiBi model's decoder passes its bias_fn: the fused cache must have been given the slopes instead."""
+    if bias_fn is not None and slopes is None:
+        raise ValueError("an ALiBi model's fused cache needs its slopes (fuse_caches(..., slopes=...)): the kernel "
+                         "adds the bias itself")
+
+
 class FusedFullCache:
     """The full cache read by the split-K kernel (the baseline Keyformer is compared with); the new token's K and
-    V are written by the kernel itself."""
+    V are written by the kernel itself. `slopes` as FusedKeyformerCache's (the plain cache is made without them)."""
 
-    def __init__(self, plain, split_tokens=None, kernel=None):
+    def __init__(self, plain, split_tokens=None, kernel=None, slopes=None):
         self.plain, self.split_tokens, self.fused = plain, split_tokens, None
-        self.kernel = {k: v for k, v in (kernel or {}).items() if k != "pos32"}  # no positions here
+        self.kernel, self.slopes = dict(kernel or {}), slopes
 
     def __getattr__(self, name):
         return getattr(self.plain, name)
@@ -677,13 +628,14 @@ class FusedFullCache:
     rotates = True  # as FusedKeyformerCache
 
     def decode(self, q, k, v, pos, bias_fn=None, rotary=None):
-        assert bias_fn is None, "the fused kernel has no ALiBi; use the plain cache for MPT"
+        _check_bias(bias_fn, self.slopes)
         c = self.plain
         B, HKV, S, D = c.k.shape
         H = q.shape[1]
         n = c.length
         if self.fused is None:
-            self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False, **self.kernel)
+            self.fused = FusedDecoder(B, H, HKV, S, D, q.device, self.split_tokens, scoring=False, slopes=self.slopes,
+                                      **self.kernel)
         out = self.fused.attend(q.reshape(B, H, D), k.reshape(B, HKV, D), v.reshape(B, HKV, D), c.k, c.v, n + 1,
                                 rotary=rotary)
         if not c.steady:

@@ -152,9 +152,8 @@ EMPTY, PADDING = -1, -2  # `pos` of a slot that holds no token yet, and of an al
 class EvictingCache:
     """A budget of kept tokens plus one free slot (plus alignment padding). `kind`: keyformer | h2o | window.
 
-    State per sequence and KV head: `pos` (token position in each slot; EMPTY or PADDING; int64, or int32 where
-    the fused kernels' pos32 option made it so), `score` (fp32
-    accumulated score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer
+    State per sequence and KV head: `pos` (token position in each slot; EMPTY or PADDING; int64, or int32 once a
+    fused Keyformer cache holds it), `score` (fp32 accumulated score), `free` (slot the next token goes into). `noise` can be replaced in tests to make Keyformer
     deterministic.
     """
 

@@ -154,12 +154,14 @@ def test_folding_norms_keeps_the_function(name):
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name, fused", [("gpt-j-6b", False), ("cerebras-gpt-111m", False), ("mpt-7b", False),
-                                         ("llama-3-8b", False), ("gpt-j-6b", True), ("llama-3-8b", True)])
+                                         ("llama-3-8b", False), ("gpt-j-6b", True), ("llama-3-8b", True),
+                                         ("mpt-7b", True), ("cerebras-gpt-111m", True)])
 def test_fused_products_decoder_matches_decoder(name, fused, batch):
     """The compiled engine's fused-product path (norms folded; products and residuals on gemv at batch 1, on
     gemm_small with `small_gemm` at batch 3) gives the logits of the decoder it was built from; with the fused
     attention cache, rotary runs inside the attention kernel (GPT-J's interleaved pairs on part of each head,
-    Llama's halves), which reads q, k and v as column slices of the products."""
+    Llama's halves) or ALiBi's bias is added there (MPT, whose fused full cache holds no position columns), the
+    kernel reading q, k and v as column slices of the products."""
     import copy
     import dataclasses
 
@@ -178,16 +180,16 @@ def test_fused_products_decoder_matches_decoder(name, fused, batch):
     reference = copy.deepcopy(model)
     fast = CompiledDecoder(model, compile=False, batch1_gemv=True, small_gemm=True)  # folds the norms into `model`
     assert fast.small_gemm == (batch > 1)  # batch 1's dims do not tile; that decoder uses cuBLAS past batch 1
-    caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE, slopes_of(w))
-               for _ in range(w.n_layers)]
-              for _ in range(2)]
+    caches = [[FullCache(batch, w.n_kv_heads, 16, w.head_dim, torch.bfloat16, DEVICE,
+                         None if fused and i == 1 else slopes_of(w)) for _ in range(w.n_layers)]
+              for i in range(2)]
     if fused:
         if DEVICE != "cuda":
             pytest.skip("the attention kernel's bf16 path needs a GPU (Triton's CPU interpreter gets bf16 dots "
                         "wrong); test_fused_attention checks its rotary in fp32 on the CPU")
         from measure.fused_attention import FusedFullCache
 
-        caches[1] = [FusedFullCache(c) for c in caches[1]]
+        caches[1] = [FusedFullCache(c, slopes=slopes_of(w)) for c in caches[1]]
     prompt = torch.randint(0, w.vocab_size, (batch, 10), device=DEVICE)
     with torch.no_grad():
         for c in caches:

@@ -46,7 +46,7 @@ def test_an_ablated_copy_runs_in_place_of_the_kernel_and_is_put_back(tmp_path):
         torch.manual_seed(0)
         plain = EvictingCache("keyformer", 1, 2, 150, 30, 16, torch.float32, DEVICE)
         plain.fill_random(300)
-        fused = FusedKeyformerCache(plain, kernel={"lane_partials": True})
+        fused = FusedKeyformerCache(plain)
         q = torch.randn(1, 8, 1, 16, device=DEVICE)
         k, v = torch.randn(1, 2, 1, 16, device=DEVICE), torch.randn(1, 2, 1, 16, device=DEVICE)
         score = plain.score.clone()
@@ -58,9 +58,10 @@ def test_an_ablated_copy_runs_in_place_of_the_kernel_and_is_put_back(tmp_path):
     assert sys.modules["measure.fused_attention"] is real
 
 
-def test_cli_refuses_an_unknown_option(capsys):
-    assert main(["--out", "x.csv", "--options", "write_first,nope"]) == 2
-    assert "kernel option 'nope'" in capsys.readouterr().err
+def test_cli_refuses_an_unknown_ablation(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", "x.csv", "--ablations", "z_store,nope"])
+    assert exc.value.code == 2 and "'nope': expected z_store" in capsys.readouterr().err
 
 
 def test_l2_settings_are_named_or_whole_mib():

@@ -12,9 +12,7 @@ def test_gpu_benchmarks_check_their_arguments_and_need_a_gpu(capsys):
     assert bench_attention.parse_config("64x4x3r168") == (64, 4, 3, 168)
     assert bench_attention.parse_config("default") == (0, 4, 3, None)
     for argv in (["--out", "x", "--configs", "3x4"], ["--out", "x", "--batch", "0"],
-                 ["--out", "x", "--combine", "fold,merge"], ["--out", "x", "--split-rule", "even"],
-                 ["--out", "x", "--l2-hints", "yes"], ["--out", "x", "--write-first", "maybe"],
-                 ["--out", "x", "--variants", "shipped,write_first+turbo"]):
+                 ["--out", "x", "--programs-per-sm", "2,0"], ["--out", "x", "--models", "gpt-j-6b,bert"]):
         with pytest.raises(SystemExit) as e:
             bench_attention.main(argv)
         assert e.value.code == 2
