@@ -186,6 +186,33 @@ def ceilings(micro, hw) -> dict[str, float]:
     return out
 
 
+def fit_interconnect(micro, hw) -> dict[str, float]:
+    """The engine's interconnect terms from all-reduce microbenchmark rows (bench `allreduce`, `kfsim microbench
+    --tp N`) on GPUs of profile `hw`: a least-squares line through time against the bytes each GPU sends
+    (2(tp-1)/tp of the message), whose intercept is the fixed time per all-reduce and whose slope is one over the
+    achieved one-way bandwidth; {} where there are no such rows. Deterministic (a closed-form fit)."""
+    from .parallel import bus_factor
+
+    rows = micro[micro["bench"] == "allreduce"] if "bench" in micro.columns else micro.iloc[:0]
+    if not len(rows):
+        return {}
+    tp = rows["tp"].astype(float).to_numpy()
+    sent = np.array([bus_factor(int(n)) for n in tp]) * rows["bytes"].astype(float).to_numpy()
+    seconds = rows["median_ms"].astype(float).to_numpy() * 1e-3
+    ok = np.isfinite(sent) & np.isfinite(seconds) & (seconds > 0) & (tp > 1)
+    if ok.sum() < 2 or np.ptp(sent[ok]) <= 0:
+        raise KfsimError(f"all-reduce microbenchmark: {int(ok.sum())} usable row(s) of one message size; the "
+                         f"interconnect fit needs at least two sizes (kfsim microbench --tp N measures 14)")
+    from scipy.optimize import nnls
+
+    (latency_s, s_per_byte), _ = nnls(np.column_stack([np.ones(ok.sum()), sent[ok]]), seconds[ok])
+    one_way = hw.interconnect_gbps / 2 * 1e9
+    if s_per_byte <= 0 or one_way <= 0:
+        raise KfsimError(f"all-reduce microbenchmark on {hw.name}: time does not grow with the message, or the "
+                         f"profile has no interconnect bandwidth; no interconnect fit")
+    return {"allreduce_latency_us": latency_s * 1e6, "interconnect_bandwidth_fraction": 1 / s_per_byte / one_way}
+
+
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
         bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
         host_dispatch: bool = False) -> Fit:

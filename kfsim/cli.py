@@ -327,6 +327,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
              --microbench data/h100-sxm-plain/microbench.csv --out my-engine.yaml
     """
     _need("calibrate", "pandas", "scipy")
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -340,7 +341,16 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
 
     output_path(out, "out", inputs=[*files, *micro])
     df = load(files, measured_engine, phase)
-    bounds = {}
+    split = df["tp"] > 1
+    if split.all():
+        raise KfsimError("every row is tensor-parallel (tp > 1): calibrate fits an engine on single-GPU rows, and "
+                         "its interconnect terms on an all-reduce microbenchmark (kfsim microbench --tp N); "
+                         "kfsim validate checks tensor-parallel rows")
+    if split.any():
+        click.echo(f"note: {int(split.sum())} tensor-parallel row(s) set aside: the fit uses single-GPU rows and "
+                   "the all-reduce microbenchmark; kfsim validate checks them", err=True)
+        df = df[~split]
+    bounds, interconnect = {}, {}
     for m in micro:
         import pandas as pd
 
@@ -358,13 +368,17 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         mb["gbps"] = pd.to_numeric(mb["gbps"], errors="coerce")
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
+        try:
+            interconnect = cal.fit_interconnect(mb, get_hardware(gpu)) or interconnect
+        except KfsimError as exc:
+            raise KfsimError(f"{m}: {exc}") from None
     name = name or Path(out).stem
     f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
                 matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    eng = cal.rounded(f.engine, fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
+    eng = cal.rounded(dataclasses.replace(f.engine, **interconnect), fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
                       description=f"fitted by kfsim calibrate on {', '.join(files)}"
                       + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline")
                       + _kernels_of(df),
@@ -374,15 +388,17 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (" --fused-scorer" if fused_scorer else "")
                                      + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else "")
                                      + (" --host-dispatch" if host_dispatch else ""),
+                              **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),
                               "in_sample_mape_pct": f"{f.mape:.2f}",
                               "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()
                                                 if k in f.fitted) or "none"})
     eng.write(out)
     m = metrics(f.ape)
     edges = cal.at_bounds({k: getattr_path(eng, k) for k in f.fitted}, bounds)
+    fitted = [*f.fitted, *interconnect]
     if as_json:
-        click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in f.fitted},
-                               "at_bound": edges}))
+        click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in fitted},
+                               "at_bound": edges, "tensor_parallel_rows_set_aside": int(split.sum())}))
         return
     for k, where in edges.items():
         click.echo(f"warning: {k} ended at its {where}: the rows pull it further (or cannot inform it); "
@@ -390,6 +406,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {gpus}; in-sample MAPE {m['mape']:.2f}%, "
                f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
     rows = [[k, f"{getattr_path(eng, k):.4g}", f"{cal.bounds_of(k, bounds)}"] for k in f.fitted]
+    rows += [[k, f"{getattr_path(eng, k):.4g}", "from the all-reduce microbenchmark"] for k in interconnect]
     click.echo(table(rows, ["parameter", "value", "allowed range"]))
     click.echo(f"wrote {out}  (use: kfsim predict --engine {out} ...)")
 
@@ -486,10 +503,13 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
         val.write_report(cmp, eng, out, title, list(files))
     if as_json:
         click.echo(json.dumps({**m, "engine": eng.name, "by_group": groups.to_dict(orient="records"),
-                               "energy": energy}))
+                               "by_tp": val.by_tp(cmp), "energy": energy}))
         return
     click.echo(table([[str(v) for v in r] for r in groups.itertuples(index=False)], list(groups.columns)))
     click.echo(f"\nall {m['n']} rows: MAPE {m['mape']:.2f}%, median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
+    for t in val.by_tp(cmp):
+        click.echo(f"tp {t['tp']}, {t['n']} rows: MAPE {t['mape']:.2f}%, median {t['median_ape']:.2f}%, "
+                   f"worst {t['max_ape']:.2f}%")
     if energy:
         click.echo(f"energy per step, {energy['n']} rows: MAPE {energy['mape']:.2f}%, median {energy['median_ape']:.2f}%, "
                    f"worst {energy['max_ape']:.2f}% (the GPU's power model at the predicted step)")

@@ -77,6 +77,11 @@ class Engine:
     #: bytes of memory traffic per byte of KV the step attends (1: read once; a cache appended by copying, or
     #: grouped heads expanded before attention, move it more than once)
     kv_traffic_factor: float = rng(1.0, hi=20.0, default=1.0)
+    #: one all-reduce's fixed time between tensor-parallel GPUs (the collective library's launch and handshake
+    #: plus the link's latency), microseconds; None: the GPU profile's interconnect_latency_us
+    allreduce_latency_us: float | None = rng(0, default=None)
+    #: achieved fraction of the interconnect's one-way datasheet bandwidth in a large all-reduce
+    interconnect_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
     #: GPU memory held besides weights and KV (CUDA context, allocator, activations), GB
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)

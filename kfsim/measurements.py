@@ -29,15 +29,19 @@ OPTIONAL = (
     # the power reading: seconds between the two energy-counter updates it spans, the board idle before the
     # campaign, the enforced power limit, and a flag where the reading is above it (energy not to be trusted)
     "energy_window_s", "idle_w", "power_limit_w", "energy_flag",
+    # GPUs the model was split over (tensor parallelism; empty: 1), the step being the slowest GPU's
+    "tp",
 )
 COLUMNS = REQUIRED + OPTIONAL
 PHASES = ("decode", "prefill")
 
 
 def point_key(row: dict) -> tuple:
-    """What identifies a measured point (for resuming an interrupted campaign)."""
+    """What identifies a measured point (for resuming an interrupted campaign); tp 1 keys as a row without tp."""
+    tp = str(row.get("tp", "") or "")
     return tuple(str(row.get(k, "") or "") for k in ("gpu", "model", "phase", "engine", "batch", "context",
-                                                     "kv_ratio", "policy", "kernel_options"))
+                                                     "kv_ratio", "policy", "kernel_options")) + (
+        ("" if tp in ("1", "1.0") else tp),)
 
 
 def done_keys(path: str | Path) -> set[tuple]:
@@ -120,6 +124,7 @@ def read(path: str | Path, only_ok: bool = True):
     for col, rule in NUMBERS.items():
         if col in df.columns:
             df[col] = _checked(df[col], rule, path)
+    df["tp"] = df["tp"].fillna(1).astype(int) if "tp" in df.columns else 1
     bad_phase = df[~df["phase"].isin(PHASES)]
     if len(bad_phase):
         raise KfsimError(f"{path}: phase {bad_phase['phase'].iloc[0]!r} at row {bad_phase.index[0] + 2}; "
@@ -145,7 +150,7 @@ class Rule:
 #: the numeric columns kfsim reads, and what each may hold
 NUMBERS = {"batch": Rule(whole=True), "context": Rule(whole=True), "kv_ratio": Rule(top=1.0), "step_ms": Rule(),
            "window": Rule(zero_ok=True, top=1.0, optional=True), "power_w": Rule(zero_ok=True, optional=True),
-           "mem_used_gb": Rule(zero_ok=True, optional=True)}
+           "mem_used_gb": Rule(zero_ok=True, optional=True), "tp": Rule(whole=True, optional=True)}
 
 
 def _checked(column, rule: Rule, path):
@@ -164,7 +169,7 @@ def _checked(column, rule: Rule, path):
     if len(bad):
         raise KfsimError(f"{path}: column {column.name} has a bad value {_cell(bad.iloc[0])} at row "
                          f"{bad.index[0] + 2}; allowed: {rule.allowed()}")
-    return values.astype(int) if rule.whole else values
+    return values.astype(int) if rule.whole and not values.isna().any() else values
 
 
 def _cell(value) -> str:

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from .engine import Engine
 from .errors import KfsimError
 from .hardware import Hardware
 from .workload import Workload
@@ -39,16 +40,25 @@ def shard(w: Workload, tp: int) -> Workload:
         rotary_dim=w.rotary_dim, ffn_dim=math.ceil(w.ffn_dim / tp), vocab_size=math.ceil(w.vocab_size / tp))
 
 
-def allreduce_s(hw: Hardware, message_bytes, tp: int) -> np.ndarray:
-    """One ring all-reduce of `message_bytes` over `tp` GPUs: the link's per-message latency plus 2(tp-1)/tp of
-    the message over one direction of the GPU's interconnect (its datasheet figure is both directions)."""
+def bus_factor(tp: int) -> float:
+    """Bytes each GPU sends per byte of message in a ring all-reduce: 2(tp - 1)/tp (NCCL's "bus bandwidth")."""
+    return 2 * (tp - 1) / tp
+
+
+def allreduce_s(hw: Hardware, message_bytes, tp: int, engine: Engine | None = None) -> np.ndarray:
+    """One ring all-reduce of `message_bytes` over `tp` GPUs: a fixed time per all-reduce (the engine's measured
+    allreduce_latency_us, else the profile's link latency) plus 2(tp-1)/tp of the message over one direction of
+    the GPU's interconnect (its datasheet figure is both directions) at the engine's achieved fraction."""
     if tp <= 1:
         return np.zeros_like(np.asarray(message_bytes, dtype=float))
-    one_way = hw.interconnect_gbps / 2 * 1e9
-    if one_way <= 0 or hw.interconnect_latency_us is None:
+    fraction = engine.interconnect_bandwidth_fraction if engine is not None else 1.0
+    latency = engine.allreduce_latency_us if engine is not None and engine.allreduce_latency_us is not None \
+        else hw.interconnect_latency_us
+    one_way = hw.interconnect_gbps / 2 * 1e9 * fraction
+    if one_way <= 0 or latency is None:
         raise KfsimError(f"GPU {hw.name}: --tp {tp} needs interconnect_gbps > 0 and interconnect_latency_us in its "
                          f"profile (has {hw.interconnect_gbps:g} GB/s, latency {hw.interconnect_latency_us})")
-    return hw.interconnect_latency_us * 1e-6 + 2 * (tp - 1) / tp * np.asarray(message_bytes, dtype=float) / one_way
+    return latency * 1e-6 + bus_factor(tp) * np.asarray(message_bytes, dtype=float) / one_way
 
 
 def message_bytes(w: Workload, batch, act_bytes: float) -> np.ndarray:
@@ -56,6 +66,6 @@ def message_bytes(w: Workload, batch, act_bytes: float) -> np.ndarray:
     return np.asarray(batch, dtype=float) * w.d_model * act_bytes
 
 
-def comm_s(w: Workload, hw: Hardware, tp: int, batch, act_bytes: float) -> np.ndarray:
+def comm_s(w: Workload, hw: Hardware, tp: int, batch, act_bytes: float, engine: Engine | None = None) -> np.ndarray:
     """Time a decode step spends all-reducing activations: ALLREDUCES_PER_LAYER per layer."""
-    return w.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(hw, message_bytes(w, batch, act_bytes), tp)
+    return w.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(hw, message_bytes(w, batch, act_bytes), tp, engine)

@@ -33,7 +33,7 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
                  fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
     t = with_host(t, s.engine, s.engine.host_step_us * 1e-6)
-    return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes) if s.tp > 1 else 0.0)
+    return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes, s.engine) if s.tp > 1 else 0.0)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:

@@ -15,11 +15,12 @@ from .errors import KfsimError
 from .hardware import get_hardware
 from .inputs import Setup
 from .ops import Dtypes, attended_tokens, decode_ops, prefill_ops
+from .parallel import shard
 from .policy import DEFAULT_WINDOW, make_policy
 from .predict import prefill_time, step_time
 from .workload import get_workload
 
-GROUP_KEYS = ["gpu", "model", "phase", "policy", "kv_ratio", "window"]
+GROUP_KEYS = ["gpu", "model", "phase", "policy", "kv_ratio", "window", "tp"]
 
 
 @dataclass
@@ -48,17 +49,18 @@ def group_rows(df, engine: Engine, where: str = "measurements") -> list[Group]:
     if "window" not in df.columns:
         df["window"] = DEFAULT_WINDOW
     df["window"] = df["window"].fillna(DEFAULT_WINDOW)
+    df["tp"] = df["tp"].fillna(1).astype(int) if "tp" in df.columns else 1
     groups = []
     for key, g in df.groupby(GROUP_KEYS, sort=True):
-        gpu, model, phase, policy, ratio, window = key
+        gpu, model, phase, policy, ratio, window, tp = key
         try:
-            hw, w = get_hardware(str(gpu)), get_workload(str(model))
+            hw, w = get_hardware(str(gpu)), shard(get_workload(str(model)), int(tp))
         except KfsimError as exc:
             raise KfsimError(f"{where}: {exc}") from None
         kind = str(policy)
         pol = make_policy(None if kind == "full" and ratio >= 1 else kind, float(ratio), float(window))
         dtypes = Dtypes.of(w, _first(g, "dtype"), _first(g, "kv_dtype"))
-        setup = Setup(hw, w, engine, pol, dtypes)
+        setup = Setup(hw, w, engine, pol, dtypes, tp=int(tp))
         batch = g["batch"].to_numpy(float)
         context = g["context"].to_numpy(float)
         if phase == "prefill":

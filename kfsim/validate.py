@@ -29,10 +29,23 @@ def metrics(err_pct) -> dict:
             "max_ape": round(float(ape.max()), 3), "n": int(ape.size)}
 
 
-def by_group(cmp, keys=GROUPS):
-    """One row per group with its metrics and mean signed error (bias)."""
+def has_tp(cmp) -> bool:
+    """Whether any row is tensor-parallel (tp > 1): such rows are then reported apart."""
+    return "tp" in cmp.columns and bool((cmp["tp"] > 1).any())
+
+
+def by_tp(cmp) -> list[dict]:
+    """Metrics per tensor-parallel degree ([] where every row runs on one GPU)."""
+    if not has_tp(cmp):
+        return []
+    return [{"tp": int(tp), **metrics(g["error_pct"])} for tp, g in cmp.groupby("tp")]
+
+
+def by_group(cmp, keys=None):
+    """One row per group with its metrics and mean signed error (bias); groups split by tp where rows differ."""
     import pandas as pd
 
+    keys = keys or (GROUPS + ["tp"] if has_tp(cmp) else GROUPS)
     rows = []
     for key, g in cmp.groupby(keys, sort=True):
         rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), **metrics(g["error_pct"]),
@@ -100,6 +113,8 @@ def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[
     for phase, g in cmp.groupby("phase"):
         pm = metrics(g["error_pct"])
         lines.append(f"| {phase} ({pm['n']}) | {pm['mape']} | {pm['median_ape']} | {pm['max_ape']} |")
+    for t in by_tp(cmp):  # tensor-parallel rows apart: the all-reduces are the model's interconnect terms
+        lines.append(f"| tp {t['tp']} ({t['n']}) | {t['mape']} | {t['median_ape']} | {t['max_ape']} |")
     lines += ["", "## By phase, GPU, model and policy", "", markdown_table(by_group(cmp)), ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "APE: absolute percentage error |predicted / measured - 1|; bias: mean signed error.", ""]
