@@ -202,7 +202,7 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
     ok = np.isfinite(sent) & np.isfinite(seconds) & (seconds > 0) & (tp > 1)
     if ok.sum() < 2 or np.ptp(sent[ok]) <= 0:
         raise KfsimError(f"all-reduce microbenchmark: {int(ok.sum())} usable row(s) of one message size; the "
-                         f"interconnect fit needs at least two sizes (kfsim microbench --tp N measures 14)")
+                         f"interconnect fit needs at least two sizes (kfsim microbench --tp N measures 16)")
     from scipy.optimize import nnls
 
     (latency_s, s_per_byte), _ = nnls(np.column_stack([np.ones(ok.sum()), sent[ok]]), seconds[ok])

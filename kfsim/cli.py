@@ -162,6 +162,22 @@ def list_cmd(what, as_json):
         click.echo(list_text(what))
 
 
+def _tp_gpus(tp: int, what: str):
+    """torch, once `what` with --tp `tp` can run here: torch installed, a CUDA GPU per rank (one-line errors)."""
+    try:
+        import torch
+    except ImportError:
+        raise KfsimError(f"kfsim {what} needs torch: pip install -e '.[measure]'") from None
+    if not torch.cuda.is_available():
+        raise KfsimError(f"kfsim {what} needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    if tp > 1 and torch.cuda.device_count() < tp:
+        raise KfsimError(f"--tp {tp}: {torch.cuda.device_count()} CUDA GPU(s) visible; one per rank is needed")
+    return torch
+
+
+_TP_DEGREE = click.Choice(["1", "2", "4", "8"])
+
+
 @cli.command()
 @click.option("--model", default="gpt-j-6b", show_default=True, metavar="M[,M...]", help="Models to measure.")
 @click.option("--batch", default="1", show_default=True, metavar="LIST", help="Batch sizes, e.g. 1,8,32.")
@@ -194,8 +210,12 @@ def list_cmd(what, as_json):
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
+@click.option("--tp", type=_TP_DEGREE, default="1", show_default=True,
+              help="GPUs of this host to split the plain decoder over (tensor parallelism, Megatron-style, NCCL): "
+                   "rows record tp, and a step is the slowest GPU's. Decode points only; power is not read. "
+                   "Launched here, or by torchrun with --nproc-per-node N.")
 def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine,
-            backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume):
+            backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume, tp):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
     \b
@@ -221,6 +241,16 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     if backend == "hf" and (eager or engine != "torch-graph"):
         raise KfsimError("--eager and --engine choose kfsim's own decoder; with --backend hf use "
                          "--hf-mode eager|compiled")
+    tp = int(tp)
+    if tp > 1 and (backend != "kfsim" or engine != "torch-graph" or prompts):
+        raise KfsimError(f"--tp {tp} splits kfsim's plain decoder (--engine torch-graph, or --eager) over GPUs and "
+                         "times decode steps: it does not combine with --backend hf, --engine compiled or --prefill")
+    if tp > 1:
+        from .parallel import check_tp
+        from .workload import get_workload
+
+        for name in models:
+            check_tp(get_workload(name), tp)
     if backend != "hf" and (hf_mode != "eager" or checkpoint is not None):
         raise KfsimError("--hf-mode and --checkpoint are options of --backend hf")
     if checkpoint is not None:
@@ -228,12 +258,7 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
 
         if not checkpoint or not Path(checkpoint).is_dir():
             raise KfsimError(f"--checkpoint {checkpoint!r}: not a folder (a local transformers model folder)")
-    try:
-        import torch
-    except ImportError:
-        raise KfsimError("kfsim measure needs torch: pip install -e '.[measure]'") from None
-    if not torch.cuda.is_available():
-        raise KfsimError("kfsim measure needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    _tp_gpus(tp, "measure")
     import importlib.util
 
     if engine == "compiled" and importlib.util.find_spec("triton") is None:
@@ -242,6 +267,16 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
     from measure import campaign
 
     points = campaign.grid(models, batches, contexts, ratios, policies, prompts, prefill_batches)
+    if tp > 1:
+        from measure import tp_campaign
+
+        click.echo(f"measuring {len(points)} points split over {tp} GPUs -> {out}", err=True)
+        try:
+            tp_campaign.run(points, out, tp, steps=steps, warmup=warmup, graph=not eager, window=window,
+                            resume=not no_resume)
+        except RuntimeError as exc:  # a rank failed: its own traceback is above
+            raise KfsimError(f"{exc}; the rows measured so far are in {out}") from None
+        return
     if backend == "hf":
         from measure import hf_campaign
 
@@ -260,18 +295,33 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
                "nothing new measured")
 
 
+
+
 @cli.command()
 @click.option("--out", required=True, metavar="FILE", help="CSV for the microbenchmark rows.")
-def microbench(out):
-    """HBM read/copy bandwidth, GEMM and skinny-GEMM rates, kernel launch cost, decode attention, on this GPU."""
-    try:
-        import torch
-    except ImportError:
-        raise KfsimError("kfsim microbench needs torch: pip install -e '.[measure]'") from None
-    if not torch.cuda.is_available():
-        raise KfsimError("kfsim microbench needs a CUDA GPU and none is visible")
-    from measure import microbench as mb
+@click.option("--tp", type=_TP_DEGREE, default="1", show_default=True,
+              help="GPUs: 1 times this GPU's memory, GEMMs, launches and attention; N > 1 times all-reduces over N "
+                   "GPUs of this host instead (NCCL; 8 KB-256 MB, the figures kfsim calibrate fits the interconnect "
+                   "terms from). Launched here, or by torchrun with --nproc-per-node N.")
+def microbench(out, tp):
+    """HBM read/copy bandwidth, GEMM and skinny-GEMM rates, kernel launch cost, decode attention, on this GPU;
+    or with --tp N, all-reduce latency and bus bandwidth over N GPUs."""
+    tp = int(tp)
+    _tp_gpus(tp, "microbench")
+    from .files import output_path
     from .fmt import table
+
+    output_path(out, "out")
+    if tp > 1:
+        from measure import tp_campaign
+
+        click.echo(f"all-reduces over {tp} GPUs, {len(tp_campaign.ALLREDUCE_SIZES)} message sizes -> {out}", err=True)
+        try:
+            tp_campaign.allreduce_bench(out, tp)
+        except RuntimeError as exc:  # a rank failed: its own traceback is above
+            raise KfsimError(str(exc)) from None
+        return
+    from measure import microbench as mb
 
     rows = mb.run_all(out, echo=lambda m: click.echo(m, err=True))
     click.echo(table([[r["bench"], str(r.get("batch", "")), str(r.get("heads", "")), str(r.get("context", "")),

@@ -15,7 +15,7 @@ from . import timing
 from .env import environment
 
 COLUMNS = ("bench", "batch", "heads", "context", "head_dim", "bytes", "flops", "median_ms", "p10_ms", "p90_ms",
-           "gbps", "tflops", "us_per_kernel", "gpu", "gpu_name", "driver", "cuda", "torch")
+           "gbps", "tflops", "us_per_kernel", "gpu", "gpu_name", "driver", "cuda", "torch", "tp")
 
 
 def _row(bench, t: timing.Timing, bytes_=0.0, flops=0.0, **kw) -> dict:
@@ -92,10 +92,14 @@ def run_all(out: str | Path, echo=print) -> list[dict]:
         for r in fn():
             rows.append({**{k: env.get(k) for k in ("gpu", "gpu_name", "driver", "cuda", "torch")}, **r})
         torch.cuda.empty_cache()
-    out = Path(out)
-    with out.open("w", newline="") as f:
+    write_rows(out, rows)
+    return rows
+
+
+def write_rows(out: str | Path, rows: list[dict]) -> None:
+    """The microbenchmark CSV: COLUMNS, a row per benchmark point (blank where a column does not apply)."""
+    with Path(out).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r.get(k, "") for k in COLUMNS})
-    return rows

@@ -68,13 +68,11 @@ def shard_decoder(full: Decoder, rank: int, tp: int) -> Decoder:
             for src, dst in ((fa.out, pa.out), (fm.down, pm.down)):
                 if src.bias is not None:
                     dst.bias.copy_(src.bias if rank == 0 else torch.zeros_like(src.bias))
-                dst.register_forward_hook(_all_reduce_output)
             for a, b in ((fb.norm1, pb.norm1), (fb.norm2, pb.norm2)):
                 if a is not None:
                     b.load_state_dict(a.state_dict())
-            if w.position == "alibi":
-                pa.slopes = rank_slopes(w, rank, tp).to(p.device)
         part.norm.load_state_dict(full.norm.state_dict())
+        shard_hooks(part, w, rank, tp)
         v0, v1 = r["vocab"]
         part.lm_head.weight.zero_()
         part.lm_head.weight[: v1 - v0].copy_(full.lm_head.weight[v0:v1])
@@ -82,6 +80,17 @@ def shard_decoder(full: Decoder, rank: int, tp: int) -> Decoder:
             part.lm_head.bias.zero_()
             part.lm_head.bias[: v1 - v0].copy_(full.lm_head.bias[v0:v1])
     return part.eval()
+
+
+def shard_hooks(part: Decoder, w, rank: int, tp: int) -> None:
+    """Make `part` (a Decoder of shard(w, tp)) rank `rank`'s: its row-parallel layers (attention output, FFN down)
+    all-reduce their outputs, and an ALiBi model's heads take their slopes among the whole model's."""
+    slopes = rank_slopes(w, rank, tp)
+    for block in part.blocks:
+        block.attn.out.register_forward_hook(_all_reduce_output)
+        block.mlp.down.register_forward_hook(_all_reduce_output)
+        if slopes is not None:
+            block.attn.slopes = slopes.to(block.attn.out.weight.device)
 
 
 def gather_logits(local: torch.Tensor, vocab_size: int, tp: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10,
     for _ in range(warmup):
         step()
         after()
+    if not torch.cuda.is_available():  # CPU tests of the code around timing: wall clock (never a measurement)
+        return _wall_clock(step, steps, after, time.perf_counter() - t0)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
@@ -46,6 +48,16 @@ def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10,
         after()
     torch.cuda.synchronize()
     return Timing.of([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup_s)
+
+
+def _wall_clock(step, steps: int, after, warmup_s: float) -> Timing:
+    samples = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - t) * 1e3)
+        after()
+    return Timing.of(samples, warmup_s)
 
 
 def capture_graph(step: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
