@@ -91,9 +91,9 @@ def _ratio(ctx, param, value):
               help="Keyformer/H2O recent window as a fraction of the budget (authors' default 0.3).")
 @click.option("--engine", default="default", show_default=True, metavar="NAME|FILE",
               help="Software efficiency: `ideal` (pure roofline), a shipped engine or a fitted YAML file.")
-@click.option("--dtype", "weight_dtype", metavar="D", help="Weight dtype: fp32, bf16, fp16, fp8, int8, int4. "
+@click.option("--dtype", "weight_dtype", metavar="D", help="Weight dtype: fp32, bf16, fp16, fp8, int8, int4 (groups of 32 with an fp16 scale and zero: 5 bits a weight), int4-g128 (4.25 bits). "
               "[default: the model's]")
-@click.option("--kv-dtype", metavar="D", help="KV-cache dtype: fp32, bf16, fp16, fp8, int8, int4. [default: the model's]")
+@click.option("--kv-dtype", metavar="D", help="KV-cache dtype: fp32, bf16, fp16, fp8, int8, int4, int4-g128. [default: the model's]")
 @click.option("--prompt-len", type=click.IntRange(min=1, max=10_000_000), metavar="P",
               help="Prompt tokens of a whole request.")
 @click.option("--gen-len", type=click.IntRange(min=1, max=1_000_000), metavar="G",

@@ -13,7 +13,8 @@ def total(ops, field):
 
 
 def test_dtype_widths():
-    assert DType.INT4.bytes == 0.5  # not 4 // 8 == 0
+    # 4-bit values (0.5 bytes, not 4 // 8 == 0) plus an fp16 scale and zero point per 32 (per 128): 5 (4.25) bits
+    assert DType.INT4.bits == 4 and DType.INT4.bytes == 0.625 and DType.INT4_G128.bytes == 4.25 / 8
     assert DType.BF16.bytes == 2 and DType.FP8.bytes == 1 and DType.FP32.bytes == 4
 
 
@@ -41,7 +42,7 @@ def test_llama3_gqa_by_hand():
     assert w.n_params == expected == 8_030_261_248
     assert w.kv_bytes_per_token() == 131_072              # 2 x 32 x 8 x 128 x 2 bytes
     assert w.kv_bytes_per_token(DType.FP8) == 65_536
-    assert w.kv_bytes_per_token(DType.INT4) == 32_768
+    assert w.kv_bytes_per_token(DType.INT4) == 40_960             # 2 x 32 x 8 x 128 x 5/8 bytes
 
 
 @pytest.mark.parametrize("model", ["gpt-j-6b", "llama-3-8b", "mpt-7b", "cerebras-gpt-111m", "llama-2-70b"])

@@ -80,7 +80,19 @@ def test_kv_dtype_halves_kv(setup_of):
     bf = predict(setup_of(), 4, 4096)
     f8 = predict(setup_of(kv_dtype="fp8"), 4, 4096)
     i4 = predict(setup_of(kv_dtype="int4"), 4, 4096)
-    assert float(f8["kv_read_bytes"]) * 2 == float(bf["kv_read_bytes"]) == float(i4["kv_read_bytes"]) * 4
+    # int4 in groups of 32 with an fp16 scale and zero point: 5 bits a value, 16 / 5 = 3.2x fewer than bf16
+    assert float(f8["kv_read_bytes"]) * 2 == float(bf["kv_read_bytes"]) == pytest.approx(float(i4["kv_read_bytes"]) * 3.2)
+
+
+@pytest.mark.parametrize("dtype, streamed", [
+    ("bf16", 11_688_888_768),   # (6,050,882,784 parameters - 50,400 x 4,096 embedding rows, looked up) x 2 bytes
+    ("int8", 5_844_444_384),    # x 1 byte
+    ("int4", 3_652_777_740),    # x 5/8: 4-bit values + a 32-bit scale and zero per 32
+    ("int4-g128", 3_104_861_079),  # x 4.25/8: the same per 128
+])
+def test_gptj_weight_bytes_by_dtype_hand_count(setup_of, dtype, streamed):
+    out = predict(setup_of(model="gpt-j-6b", weight_dtype=dtype), 1, 1024)
+    assert float(out["weight_bytes"]) == pytest.approx(streamed, abs=1)
 
 
 def test_bad_values_are_user_errors(setup_of):
