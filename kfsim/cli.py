@@ -210,12 +210,17 @@ _TP_DEGREE = click.Choice(["1", "2", "4", "8"])
 @click.option("--prefill-batch", default="1", show_default=True, metavar="LIST", help="Batch sizes for prefill.")
 @click.option("--out", required=True, metavar="FILE", help="Measurement CSV; rows are appended point by point.")
 @click.option("--no-resume", is_flag=True, help="Measure every point even if --out already has it.")
+@click.option("--profile", is_flag=True,
+              help="Also profile each decode point's step by operation group (projections, attention, keyformer, "
+                   "ffn, norms, positional, lm_head, other, gaps: eager steps under the PyTorch profiler) into "
+                   "OUT-profile.csv, which kfsim validate --profile compares with the model's groups. The plain "
+                   "decoder, or --backend hf --hf-mode eager, on one GPU.")
 @click.option("--tp", type=_TP_DEGREE, default="1", show_default=True,
               help="GPUs of this host to split the plain decoder over (tensor parallelism, Megatron-style, NCCL): "
                    "rows record tp, and a step is the slowest GPU's. Decode points only; power is not read. "
                    "Launched here, or by torchrun with --nproc-per-node N.")
 def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine,
-            backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume, tp):
+            backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume, profile, tp):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
     \b
@@ -242,6 +247,10 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         raise KfsimError("--eager and --engine choose kfsim's own decoder; with --backend hf use "
                          "--hf-mode eager|compiled")
     tp = int(tp)
+    if profile and (engine != "torch-graph" or tp > 1 or (backend == "hf" and hf_mode != "eager")):
+        raise KfsimError("--profile breaks down eager steps on one GPU, of the plain decoder (--engine torch-graph, "
+                         "or --eager) or of transformers (--backend hf --hf-mode eager): it does not combine with "
+                         "--engine compiled, --hf-mode compiled or --tp")
     if tp > 1 and (backend != "kfsim" or engine != "torch-graph" or prompts):
         raise KfsimError(f"--tp {tp} splits kfsim's plain decoder (--engine torch-graph, or --eager) over GPUs and "
                          "times decode steps: it does not combine with --backend hf, --engine compiled or --prefill")
@@ -284,7 +293,7 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         runner = hf_campaign.HfRunner(mode=hf_mode, checkpoint=checkpoint, steps=steps, warmup=warmup, window=window)
     else:
         runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
-                                 engine="torch-eager" if eager else engine)
+                                 engine="torch-eager" if eager else engine, profile=profile)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
     rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
     from .fmt import table
@@ -521,8 +530,11 @@ def fit_power(files, engine, measured_engine, holdout, seed, as_json):
 @click.option("--title", metavar="TEXT", help="Title of the report. [default: from the files and engine]")
 @_MEASURED_ENGINE
 @_PHASE
+@click.option("--profile", "profile_file", metavar="FILE",
+              help="A profile of kfsim measure --profile (OUT-profile.csv): also compare each profiled step's time "
+                   "by operation group with the model's, so you see where the model is wrong.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON (percent).")
-def validate(files, engine, out, title, measured_engine, phase, as_json):
+def validate(files, engine, out, title, measured_engine, phase, profile_file, as_json):
     """Compare predictions with measurements: error metrics by model and policy, plots, a Markdown report.
 
     \b
@@ -548,12 +560,19 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     m = val.metrics(cmp["error_pct"])
     groups = val.by_group(cmp)
     energy = validate_energy(cmp, eng)
+    by_op = None
+    if profile_file is not None:
+        from .breakdown import compare_groups, read_profile
+
+        by_op = compare_groups(read_profile(profile_file), eng, profile_file)
     if out:
         title = title or f"kfsim validation: engine {eng.name} on {', '.join(files)}"
-        val.write_report(cmp, eng, out, title, list(files))
+        val.write_report(cmp, eng, out, title, list(files), by_op)
     if as_json:
         click.echo(json.dumps({**m, "engine": eng.name, "by_group": groups.to_dict(orient="records"),
-                               "by_tp": val.by_tp(cmp), "energy": energy}))
+                               "by_tp": val.by_tp(cmp), "energy": energy,
+                               **({"by_operation_group": by_op.to_dict(orient="records")} if by_op is not None
+                                  else {})}))
         return
     click.echo(table([[str(v) for v in r] for r in groups.itertuples(index=False)], list(groups.columns)))
     click.echo(f"\nall {m['n']} rows: MAPE {m['mape']:.2f}%, median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
@@ -563,6 +582,13 @@ def validate(files, engine, out, title, measured_engine, phase, as_json):
     if energy:
         click.echo(f"energy per step, {energy['n']} rows: MAPE {energy['mape']:.2f}%, median {energy['median_ape']:.2f}%, "
                    f"worst {energy['max_ape']:.2f}% (the GPU's power model at the predicted step)")
+    if by_op is not None:
+        click.echo(f"\nby operation group ({profile_file}; error in percent of the profiled step):")
+        click.echo(table([[r.model, str(r.batch), str(r.context), r.policy, f"{r.kv_ratio:g}", r.group,
+                           f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}", f"{r.error_pct_of_step:+.1f}"]
+                          for r in by_op.itertuples(index=False)],
+                         ["model", "batch", "context", "policy", "kv_ratio", "group", "measured_ms",
+                          "predicted_ms", "error_%_step"]))
     if out:
         click.echo(f"wrote {out}/report.md, rows.csv and figures")
 

@@ -102,7 +102,7 @@ def plots(cmp, out_dir: Path, title: str) -> list[Path]:
     return paths
 
 
-def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[Path]) -> str:
+def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[Path], by_op=None) -> str:
     """A report: overall metrics, metrics by group, figures, and where every number came from."""
     m = metrics(cmp["error_pct"])
     lines = [f"# {title}", "", f"Engine `{engine.name}`" + (f" (fitted on {engine.fitted_on})" if engine.fitted_on
@@ -116,6 +116,11 @@ def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[
     for t in by_tp(cmp):  # tensor-parallel rows apart: the all-reduces are the model's interconnect terms
         lines.append(f"| tp {t['tp']} ({t['n']}) | {t['mape']} | {t['median_ape']} | {t['max_ape']} |")
     lines += ["", "## By phase, GPU, model and policy", "", markdown_table(by_group(cmp)), ""]
+    if by_op is not None and len(by_op):
+        lines += ["## By operation group (profiled steps)", "",
+                  "Each profiled decode step's time by group (`kfsim measure --profile`: eager steps, GPU kernels "
+                  "charged to the group whose module launched them; gaps: the step less its kernels) against the "
+                  "model's; the error is in percent of the profiled step.", "", markdown_table(by_op), ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "APE: absolute percentage error |predicted / measured - 1|; bias: mean signed error.", ""]
     return "\n".join(lines)
@@ -125,12 +130,12 @@ def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[
 REPORT_FILES = ("rows.csv", "report.md", "predicted_vs_measured.png", "error_vs_context.png", "error_vs_batch.png")
 
 
-def write_report(cmp, engine: Engine, out_dir: str | Path, title: str, sources: list[str]) -> Path:
+def write_report(cmp, engine: Engine, out_dir: str | Path, title: str, sources: list[str], by_op=None) -> Path:
     """REPORT_FILES into `out_dir`, all of them or (on a failure) none."""
     from .files import staged_folder
 
     with staged_folder(out_dir) as stage:
         figures = plots(cmp, stage, title)
         cmp.to_csv(stage / "rows.csv", index=False)
-        (stage / "report.md").write_text(markdown(cmp, engine, title, sources, figures), encoding="utf-8")
+        (stage / "report.md").write_text(markdown(cmp, engine, title, sources, figures, by_op), encoding="utf-8")
     return Path(out_dir) / "report.md"

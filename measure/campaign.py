@@ -66,9 +66,11 @@ except ImportError:  # no Triton: nothing raises it
 class Runner:
     """Holds the model of the current workload and measures points one by one."""
 
-    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None):
-        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled."""
+    def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None, profile=False):
+        """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled; `profile`: also
+        profile each decode point's step by operation group (measure.profile; the plain decoder only)."""
         self.engine = engine or ("torch-graph" if graph else "torch-eager")
+        self.profile = profile
         self.kernel_options = kernel_options.recorded() if self.engine == "compiled" else ""
         self.graph = self.engine != "torch-eager"
         self.steps, self.warmup, self.window = steps, warmup, window
@@ -145,6 +147,23 @@ class Runner:
             step = g.replay
         return step, caches
 
+    def profile_point(self, pt: Point) -> dict:
+        """An eager step of decode point `pt` by operation group (measure.profile.profile_step)."""
+        from .profile import profile_step
+
+        w = get_workload(pt.model)
+        model = self.model_for(pt.model)
+        caches = self._caches(w, pt)
+        for c in caches:
+            c.fill_random(attended(pt.context, w.sliding_window))
+        tokens = torch.randint(0, w.vocab_size, (pt.batch,), device="cuda")
+        pos = torch.tensor(pt.context, device="cuda")
+        with torch.inference_mode():
+            result = profile_step(model, lambda: model.decode(tokens, pos, caches))
+        del caches
+        torch.cuda.empty_cache()
+        return result
+
     def _decode(self, model, w, pt) -> dict:
         step, caches = self.decode_step(model, w, pt)
         t = timing.time_steps(step, self.steps, self.warmup)
@@ -205,6 +224,10 @@ def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = Tru
         row = runner.measure(pt)
         measurements.append_row(out, row)
         rows.append(row)
+        if runner.profile and row["status"] == "ok" and pt.phase == "decode":
+            from .profile import append_profile, profile_path
+
+            append_profile(profile_path(out), row, runner.profile_point(pt))
         result = f"{row['step_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
         if row.get("energy_flag"):
             result += f"; power flagged: {row['energy_flag']}"

@@ -68,6 +68,21 @@ class HfRunner(Runner):
         return {**self._timing_fields(t), **self._energy(lambda: (step(), rewind()), t.median_ms),
                 "cached_tokens": cached_tokens(cache, w, pt)}
 
+    def profile_point(self, pt: Point) -> dict:
+        """An eager step of decode point `pt` by operation group (measure.profile.profile_step); eager mode only,
+        as hooks would break the compiled graph."""
+        from .profile import profile_step
+
+        if self.mode != "eager":
+            raise KfsimError("--profile breaks down transformers' eager steps (--hf-mode eager) only")
+        w = get_workload(pt.model)
+        model = self.model_for(pt.model)
+        with torch.inference_mode():
+            step, _, rewind = self.steady_step(model, w, pt)
+            result = profile_step(model, lambda: (step(), rewind()))
+        torch.cuda.empty_cache()
+        return result
+
     def steady_step(self, model, w, pt, device="cuda"):
         """(step, cache, rewind): one decode step of every sequence at `pt`, its cache, and what puts the cache
         back to `context` tokens after a step."""

@@ -13,6 +13,7 @@ budget is filled with the window plus the top-scoring others.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -269,18 +270,23 @@ class EvictingCache:
         logits = logits.masked_fill(empty, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out = torch.matmul(probs.to(self.v.dtype), self.v).reshape(B, H, 1, D)
-        if self.kind == "window":
-            rank = self.pos.float()  # evict the oldest
-        else:
-            tau = TAU_INIT + self.step * self.tau_delta
-            f = probs if self.kind == "h2o" else self._score_probs(logits, tau)
-            self.score += f.sum(dim=2)
-            rank = self.score
-        protected = (self.pos > pos_t - self.window) | (self.pos == PADDING)  # recent window, new token included
-        rank = rank.masked_fill(protected, float("inf")).masked_fill(self.pos == EMPTY, float("-inf"))
-        self.free.copy_(rank.argmin(dim=-1, keepdim=True))
-        self.step += 1
+        with scoring_range():
+            if self.kind == "window":
+                rank = self.pos.float()  # evict the oldest
+            else:
+                tau = TAU_INIT + self.step * self.tau_delta
+                f = probs if self.kind == "h2o" else self._score_probs(logits, tau)
+                self.score += f.sum(dim=2)
+                rank = self.score
+            protected = (self.pos > pos_t - self.window) | (self.pos == PADDING)  # recent window, new token in it
+            rank = rank.masked_fill(protected, float("inf")).masked_fill(self.pos == EMPTY, float("-inf"))
+            self.free.copy_(rank.argmin(dim=-1, keepdim=True))
+            self.step += 1
         return out
+
+
+#: a context around an evicting cache's scoring and eviction (its own profiler range under measure.profile)
+scoring_range = contextlib.nullcontext
 
 
 def attended(context: int, sliding_window: int | None) -> int:

@@ -142,7 +142,7 @@ def _tiny_workload(**kw):
                 n_kv_heads=2, head_dim=16, rotary_dim=16, ffn_dim=128, vocab_size=97, max_context=4096,
                 ffn_type="swiglu", norm="rmsnorm",
                 norm_bias=False, source={"architecture": "test"})
-    return dataclasses.replace(get_workload("llama-3-8b"), **base, **kw)
+    return dataclasses.replace(get_workload("llama-3-8b"), **{**base, **kw})
 
 
 @pytest.mark.parametrize("policy, ratio, window", [("full", 1.0, None), ("keyformer", 0.5, None),
@@ -211,3 +211,27 @@ def test_keyformer_generate_on_the_gpu(family):
     plain = generate(model, ids)
     assert out.sequences.shape == (4, 70)
     assert torch.allclose(full.logits[0].float(), plain.logits[0].float(), atol=0.05)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "mpt"])
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
+    """--profile --backend hf: the groups are found by module names in transformers' own classes (GPT-J and MPT
+    compute positions inside attention or the model, so only Llama shows a positional group); CPU op times."""
+    from kfsim.breakdown import GROUPS
+    from measure.profile import profile_step
+
+    model = tiny(family).to(torch.bfloat16)  # the steady step's cache is bf16
+    if policy != "full":
+        hf.enable_keyformer(model)
+    w = {"llama": _tiny_workload(), "gptj": _tiny_workload(family="gptj", n_kv_heads=4),
+         "mpt": _tiny_workload(family="mpt", n_kv_heads=4, position="alibi")}[family]
+    pt = Point(w.name, "decode", 2, 48, 0.5 if policy != "full" else 1.0, policy)
+    with torch.inference_mode():
+        step, _, rewind = _runner().steady_step(model, w, pt, device="cpu")
+        g = profile_step(model, lambda: (step(), rewind()), steps=2, warmup=1)["groups"]
+    assert set(g) == set(GROUPS) and all(v >= 0 for v in g.values())
+    assert all(g[k] > 0 for k in ("projections", "attention", "ffn", "norms", "lm_head"))
+    assert (g["positional"] > 0) == (family == "llama")
+    assert (g["keyformer"] > 0) == (policy == "keyformer")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -1,0 +1,88 @@
+"""A decode step by operation group, predicted and measured: where the model is wrong, not just by how much.
+
+The model's ops (kfsim.ops) fall into the groups `kfsim measure --profile` measures (measure/profile.py); a group's
+predicted time is its ops' roofline time, fixed costs included, and `gaps` is the rest of the step (the fixed cost
+per step and layer, the host's dispatch a GPU waits for, all-reduces).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KfsimError
+
+#: operation groups, in the order tables show them
+GROUPS = ("projections", "attention", "keyformer", "ffn", "norms", "positional", "lm_head", "other", "gaps")
+
+#: kfsim.ops op name -> group (an op not named here is "other")
+OP_GROUP = {"q_proj": "projections", "kv_proj": "projections", "o_proj": "projections", "attention": "attention",
+            "keyformer_score": "keyformer", "h2o_score": "keyformer", "ffn_up": "ffn", "ffn_act": "ffn",
+            "ffn_down": "ffn", "norm": "norms", "final_norm": "norms", "rotary": "positional", "lm_head": "lm_head"}
+
+#: the profile file's columns (measure/profile.py writes them): the point, then one group's time per step
+PROFILE_COLUMNS = ("gpu", "model", "phase", "engine", "batch", "context", "kv_ratio", "policy", "group", "ms",
+                   "profiled_step_ms", "steps", "source")
+
+
+def predicted_groups(step) -> dict[str, np.ndarray]:
+    """Milliseconds per group of a StepTime (kfsim.roofline), its `per_op` mapped by OP_GROUP; `gaps` makes the
+    groups add up to the step."""
+    out = {g: 0.0 for g in GROUPS}
+    for name, seconds in step.per_op.items():
+        out[OP_GROUP.get(name, "other")] = out[OP_GROUP.get(name, "other")] + np.asarray(seconds) * 1e3
+    out["gaps"] = np.asarray(step.seconds) * 1e3 - sum(out[g] for g in GROUPS if g != "gaps")
+    return out
+
+
+def read_profile(path):
+    """A profile CSV of `kfsim measure --profile`, checked: every column there, known groups, finite times."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise KfsimError(f"{path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise KfsimError(f"{path}: not a profile CSV of kfsim measure --profile ({type(exc).__name__})") from None
+    if missing := [c for c in PROFILE_COLUMNS if c not in df.columns]:
+        raise KfsimError(f"{path}: not a profile CSV of kfsim measure --profile (no column {missing[0]})")
+    if bad := sorted(set(df["group"].astype(str)) - set(GROUPS)):
+        raise KfsimError(f"{path}: group {bad[0]!r}; allowed: {', '.join(GROUPS)}")
+    ms = pd.to_numeric(df["ms"], errors="coerce")
+    if not np.isfinite(ms).all():
+        row = int(np.flatnonzero(~np.isfinite(ms))[0])
+        from .measurements import _cell
+
+        raise KfsimError(f"{path}: column ms has a bad value {_cell(df['ms'].iloc[row])} at row {row + 2}; "
+                         "allowed: a finite number of milliseconds")
+    df["ms"] = ms
+    return df
+
+
+def compare_groups(profile, engine, where: str = "profile"):
+    """Predicted against measured milliseconds per point and group: one row each, with the error in percent of
+    the measured step (a group's absolute miss as a share of the step, so small groups do not dominate)."""
+    import pandas as pd
+
+    from .rows import group_rows
+
+    keys = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
+    points = profile.groupby(keys, sort=True).agg(step_ms=("profiled_step_ms", "first")).reset_index()
+    points = points[points["phase"] == "decode"].reset_index(drop=True)
+    rows = []
+    for grp in group_rows(points, engine, where):
+        import dataclasses
+
+        from .predict import step_time
+
+        s = dataclasses.replace(grp.setup, engine=engine)
+        pred = predicted_groups(step_time(s, grp.batch, grp.cached, grp.ops))
+        for i, idx in enumerate(grp.index):
+            p = points.iloc[idx]
+            measured = profile[(profile[keys] == p[keys]).all(axis=1)].set_index("group")["ms"]
+            for g in GROUPS:
+                m = float(measured.get(g, 0.0))
+                q = float(np.broadcast_to(pred[g], grp.batch.shape)[i])
+                rows.append({**{k: p[k] for k in keys}, "group": g, "measured_ms": round(m, 4),
+                             "predicted_ms": round(q, 4),
+                             "error_pct_of_step": round(100 * (q - m) / float(p["step_ms"]), 2)})
+    return pd.DataFrame(rows)
