@@ -290,7 +290,8 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         from measure import hf_campaign
 
         hf_campaign.check_installed()
-        runner = hf_campaign.HfRunner(mode=hf_mode, checkpoint=checkpoint, steps=steps, warmup=warmup, window=window)
+        runner = hf_campaign.HfRunner(mode=hf_mode, checkpoint=checkpoint, steps=steps, warmup=warmup, window=window,
+                                      profile=profile)
     else:
         runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
                                  engine="torch-eager" if eager else engine, profile=profile)

@@ -25,8 +25,9 @@ class HfRunner(Runner):
     """Runner for `kfsim measure --backend hf`: `mode` eager (dynamic cache) or compiled (static cache under
     torch.compile, full cache only); `checkpoint`: a local model folder instead of random weights."""
 
-    def __init__(self, mode="eager", checkpoint=None, steps=30, warmup=5, window=0.3, nvml=None):
-        super().__init__(steps=steps, warmup=warmup, window=window, nvml=nvml, engine=hf.ENGINES[mode])
+    def __init__(self, mode="eager", checkpoint=None, steps=30, warmup=5, window=0.3, nvml=None, profile=False):
+        super().__init__(steps=steps, warmup=warmup, window=window, nvml=nvml, engine=hf.ENGINES[mode],
+                         profile=profile)
         self.mode, self.checkpoint, self.graph = mode, checkpoint, False
 
     def model_for(self, name):

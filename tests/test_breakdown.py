@@ -95,6 +95,30 @@ def test_measure_profile_refuses_other_decoders(tmp_path):
         assert r.exit_code == 2 and "--profile breaks down eager steps" in r.output, other
 
 
+@pytest.mark.parametrize("backend", [[], ["--backend", "hf"]])
+def test_measure_profile_reaches_the_runner(tmp_path, monkeypatch, backend):
+    """--profile is handed to the runner of either backend (the campaign itself needs CUDA: faked here)."""
+    torch = pytest.importorskip("torch")
+    from measure import campaign, hf_campaign
+
+    made = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    class FakeRunner:
+        env = {"gpu_name": "none", "gpu": "none"}
+
+        def __init__(self, **kw):
+            made.update(kw)
+
+    monkeypatch.setattr(campaign, "Runner", FakeRunner)
+    monkeypatch.setattr(hf_campaign, "HfRunner", FakeRunner)
+    monkeypatch.setattr(hf_campaign, "check_installed", lambda: None)
+    monkeypatch.setattr(campaign, "run", lambda *a, **kw: [])
+    r = run("measure", "--out", str(tmp_path / "m.csv"), "--profile", *backend)
+    assert r.exit_code == 0, r.output
+    assert made["profile"] is True
+
+
 @pytest.mark.parametrize("policy", ["full", "keyformer"])
 def test_profiler_ranges_charge_every_group_on_the_cpu(policy):
     torch = pytest.importorskip("torch")
