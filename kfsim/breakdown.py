@@ -58,9 +58,14 @@ def read_profile(path):
     return df
 
 
-def compare_groups(profile, engine, where: str = "profile"):
+def compare_groups(profile, engine, where: str = "profile", timed=None):
     """Predicted against measured milliseconds per point and group: one row each, with the error in percent of
-    the measured step (a group's absolute miss as a share of the step, so small groups do not dominate)."""
+    the measured step (a group's absolute miss as a share of the step, so small groups do not dominate).
+
+    `timed`: measurement rows (gpu, model, phase, batch, context, kv_ratio, policy, step_ms) of the same points.
+    A profiled step runs eagerly under the profiler, so its own length counts the host's dispatch and the
+    profiler's cost; where the point was timed, the timed step is the step, and `gaps` is the timed step less the
+    profiled kernels (negative where the profiled kernels took longer than the whole timed step)."""
     import pandas as pd
 
     from .rows import group_rows
@@ -68,6 +73,12 @@ def compare_groups(profile, engine, where: str = "profile"):
     keys = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
     points = profile.groupby(keys, sort=True).agg(step_ms=("profiled_step_ms", "first")).reset_index()
     points = points[points["phase"] == "decode"].reset_index(drop=True)
+    points["step"] = "profiled"
+    if timed is not None and len(timed):
+        t = timed[timed["phase"] == "decode"].groupby(keys)["step_ms"].median()
+        hit = [tuple(r) in t.index for r in points[keys].itertuples(index=False)]
+        points.loc[hit, "step_ms"] = [t[tuple(r)] for r in points.loc[hit, keys].itertuples(index=False)]
+        points.loc[hit, "step"] = "timed"
     rows = []
     for grp in group_rows(points, engine, where):
         import dataclasses
@@ -78,11 +89,14 @@ def compare_groups(profile, engine, where: str = "profile"):
         pred = predicted_groups(step_time(s, grp.batch, grp.cached, grp.ops))
         for i, idx in enumerate(grp.index):
             p = points.iloc[idx]
-            measured = profile[(profile[keys] == p[keys]).all(axis=1)].set_index("group")["ms"]
+            measured = profile[(profile[keys] == p[keys]).all(axis=1)].set_index("group")["ms"].copy()
+            step = float(p["step_ms"])
+            if p["step"] == "timed":
+                measured["gaps"] = step - sum(float(measured.get(g, 0.0)) for g in GROUPS if g != "gaps")
             for g in GROUPS:
                 m = float(measured.get(g, 0.0))
                 q = float(np.broadcast_to(pred[g], grp.batch.shape)[i])
-                rows.append({**{k: p[k] for k in keys}, "group": g, "measured_ms": round(m, 4),
-                             "predicted_ms": round(q, 4),
-                             "error_pct_of_step": round(100 * (q - m) / float(p["step_ms"]), 2)})
+                rows.append({**{k: p[k] for k in keys}, "step": p["step"], "step_ms": round(step, 4), "group": g,
+                             "measured_ms": round(m, 4), "predicted_ms": round(q, 4),
+                             "error_pct_of_step": round(100 * (q - m) / step, 2)})
     return pd.DataFrame(rows)

@@ -565,7 +565,7 @@ def validate(files, engine, out, title, measured_engine, phase, profile_file, as
     if profile_file is not None:
         from .breakdown import compare_groups, read_profile
 
-        by_op = compare_groups(read_profile(profile_file), eng, profile_file)
+        by_op = compare_groups(read_profile(profile_file), eng, profile_file, timed=df)
     if out:
         title = title or f"kfsim validation: engine {eng.name} on {', '.join(files)}"
         val.write_report(cmp, eng, out, title, list(files), by_op)
@@ -584,7 +584,8 @@ def validate(files, engine, out, title, measured_engine, phase, profile_file, as
         click.echo(f"energy per step, {energy['n']} rows: MAPE {energy['mape']:.2f}%, median {energy['median_ape']:.2f}%, "
                    f"worst {energy['max_ape']:.2f}% (the GPU's power model at the predicted step)")
     if by_op is not None:
-        click.echo(f"\nby operation group ({profile_file}; error in percent of the profiled step):")
+        click.echo(f"\nby operation group ({profile_file}): kernels of eager steps under the profiler; gaps: the timed "
+                   "step less them (the profiled step where a point was not timed); error in percent of that step")
         click.echo(table([[r.model, str(r.batch), str(r.context), r.policy, f"{r.kv_ratio:g}", r.group,
                            f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}", f"{r.error_pct_of_step:+.1f}"]
                           for r in by_op.itertuples(index=False)],

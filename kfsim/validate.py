@@ -119,8 +119,9 @@ def markdown(cmp, engine: Engine, title: str, sources: list[str], figures: list[
     if by_op is not None and len(by_op):
         lines += ["## By operation group (profiled steps)", "",
                   "Each profiled decode step's time by group (`kfsim measure --profile`: eager steps, GPU kernels "
-                  "charged to the group whose module launched them; gaps: the step less its kernels) against the "
-                  "model's; the error is in percent of the profiled step.", "", markdown_table(by_op), ""]
+                  "charged to the group whose module launched them) against the model's. `gaps` is the timed step "
+                  "(these rows') less the profiled kernels, or the profiled step less them where a point was not "
+                  "timed (`step`); the error is in percent of that step.", "", markdown_table(by_op), ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "APE: absolute percentage error |predicted / measured - 1|; bias: mean signed error.", ""]
     return "\n".join(lines)

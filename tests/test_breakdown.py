@@ -57,6 +57,18 @@ def test_compare_groups_finds_the_wrong_group(tmp_path):
     assert off["attention"] < -1 and (off.drop("attention").abs() < 0.02).all()
 
 
+def test_a_timed_step_replaces_the_profiled_one():
+    """Where the rows timed the point, its step is the timed one and gaps the rest of it after the kernels."""
+    p = _profile()
+    kernels = p[p["group"] != "gaps"]["ms"].sum()
+    timed = p.iloc[:1][["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]].assign(
+        step_ms=kernels + 1.5)
+    cmp = compare_groups(p, get_engine("default"), timed=timed).set_index("group")
+    assert (cmp["step"] == "timed").all() and cmp["step_ms"].iloc[0] == pytest.approx(kernels + 1.5, abs=1e-3)
+    assert cmp.loc["gaps", "measured_ms"] == pytest.approx(1.5, abs=1e-3)
+    assert (compare_groups(p, get_engine("default"), timed=timed.assign(batch=8))["step"] == "profiled").all()
+
+
 def test_validate_with_a_profile_shows_each_group(tmp_path):
     rows, prof, out = tmp_path / "m.csv", tmp_path / "p.csv", tmp_path / "report"
     p = _profile()
