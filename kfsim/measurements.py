@@ -141,14 +141,18 @@ class Rule:
     zero_ok: bool = False
     top: float | None = None
     optional: bool = False
+    least: float | None = None  # a floor above 0 (a positive number below it is no measurement)
 
     def allowed(self) -> str:
-        text = ("a whole number >= 1" if self.whole else f"a finite number {'>= 0' if self.zero_ok else '> 0'}")
+        low = f">= {self.least:g}" if self.least else ">= 0" if self.zero_ok else "> 0"
+        text = "a whole number >= 1" if self.whole else f"a finite number {low}"
         return text + (f", at most {self.top:g}" if self.top else "") + (", or empty" if self.optional else "")
 
 
 #: the numeric columns kfsim reads, and what each may hold
-NUMBERS = {"batch": Rule(whole=True), "context": Rule(whole=True), "kv_ratio": Rule(top=1.0), "step_ms": Rule(),
+NUMBERS = {"batch": Rule(whole=True), "context": Rule(whole=True), "kv_ratio": Rule(top=1.0),
+           # a step shorter than a nanosecond is no measurement (a denormal one once broke the fit's residuals)
+           "step_ms": Rule(least=1e-6),
            "window": Rule(zero_ok=True, top=1.0, optional=True), "power_w": Rule(zero_ok=True, optional=True),
            "mem_used_gb": Rule(zero_ok=True, optional=True), "tp": Rule(whole=True, optional=True)}
 
@@ -165,6 +169,8 @@ def _checked(column, rule: Rule, path):
         wrong |= values != np.floor(values)
     if rule.top is not None:
         wrong |= values > rule.top
+    if rule.least is not None:
+        wrong |= values < rule.least
     bad = column[wrong.fillna(True) & ~(empty & rule.optional)]
     if len(bad):
         raise KfsimError(f"{path}: column {column.name} has a bad value {_cell(bad.iloc[0])} at row "

@@ -123,6 +123,7 @@ def test_a_gpu_without_bf16_answers_in_fp16_and_says_so():
     ("batch", "1.5", "column batch has a bad value"),
     ("context", "inf", "column context has a bad value"),
     ("step_ms", "inf", "column step_ms has a bad value"),
+    ("step_ms", "2.2250738585e-313", "allowed: a finite number >= 1e-06"),  # a denormal, found by the fuzz test
     ("kv_ratio", "1.5", "at most 1"),
 ])
 def test_measurement_cells_are_checked_with_file_and_row(tmp_path, column, value, text):
