@@ -21,6 +21,10 @@ then reports/validation-summary.json with every figure quoted in the README.
    architectures (data/h200-plain-models): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
    Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
    other half (`--only plain-models`).
+9. reports/breakdown-h200/ (the plain decoder, default engine) and reports/breakdown-hf-eager-h200/ (transformers,
+   hf-eager engine): data/h200-profile's steps by operation group against the model's; and
+   reports/compiled-h200-mpt/: the compiled engine (fitted on GPT-J-6B and Llama-3-8B) predicting MPT-7B, whose
+   ALiBi its fused kernel adds (data/h200-compiled-mpt) (`--only breakdown`).
 """
 from __future__ import annotations
 
@@ -245,7 +249,24 @@ def plain_models() -> None:
           "--title", "Plain decoder, five architectures: held-out half of the H200 rows")
 
 
-ONLY = {"plain-models": lambda: plain_models(), "compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine()}
+def breakdown() -> None:
+    """Step 9: where the model is wrong, by operation group, for one point of each backend profiled."""
+    prof = DATA / "h200-profile"
+    profiled = set(pd.read_csv(prof / "rows-profile.csv")["engine"])
+    for measured, engine, out, what in (("torch-graph", "default", "breakdown-h200", "plain decoder in CUDA graphs"),
+                                        ("hf-eager", "hf-eager", "breakdown-hf-eager-h200", "transformers, eager")):
+        if measured not in profiled:
+            print(f"no {measured} step profiled in {rel(prof)}: no {out} report")
+            continue
+        kfsim("validate", rel(prof / "rows.csv"), "--measured-engine", measured, "--engine", engine,
+              "--profile", rel(prof / "rows-profile.csv"), "--out", rel(REPORTS / out),
+              "--title", f"A decode step by operation group, {what} (H200, engine {engine})")
+    kfsim("validate", rel(DATA / "h200-compiled-mpt" / "rows.csv"), "--measured-engine", "compiled", "--engine",
+          "compiled", "--out", rel(REPORTS / "compiled-h200-mpt"),
+          "--title", "Compiled engine (fitted on GPT-J-6B and Llama-3-8B) predicting MPT-7B, ALiBi in its kernel (H200)")
+
+
+ONLY = {"breakdown": lambda: breakdown(), "plain-models": lambda: plain_models(), "compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine()}
 
 
 def main() -> None:
@@ -280,6 +301,7 @@ def main() -> None:
                               "decode_mape": metrics(g["error_pct"])["mape"],
                               "decode_max": metrics(g["error_pct"])["max_ape"], "decode_n": len(g)})
     table += compiled_engine(micro)
+    breakdown()
     summary = pd.DataFrame(table)
     (REPORTS / "baselines.md").write_text(
         "# kfsim against baselines on the same measured rows\n\nMAPE and worst absolute error in percent; n rows. "
