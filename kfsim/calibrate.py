@@ -66,6 +66,7 @@ class Fit:
     fitted: dict[str, float]
     ape: np.ndarray  # absolute percentage error per row
     n: int
+    profiled: int = 0  # profiled group times fitted beside the rows
 
     @property
     def mape(self) -> float:
@@ -97,7 +98,8 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
 
 
 def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str,
-               fused_scorer: bool = False, host_dispatch: bool = False) -> tuple[Engine, dict]:
+               fused_scorer: bool = False, host_dispatch: bool = False,
+               profiled: list[tuple[Group, str, np.ndarray]] = ()) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
     params = choose_parameters(groups, table, fused_scorer, host_dispatch)
@@ -118,6 +120,7 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
     def residuals(x):
         eng = _set(base, dict(zip(params, from_x(x))))
         errors = [np.log(g.predict_ms(eng) / g.measured_ms) for g in groups]
+        errors += [np.log(group_ms(g, eng, name) / ms) for g, name, ms in profiled]
         # a faint pull toward the table's start value: a direction the rows leave flat has one minimum, the same
         # on every machine, instead of wherever rounding noise stops the search (too weak to move a fitted one)
         return np.concatenate(errors + [PULL * (x - start_x) / span])
@@ -133,6 +136,39 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
     x = _snap(best.x, to_x(lo), to_x(hi))
     values = dict(zip(params, (float(v) for v in from_x(x))))
     return _set(base, values), values
+
+
+#: operation groups a profile's kernel times fit (kfsim.breakdown; gaps and the small groups are left to the steps)
+FIT_GROUPS = ("projections", "attention", "keyformer", "ffn", "lm_head")
+#: a profiled group shorter than this (ms) is not fitted: launch-sized kernels say more about the profiler
+MIN_GROUP_MS = 0.05
+
+
+def group_ms(g: Group, engine: Engine, name: str) -> np.ndarray:
+    """The model's milliseconds of operation group `name` at each point of decode group `g`."""
+    from .breakdown import predicted_groups
+    from .predict import step_time
+
+    s = dataclasses.replace(g.setup, engine=engine)
+    t = predicted_groups(step_time(s, g.batch, g.cached, g.ops))[name]
+    return np.broadcast_to(np.asarray(t, dtype=float), g.batch.shape)
+
+
+def profiled_groups(profile, engine: Engine, where: str) -> list[tuple[Group, str, np.ndarray]]:
+    """(points, group, measured ms) for each fitted operation group of a profile (kfsim measure --profile) that
+    both the profile and the model have at every point of a configuration."""
+    keys = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
+    wide = profile[profile["phase"] == "decode"].pivot_table(index=keys, columns="group", values="ms",
+                                                             aggfunc="median").reset_index()
+    out = []
+    for g in group_rows(wide.assign(step_ms=np.nan), engine, where):
+        for name in FIT_GROUPS:
+            if name not in wide.columns:
+                continue
+            ms = wide[name].to_numpy(float)[g.index]
+            if np.all(ms >= MIN_GROUP_MS) and np.all(group_ms(g, engine, name) > 0):
+                out.append((g, name, ms))
+    return out
 
 
 #: weight of the pull toward the start value, per parameter's range (log residuals of fitted rows are ~1e-2 each)
@@ -215,14 +251,15 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
         bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
-        host_dispatch: bool = False) -> Fit:
+        host_dispatch: bool = False, profile=None) -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
     `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
     the measured decoder scores Keyformer inside its attention kernel, so keyformer_flops_per_kv_byte is fitted
     and the scorer's logit passes and launches are those of that kernel (FUSED_SCORER);
     `matvec_max_batch`: the measured decoder runs matrix-vector kernels up to this batch, so their bandwidth and
-    kernel counts are fitted apart from the GEMMs'.
+    kernel counts are fitted apart from the GEMMs'; `profile` (kfsim.breakdown.read_profile): steps by operation
+    group, whose kernel times are fitted beside the rows' steps, each group against the model's time for it.
     """
     start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
     if fused_scorer:
@@ -236,8 +273,9 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     for p, cap in (bounds or {}).items():
         lo, hi, x0 = table[p]
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
+    profiled = profiled_groups(profile, start, where) if profile is not None else []
     engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer,
-                                host_dispatch)
+                                host_dispatch, profiled)
     engine, fitted = _matvec_no_slower(engine, fitted)
     if prefill:
         engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")
@@ -245,7 +283,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     engine, more = _power_and_workspace(df.reset_index(drop=True), groups, engine)
     fitted.update(more)
     ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
-    return Fit(engine, fitted, ape, len(ape))
+    return Fit(engine, fitted, ape, len(ape), sum(len(ms) for _, _, ms in profiled))
 
 
 def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:

@@ -377,9 +377,13 @@ def _kernels_of(rows) -> str:
                    "transformers without graphs): fit the host's cost per kernel and per step (a step takes the "
                    "longer of host and GPU) and the KV traffic per attended byte (a cache appended by copying "
                    "moves it more than once).")
+@click.option("--profile", "profile_file", metavar="FILE",
+              help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
+                   "operation group (projections, attention, keyformer, ffn, lm_head) against the model's time "
+                   "for it, so the engine is right about where the time goes, not only about the step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
-              as_json):
+              profile_file, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -399,8 +403,13 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
 
     from .files import output_path
 
-    output_path(out, "out", inputs=[*files, *micro])
+    output_path(out, "out", inputs=[*files, *micro, *([profile_file] if profile_file else [])])
     df = load(files, measured_engine, phase)
+    profile = None
+    if profile_file is not None:
+        from .breakdown import read_profile
+
+        profile = read_profile(profile_file)
     split = df["tp"] > 1
     if split.all():
         raise KfsimError("every row is tensor-parallel (tp > 1): calibrate fits an engine on single-GPU rows, and "
@@ -434,7 +443,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
             raise KfsimError(f"{m}: {exc}") from None
     name = name or Path(out).stem
     f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
-                matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch)
+                matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -447,7 +456,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (f" --measured-engine {measured_engine}" if measured_engine else "")
                                      + (" --fused-scorer" if fused_scorer else "")
                                      + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else "")
-                                     + (" --host-dispatch" if host_dispatch else ""),
+                                     + (" --host-dispatch" if host_dispatch else "")
+                                     + (f" --profile {profile_file}" if profile_file else ""),
                               **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),
                               "in_sample_mape_pct": f"{f.mape:.2f}",
                               "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()
@@ -458,13 +468,17 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     fitted = [*f.fitted, *interconnect]
     if as_json:
         click.echo(json.dumps({**m, "engine": str(out), "fitted": {k: getattr_path(eng, k) for k in fitted},
-                               "at_bound": edges, "tensor_parallel_rows_set_aside": int(split.sum())}))
+                               "at_bound": edges, "tensor_parallel_rows_set_aside": int(split.sum()),
+                               **({"profiled_group_times": f.profiled} if profile is not None else {})}))
         return
     for k, where in edges.items():
         click.echo(f"warning: {k} ended at its {where}: the rows pull it further (or cannot inform it); "
                    "its value is a limit, not a measurement", err=True)
     click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {gpus}; in-sample MAPE {m['mape']:.2f}%, "
                f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
+    if profile is not None:
+        click.echo(f"and on {f.profiled} profiled group times from {profile_file} (projections, attention, keyformer, "
+                   "ffn, lm_head where the profile and the model both have them)")
     rows = [[k, f"{getattr_path(eng, k):.4g}", f"{cal.bounds_of(k, bounds)}"] for k in f.fitted]
     rows += [[k, f"{getattr_path(eng, k):.4g}", "from the all-reduce microbenchmark"] for k in interconnect]
     click.echo(table(rows, ["parameter", "value", "allowed range"]))

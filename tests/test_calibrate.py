@@ -227,3 +227,76 @@ def test_host_bound_steps_do_not_grow_with_the_cache_until_the_gpu_catches_up():
     big = predict(eager, 64, 16384)
     assert str(big["bound"]) != "host" and float(big["host_wait_ms"]) == 0.0
     assert float(big["step_ms"]) == pytest.approx(float(predict(s, 64, 16384)["step_ms"]))
+
+
+def _profile_of(engine, points, attention_scale=1.0):
+    """A profile (kfsim measure --profile) whose groups are `engine`'s own times at `points` (batch, context)."""
+    from kfsim.breakdown import GROUPS, predicted_groups
+    from kfsim.inputs import make_setup
+    from kfsim.predict import step_time
+
+    s = dataclasses.replace(make_setup(gpu="h100-sxm", model="gpt-j-6b"), engine=engine)
+    rows = []
+    for b, c in points:
+        t = step_time(s, b, c)
+        groups = predicted_groups(t)
+        for g in GROUPS:
+            rows.append({"gpu": "h100-sxm", "model": "gpt-j-6b", "phase": "decode", "engine": "torch-eager",
+                         "batch": b, "context": c, "kv_ratio": 1.0, "policy": "full", "group": g,
+                         "ms": float(groups[g]) * (attention_scale if g == "attention" else 1.0),
+                         "profiled_step_ms": float(t.seconds) * 1e3, "steps": 5, "source": "cuda kernels"})
+    return pd.DataFrame(rows)
+
+
+def _weights_and_overheads_confounded():
+    """Full-cache steps of one model: the weights' time and the fixed costs are both constant in batch and
+    context, so the steps alone cannot say how much of the constant part is weight streaming."""
+    rows = [dict(gpu="h100-sxm", model="gpt-j-6b", batch=b, context=c, kv_ratio=1.0, policy="full", phase="decode")
+            for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) for c in (2048, 8192)]
+    df = pd.DataFrame(rows)
+    df["step_ms"] = predict_frame(df, TRUE)
+    return df
+
+
+def test_a_profile_pins_the_groups_that_the_steps_leave_free():
+    """With the kernel time of each operation group, the weights' bandwidth is found (steps alone leave it traded
+    against the fixed costs), and each group comes out as the true engine has it."""
+    from kfsim.breakdown import predicted_groups
+    from kfsim.inputs import make_setup
+    from kfsim.predict import step_time
+
+    prof = _profile_of(TRUE, [(1, 2048), (16, 8192)])
+    f = calibrate.fit(_weights_and_overheads_confounded(), "grouped", profile=prof)
+    assert f.profiled == 2 * 4 and f.mape < 0.5  # projections, attention, ffn, lm_head at two points
+    assert f.engine.weight_bandwidth_fraction == pytest.approx(0.8, rel=0.02)
+    for b, c in [(4, 4096), (64, 2048)]:
+        want = predicted_groups(step_time(dataclasses.replace(make_setup(gpu="h100-sxm", model="gpt-j-6b"), engine=TRUE), b, c))
+        got = predicted_groups(step_time(dataclasses.replace(make_setup(gpu="h100-sxm", model="gpt-j-6b"), engine=f.engine), b, c))
+        for g in ("projections", "attention", "ffn"):
+            assert float(got[g]) == pytest.approx(float(want[g]), rel=0.02), (b, c, g)
+
+
+def test_a_slower_profiled_group_moves_the_fit_toward_it():
+    """A profile whose attention kernels take 1.3x the true engine's pulls the fitted attention time up, weighed
+    against the 24 steps that disagree with it (one profiled point among them moves it a few percent)."""
+    from kfsim.breakdown import predicted_groups
+    from kfsim.inputs import make_setup
+    from kfsim.predict import step_time
+
+    rows = _weights_and_overheads_confounded()
+    plain = calibrate.fit(rows, "plain")
+    pulled = calibrate.fit(rows, "pulled", profile=_profile_of(TRUE, [(16, 8192)], attention_scale=1.3))
+    attention = lambda e: float(predicted_groups(step_time(  # noqa: E731
+        dataclasses.replace(make_setup(gpu="h100-sxm", model="gpt-j-6b"), engine=e), 16, 8192))["attention"])
+    assert 1.02 * attention(plain.engine) < attention(pulled.engine) < 1.3 * attention(plain.engine)
+
+
+def test_calibrate_cli_with_a_profile(tmp_path):
+    rows, prof = write(tmp_path, _weights_and_overheads_confounded()), tmp_path / "p.csv"
+    _profile_of(TRUE, [(1, 2048), (16, 8192)]).to_csv(prof, index=False)
+    r = run("calibrate", rows, "--profile", prof, "--out", tmp_path / "e.yaml", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["profiled_group_times"] == 8
+    assert f"--profile {prof}" in (tmp_path / "e.yaml").read_text()
+    r = run("calibrate", rows, "--profile", tmp_path / "none.csv", "--out", tmp_path / "f.yaml")
+    assert r.exit_code != 0 and "no such file" in r.output and "Traceback" not in r.output
