@@ -255,8 +255,10 @@ def test_compiled_glue_matches_decoder(name):
             assert torch.allclose(la, lb, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
-def test_alibi_full_cache_equals_the_biased_softmax(dtype, tol):
+def test_alibi_full_cache_equals_the_biased_softmax(dtype, tol, device):
     """The full cache of an ALiBi model carries positions in its keys (no mask): over a context past 256^2 tokens,
     so every base-256 digit is used, its decode step equals softmax(q.k / sqrt(D) + slope (j - n)) v (within fp32
     rounding of logits near slope x 70,000: 3e-4 seen; bf16: 3e-3)."""
@@ -265,11 +267,12 @@ def test_alibi_full_cache_equals_the_biased_softmax(dtype, tol):
     torch.manual_seed(0)
     B, H, D, n = 2, 8, 16, 70_000
     slopes = alibi_slopes(H)
-    cache = FullCache(B, H, n + 1, D, dtype, "cpu", slopes)
+    cache = FullCache(B, H, n + 1, D, dtype, device, slopes)
     cache.fill_random(n)
-    q, k, v = (torch.randn(B, H, 1, D, dtype=dtype) for _ in range(3))
-    got = cache.decode(q, k, v, n).float()
-    keys, values = cache.k[:, :, :, :D].float(), cache.v[:, :, :, :D].float()
+    q, k, v = (torch.randn(B, H, 1, D, dtype=dtype, device=device) for _ in range(3))
+    got = cache.decode(q, k, v, n).float().cpu()
+    keys, values = cache.k[:, :, :, :D].float().cpu(), cache.v[:, :, :, :D].float().cpu()
+    q = q.cpu()
     logits = (q.float() @ keys.transpose(-1, -2)) / D ** 0.5 + slopes[:, None, None] * (torch.arange(n + 1) - n)
     want = logits.softmax(-1) @ values
     assert (got - want).abs().max() <= tol * want.abs().max()
