@@ -34,27 +34,19 @@ def predicted_groups(step) -> dict[str, np.ndarray]:
 
 
 def read_profile(path):
-    """A profile CSV of `kfsim measure --profile`, checked: every column there, known groups, finite times."""
-    import pandas as pd
+    """A profile CSV of `kfsim measure --profile`, checked: every column there, each point's columns as a
+    measurement file's (kfsim.measurements.checked), known groups, times >= 0."""
+    from .measurements import Rule, _checked, checked, read_csv
 
-    try:
-        df = pd.read_csv(path)
-    except FileNotFoundError:
-        raise KfsimError(f"{path}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as exc:
-        raise KfsimError(f"{path}: not a profile CSV of kfsim measure --profile ({type(exc).__name__})") from None
+    what = "a profile CSV of kfsim measure --profile"
+    df = read_csv(path, what)
     if missing := [c for c in PROFILE_COLUMNS if c not in df.columns]:
-        raise KfsimError(f"{path}: not a profile CSV of kfsim measure --profile (no column {missing[0]})")
+        raise KfsimError(f"{path}: not {what} (no column {missing[0]})")
     if bad := sorted(set(df["group"].astype(str)) - set(GROUPS)):
         raise KfsimError(f"{path}: group {bad[0]!r}; allowed: {', '.join(GROUPS)}")
-    ms = pd.to_numeric(df["ms"], errors="coerce")
-    if not np.isfinite(ms).all():
-        row = int(np.flatnonzero(~np.isfinite(ms))[0])
-        from .measurements import _cell
-
-        raise KfsimError(f"{path}: column ms has a bad value {_cell(df['ms'].iloc[row])} at row {row + 2}; "
-                         "allowed: a finite number of milliseconds")
-    df["ms"] = ms
+    df = checked(df, path)
+    df["ms"] = _checked(df["ms"], Rule(zero_ok=True), path)
+    df["profiled_step_ms"] = _checked(df["profiled_step_ms"], Rule(), path)
     return df
 
 

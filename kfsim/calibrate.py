@@ -251,7 +251,7 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
         bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
-        host_dispatch: bool = False, profile=None) -> Fit:
+        host_dispatch: bool = False, profile=None, profile_where: str = "profile") -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
     `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
@@ -273,7 +273,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     for p, cap in (bounds or {}).items():
         lo, hi, x0 = table[p]
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
-    profiled = profiled_groups(profile, start, where) if profile is not None else []
+    profiled = profiled_groups(profile, start, profile_where) if profile is not None else []
     engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer,
                                 host_dispatch, profiled)
     engine, fitted = _matvec_no_slower(engine, fitted)

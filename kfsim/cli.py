@@ -443,7 +443,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
             raise KfsimError(f"{m}: {exc}") from None
     name = name or Path(out).stem
     f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
-                matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile)
+                matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile,
+                profile_where=profile_file or "profile")
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))

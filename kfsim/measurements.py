@@ -93,24 +93,35 @@ def _append_whole(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def read(path: str | Path, only_ok: bool = True):
-    """Read a measurement CSV into a pandas DataFrame, checking the required columns and their values."""
+def read_csv(path: str | Path, what: str = "a measurement CSV file"):
+    """A CSV file as a pandas DataFrame; a missing, unreadable or folder path is a one-line error."""
     import pandas as pd
 
     path = Path(path)
     try:
-        df = pd.read_csv(path)
+        return pd.read_csv(path)
     except FileNotFoundError:
         raise KfsimError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise KfsimError(f"{path}: is a folder; give a measurement CSV file") from None
+        raise KfsimError(f"{path}: is a folder; give {what}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise KfsimError(f"{path}: not a readable CSV file ({str(exc).splitlines()[0]})") from None
+
+
+def read(path: str | Path, only_ok: bool = True):
+    """Read a measurement CSV into a pandas DataFrame, checking the required columns and their values."""
+    df = read_csv(path)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise KfsimError(f"{path}: missing required column(s) {', '.join(missing)}; required: {', '.join(REQUIRED)}")
     if "status" in df.columns and only_ok:
         df = df[df["status"].fillna("ok") == "ok"]
+    return checked(df, path)
+
+
+def checked(df, path):
+    """`df` with its point columns checked (gpu, model, policy named; NUMBERS in range; phase known): a bad cell
+    is a one-line error naming the file, the row, the value and what is allowed."""
     if "phase" not in df.columns:
         df["phase"] = "decode"
     df["phase"] = df["phase"].fillna("decode")

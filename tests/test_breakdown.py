@@ -91,6 +91,10 @@ def test_validate_with_a_profile_shows_each_group(tmp_path):
     (lambda d: d.assign(group="matmuls"), "group 'matmuls'; allowed: projections"),
     (lambda d: d.assign(ms=["x"] + [1.0] * (len(d) - 1)), "column ms has a bad value 'x' at row 2"),
     (lambda d: d.assign(ms=[np.nan] + [1.0] * (len(d) - 1)), r"column ms has a bad value \(an empty cell\) at row 2"),
+    (lambda d: d.assign(ms=[-1.0] + [1.0] * (len(d) - 1)), "column ms has a bad value -1.0 at row 2; allowed: a "
+                                                           "finite number >= 0"),
+    (lambda d: d.assign(batch="x"), "column batch has a bad value 'x' at row 2"),
+    (lambda d: d.assign(kv_ratio=1.5), "column kv_ratio has a bad value 1.5"),
 ])
 def test_a_bad_profile_is_a_one_line_error(tmp_path, change, message):
     path = tmp_path / "p.csv"

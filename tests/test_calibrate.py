@@ -300,3 +300,6 @@ def test_calibrate_cli_with_a_profile(tmp_path):
     assert f"--profile {prof}" in (tmp_path / "e.yaml").read_text()
     r = run("calibrate", rows, "--profile", tmp_path / "none.csv", "--out", tmp_path / "f.yaml")
     assert r.exit_code != 0 and "no such file" in r.output and "Traceback" not in r.output
+    _profile_of(TRUE, [(1, 2048)]).assign(gpu="h300").to_csv(prof, index=False)
+    r = run("calibrate", rows, "--profile", prof, "--out", tmp_path / "f.yaml")
+    assert r.exit_code != 0 and f"{prof}: unknown gpu 'h300'" in r.output and not (tmp_path / "f.yaml").exists()
