@@ -71,10 +71,10 @@ def append_row(path: str | Path, row: dict) -> None:
     if new:
         writer.writeheader()
     writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    _append_whole(path, text.getvalue().encode("utf-8"))
+    append_whole(path, text.getvalue().encode("utf-8"))
 
 
-def _append_whole(path: Path, data: bytes) -> None:
+def append_whole(path: Path, data: bytes) -> None:
     """Append `data` to `path` whole or not at all: a write that fails part-way (a full disk) is cut back off, so
     the file never ends mid-row and looks valid."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

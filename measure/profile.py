@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 from pathlib import Path
 
 import torch
 
 from kfsim.breakdown import GROUPS, PROFILE_COLUMNS
+from kfsim.measurements import append_whole
 
 from . import kv_policies, timing
 
@@ -120,14 +122,16 @@ def profile_path(out: str | Path) -> Path:
 
 
 def append_profile(path: str | Path, row: dict, result: dict) -> None:
-    """One row per group of a profiled point (`row`: its measurement row's identifying columns)."""
+    """One row per group of a profiled point (`row`: its measurement row's identifying columns), appended whole
+    or not at all (kfsim.measurements' append)."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PROFILE_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for g in GROUPS:
-            w.writerow({**row, "group": g, "ms": round(result["groups"][g], 5),
-                        "profiled_step_ms": round(result["step_ms"], 5), "steps": result["steps"],
-                        "source": result["source"]})
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=PROFILE_COLUMNS, extrasaction="ignore")
+    if new:
+        w.writeheader()
+    for g in GROUPS:
+        w.writerow({**row, "group": g, "ms": round(result["groups"][g], 5),
+                    "profiled_step_ms": round(result["step_ms"], 5), "steps": result["steps"],
+                    "source": result["source"]})
+    append_whole(path, text.getvalue().encode("utf-8"))
