@@ -68,7 +68,7 @@ class Runner:
 
     def __init__(self, steps=50, warmup=10, graph=True, window=0.3, nvml=None, engine=None, profile=False):
         """`engine`: torch-graph (default with graph=True), torch-eager (graph=False) or compiled; `profile`: also
-        profile each decode point's step by operation group (measure.profile; the plain decoder only)."""
+        profile each decode point's step by operation group (measure.profile: eager steps, one GPU)."""
         self.engine = engine or ("torch-graph" if graph else "torch-eager")
         self.profile = profile
         self.kernel_options = kernel_options.recorded() if self.engine == "compiled" else ""
