@@ -6,6 +6,8 @@ per step and layer, the host's dispatch a GPU waits for, all-reduces).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .errors import KfsimError
@@ -17,6 +19,9 @@ GROUPS = ("projections", "attention", "keyformer", "ffn", "norms", "positional",
 OP_GROUP = {"q_proj": "projections", "kv_proj": "projections", "o_proj": "projections", "attention": "attention",
             "keyformer_score": "keyformer", "h2o_score": "keyformer", "ffn_up": "ffn", "ffn_act": "ffn",
             "ffn_down": "ffn", "norm": "norms", "final_norm": "norms", "rotary": "positional", "lm_head": "lm_head"}
+
+#: the columns that name a profiled point
+POINT_KEYS = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
 
 #: the profile file's columns (measure/profile.py writes them): the point, then one group's time per step
 PROFILE_COLUMNS = ("gpu", "model", "phase", "engine", "batch", "context", "kv_ratio", "policy", "group", "ms",
@@ -31,6 +36,14 @@ def predicted_groups(step) -> dict[str, np.ndarray]:
         out[OP_GROUP.get(name, "other")] = out[OP_GROUP.get(name, "other")] + np.asarray(seconds) * 1e3
     out["gaps"] = np.asarray(step.seconds) * 1e3 - sum(out[g] for g in GROUPS if g != "gaps")
     return out
+
+
+def group_times(g, engine) -> dict[str, np.ndarray]:
+    """The model's milliseconds per operation group at each point of a decode group `g` (kfsim.rows.Group)."""
+    from .predict import step_time
+
+    pred = predicted_groups(step_time(dataclasses.replace(g.setup, engine=engine), g.batch, g.cached, g.ops))
+    return {name: np.broadcast_to(np.asarray(ms, dtype=float), g.batch.shape) for name, ms in pred.items()}
 
 
 def read_profile(path):
@@ -62,7 +75,7 @@ def compare_groups(profile, engine, where: str = "profile", timed=None):
 
     from .rows import group_rows
 
-    keys = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
+    keys = POINT_KEYS
     points = profile.groupby(keys, sort=True).agg(step_ms=("profiled_step_ms", "first")).reset_index()
     points = points[points["phase"] == "decode"].reset_index(drop=True)
     points["step"] = "profiled"
@@ -73,12 +86,7 @@ def compare_groups(profile, engine, where: str = "profile", timed=None):
         points.loc[hit, "step"] = "timed"
     rows = []
     for grp in group_rows(points, engine, where):
-        import dataclasses
-
-        from .predict import step_time
-
-        s = dataclasses.replace(grp.setup, engine=engine)
-        pred = predicted_groups(step_time(s, grp.batch, grp.cached, grp.ops))
+        pred = group_times(grp, engine)
         for i, idx in enumerate(grp.index):
             p = points.iloc[idx]
             measured = profile[(profile[keys] == p[keys]).all(axis=1)].set_index("group")["ms"].copy()
@@ -87,7 +95,7 @@ def compare_groups(profile, engine, where: str = "profile", timed=None):
                 measured["gaps"] = step - sum(float(measured.get(g, 0.0)) for g in GROUPS if g != "gaps")
             for g in GROUPS:
                 m = float(measured.get(g, 0.0))
-                q = float(np.broadcast_to(pred[g], grp.batch.shape)[i])
+                q = float(pred[g][i])
                 rows.append({**{k: p[k] for k in keys}, "step": p["step"], "step_ms": round(step, 4), "group": g,
                              "measured_ms": round(m, 4), "predicted_ms": round(q, 4),
                              "error_pct_of_step": round(100 * (q - m) / step, 2)})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .breakdown import POINT_KEYS, group_times
 from .engine import IDEAL, Engine
 from .errors import KfsimError
 from .rows import Group, group_rows
@@ -99,7 +100,7 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
 
 def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str,
                fused_scorer: bool = False, host_dispatch: bool = False,
-               profiled: list[tuple[Group, str, np.ndarray]] = ()) -> tuple[Engine, dict]:
+               profiled: list[tuple[Group, dict[str, np.ndarray]]] = ()) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
     params = choose_parameters(groups, table, fused_scorer, host_dispatch)
@@ -120,7 +121,9 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
     def residuals(x):
         eng = _set(base, dict(zip(params, from_x(x))))
         errors = [np.log(g.predict_ms(eng) / g.measured_ms) for g in groups]
-        errors += [np.log(group_ms(g, eng, name) / ms) for g, name, ms in profiled]
+        for g, measured in profiled:
+            model = group_times(g, eng)
+            errors += [np.log(model[name] / ms) for name, ms in measured.items()]
         # a faint pull toward the table's start value: a direction the rows leave flat has one minimum, the same
         # on every machine, instead of wherever rounding noise stops the search (too weak to move a fitted one)
         return np.concatenate(errors + [PULL * (x - start_x) / span])
@@ -144,30 +147,18 @@ FIT_GROUPS = ("projections", "attention", "keyformer", "ffn", "lm_head")
 MIN_GROUP_MS = 0.05
 
 
-def group_ms(g: Group, engine: Engine, name: str) -> np.ndarray:
-    """The model's milliseconds of operation group `name` at each point of decode group `g`."""
-    from .breakdown import predicted_groups
-    from .predict import step_time
-
-    s = dataclasses.replace(g.setup, engine=engine)
-    t = predicted_groups(step_time(s, g.batch, g.cached, g.ops))[name]
-    return np.broadcast_to(np.asarray(t, dtype=float), g.batch.shape)
-
-
-def profiled_groups(profile, engine: Engine, where: str) -> list[tuple[Group, str, np.ndarray]]:
-    """(points, group, measured ms) for each fitted operation group of a profile (kfsim measure --profile) that
-    both the profile and the model have at every point of a configuration."""
-    keys = ["gpu", "model", "phase", "batch", "context", "kv_ratio", "policy"]
-    wide = profile[profile["phase"] == "decode"].pivot_table(index=keys, columns="group", values="ms",
+def profiled_groups(profile, engine: Engine, where: str) -> list[tuple[Group, dict[str, np.ndarray]]]:
+    """(points, {group: measured ms}) per configuration of a profile (kfsim measure --profile): each fitted
+    operation group that the profile and the model both have at every point."""
+    wide = profile[profile["phase"] == "decode"].pivot_table(index=POINT_KEYS, columns="group", values="ms",
                                                              aggfunc="median").reset_index()
     out = []
     for g in group_rows(wide.assign(step_ms=np.nan), engine, where):
-        for name in FIT_GROUPS:
-            if name not in wide.columns:
-                continue
-            ms = wide[name].to_numpy(float)[g.index]
-            if np.all(ms >= MIN_GROUP_MS) and np.all(group_ms(g, engine, name) > 0):
-                out.append((g, name, ms))
+        model = group_times(g, engine)
+        measured = {name: wide[name].to_numpy(float)[g.index] for name in FIT_GROUPS if name in wide.columns}
+        measured = {name: ms for name, ms in measured.items() if np.all(ms >= MIN_GROUP_MS) and np.all(model[name] > 0)}
+        if measured:
+            out.append((g, measured))
     return out
 
 
@@ -283,7 +274,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     engine, more = _power_and_workspace(df.reset_index(drop=True), groups, engine)
     fitted.update(more)
     ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
-    return Fit(engine, fitted, ape, len(ape), sum(len(ms) for _, _, ms in profiled))
+    return Fit(engine, fitted, ape, len(ape), sum(len(ms) for _, measured in profiled for ms in measured.values()))
 
 
 def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:
