@@ -24,6 +24,8 @@ PARAMETERS = {
     "layer_overhead_us": (0.0, 1000.0, 20.0),
     "step_overhead_us": (0.0, 200.0, 20.0),  # graph launch, host sync: not per-layer work
     "kernels_per_op.keyformer": (0.0, 100.0, 20.0),
+    # rotary embeddings' kernels per op (2 ops a layer): only a profile separates them from the layer's fixed cost
+    "kernels_per_op.positional": (0.0, 100.0, 1.0),
     "keyformer_logit_passes": (0.0, 100.0, 5.0),
     "keyformer_flops_per_kv_byte": (0.0, 1000.0, 10.0),
     "attention_saturation_items": (1.0, 20000.0, 200.0),
@@ -53,7 +55,8 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored",
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
-         "host_us_per_kernel": "host dispatch", "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch"}
+         "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
+         "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -86,15 +89,16 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
 
 
 def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False,
-                      host_dispatch: bool = False) -> list[str]:
+                      host_dispatch: bool = False, profiled_names: frozenset = frozenset()) -> list[str]:
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
     fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
-    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder)."""
+    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder;
+    rotary kernels need a profile with their time, `profiled_names` its fitted groups)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
-            "matvec": matvec, "host dispatch": host_dispatch}
+            "matvec": matvec, "host dispatch": host_dispatch, "profiled positional": "positional" in profiled_names}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
@@ -103,7 +107,8 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
                profiled: list[tuple[Group, dict[str, np.ndarray]]] = ()) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
-    params = choose_parameters(groups, table, fused_scorer, host_dispatch)
+    names = frozenset(name for _, measured in profiled for name in measured)
+    params = choose_parameters(groups, table, fused_scorer, host_dispatch, names)
     n = sum(len(g.measured_ms) for g in groups)
     if n < MIN_ROWS_PER_PARAMETER * len(params):
         raise KfsimError(f"{where}: {n} {what} rows are too few to fit {len(params)} parameters "
@@ -142,7 +147,7 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
 
 
 #: operation groups a profile's kernel times fit (kfsim.breakdown; gaps and the small groups are left to the steps)
-FIT_GROUPS = ("projections", "attention", "keyformer", "ffn", "lm_head")
+FIT_GROUPS = ("projections", "attention", "keyformer", "ffn", "positional", "lm_head")
 #: a profiled group shorter than this (ms) is not fitted: launch-sized kernels say more about the profiler
 MIN_GROUP_MS = 0.05
 
@@ -284,7 +289,7 @@ def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:
         return engine, fitted
     values = {"matvec_bandwidth_fraction": max(engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)}
     for kind, n in engine.matvec_kernels_per_op.items():
-        values[f"matvec_kernels_per_op.{kind}"] = min(n, engine.kernels_per_op[kind])
+        values[f"matvec_kernels_per_op.{kind}"] = min(n, engine.kernels(kind))
     values = {k: v for k, v in values.items() if k in fitted}
     return _set(engine, values), {**fitted, **values}
 

@@ -379,8 +379,10 @@ def _kernels_of(rows) -> str:
                    "moves it more than once).")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
-                   "operation group (projections, attention, keyformer, ffn, lm_head) against the model's time "
-                   "for it, so the engine is right about where the time goes, not only about the step.")
+                   "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "
+                   "time for it, so the engine is right about where the time goes, not only about the step; with "
+                   "the positional group, the rotary embedding's kernels per op are fitted apart from the layer's "
+                   "fixed cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
               profile_file, as_json):
@@ -479,7 +481,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
     if profile is not None:
         click.echo(f"and on {f.profiled} profiled group times from {profile_file} (projections, attention, keyformer, "
-                   "ffn, lm_head where the profile and the model both have them)")
+                   "ffn, positional, lm_head where the profile and the model both have them)")
     rows = [[k, f"{getattr_path(eng, k):.4g}", f"{cal.bounds_of(k, bounds)}"] for k in f.fitted]
     rows += [[k, f"{getattr_path(eng, k):.4g}", "from the all-reduce microbenchmark"] for k in interconnect]
     click.echo(table(rows, ["parameter", "value", "allowed range"]))

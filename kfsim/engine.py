@@ -15,7 +15,10 @@ from . import catalog
 from .loader import rng
 
 #: Op kinds whose kernel counts an engine scales (see ops.py for which op is which kind).
-OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer")
+OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer", "positional")
+#: a kind an engine is silent on counts as this one (rotary embeddings were elementwise kernels before they were a
+#: kind of their own, so an older engine prices them as it always did)
+FALLBACK = {"positional": "elementwise"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Engine:
     #: fixed time per decode step outside the layers (sampling, host sync, graph launch), microseconds
     step_overhead_us: float = rng(0, default=0.0)
     #: kernels launched per natural op of each kind (1 = one kernel per op; 0 = fused into a neighbour)
-    kernels_per_op: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in OP_KINDS})
+    kernels_per_op: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in OP_KINDS if k not in FALLBACK})
     #: parallel work items (batch x KV heads x cache splits) attention needs to reach its bandwidth; 0 = always
     attention_saturation_items: float = rng(0, default=0.0)
     #: cached tokens per split of the full cache's split-K (flash-decoding) attention kernel; 0 = no split
@@ -101,14 +104,23 @@ class Engine:
             bad = {k: v for k, v in counts.items() if v < 0}
             if bad:
                 raise KfsimError(f"engine {self.name}: {name} must be >= 0, got {bad}")
-        full = {k: 1.0 for k in OP_KINDS}
+        full = {k: 1.0 for k in OP_KINDS if k not in FALLBACK}
         full.update(self.kernels_per_op)
         object.__setattr__(self, "kernels_per_op", full)
         object.__setattr__(self, "matvec_kernels_per_op", dict(self.matvec_kernels_per_op or {}))
 
+    def kernels(self, kind: str) -> float:
+        """Kernels per op of `kind` (FALLBACK's kind where kernels_per_op is silent)."""
+        return self.kernels_per_op[kind] if kind in self.kernels_per_op else self.kernels(FALLBACK[kind])
+
     def matvec_kernels(self, kind: str) -> float:
-        """Kernels per op of `kind` at matrix-vector batches (kernels_per_op where matvec_kernels_per_op is silent)."""
-        return self.matvec_kernels_per_op.get(kind, self.kernels_per_op[kind])
+        """Kernels per op of `kind` at matrix-vector batches (kernels_per_op where matvec_kernels_per_op is silent;
+        FALLBACK's kind where both are)."""
+        if kind in self.matvec_kernels_per_op:
+            return self.matvec_kernels_per_op[kind]
+        if kind in FALLBACK and kind not in self.kernels_per_op:
+            return self.matvec_kernels(FALLBACK[kind])
+        return self.kernels(kind)
 
     def matvec_problem(self) -> str:
         """Why this engine's matrix-vector kernels are not faster than its GEMM path, or ''. A stack switches to
@@ -118,10 +130,10 @@ class Engine:
         if self.matvec_bandwidth_fraction < self.weight_bandwidth_fraction:
             return (f"matvec_bandwidth_fraction {self.matvec_bandwidth_fraction:g} is below "
                     f"weight_bandwidth_fraction {self.weight_bandwidth_fraction:g}")
-        more = [k for k in OP_KINDS if self.matvec_kernels(k) > self.kernels_per_op[k]]
+        more = [k for k in OP_KINDS if self.matvec_kernels(k) > self.kernels(k)]
         if more:
             return (f"matvec_kernels_per_op.{more[0]} {self.matvec_kernels(more[0]):g} is above "
-                    f"kernels_per_op.{more[0]} {self.kernels_per_op[more[0]]:g}")
+                    f"kernels_per_op.{more[0]} {self.kernels(more[0]):g}")
         return ""
 
     def to_yaml(self) -> str:

@@ -107,7 +107,7 @@ def decode_ops(w: Workload, policy: Policy, dt: Dtypes, batch, cached) -> list[O
     gemm("q_proj", d, q, w.attn_bias)
     gemm("kv_proj", d, kv, w.attn_bias, count=2)
     if w.position == "rotary":
-        elementwise("rotary", "elementwise", 2, B * (w.n_heads + w.n_kv_heads) * w.rotary_dim / 2, 2 * ROTARY_FLOPS)
+        elementwise("rotary", "positional", 2, B * (w.n_heads + w.n_kv_heads) * w.rotary_dim / 2, 2 * ROTARY_FLOPS)
     kv_token = 2 * kv * kb  # K and V of one token in one layer
     ops.append(_op(
         "attention", "attention", L, shape,

@@ -89,7 +89,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         else:
             t_flop = op.flops / vector_peak
         n_kernels = op.launches * np.where(matvec, engine.matvec_kernels(op.kind),
-                                           engine.kernels_per_op[op.kind])
+                                           engine.kernels(op.kind))
         t_fixed = n_kernels * base_us * 1e-6
         hidden = zero  # a fused scorer's arithmetic beyond what the attention kernel's KV reads (or FLOPs) hide
         if op.kind == "attention":

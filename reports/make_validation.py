@@ -20,7 +20,8 @@ then reports/validation-summary.json with every figure quoted in the README.
 8. reports/plain-h200-unseen-models/ and reports/plain-h200-models-holdout/: the plain decoder on five
    architectures (data/h200-plain-models): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
    Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
-   other half (`--only plain-models`).
+   other half (`--only plain-models`); and reports/plain-h200-unseen-models-profiled/: the first of these with
+   GPT-J-6B's profiled steps fitted beside the rows (`kfsim calibrate --profile`).
 9. reports/breakdown-h200/ (the plain decoder, default engine) and reports/breakdown-hf-eager-h200/ (transformers,
    hf-eager engine): data/h200-profile's steps by operation group against the model's; and
    reports/compiled-h200-mpt/: the compiled engine (fitted on GPT-J-6B and Llama-3-8B) predicting MPT-7B, whose
@@ -238,6 +239,17 @@ def plain_models() -> None:
     kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(unseen / "engine.yaml"), "--out", rel(unseen),
           "--title", "Plain decoder: MPT-7B, Mistral-7B and Cerebras-GPT-6.7B predicted by an engine fitted on "
           "GPT-J-6B and Llama-3-8B (H200)")
+    # the same, with the profiled GPT-J-6B steps (data/h200-profile) fitted beside the rows: rotary kernels apart
+    # from the layers' fixed cost
+    profiled = REPORTS / "plain-h200-unseen-models-profiled"
+    profiled.mkdir(parents=True, exist_ok=True)
+    prof = pd.read_csv(DATA / "h200-profile" / "rows-profile.csv")
+    prof[prof["model"].isin(["gpt-j-6b", "llama-3-8b"])].to_csv(profiled / "profile.csv", index=False)
+    kfsim("calibrate", rel(unseen / "fit.csv"), "--microbench", rel(micro), "--profile", rel(profiled / "profile.csv"),
+          "--name", "plain-h200-two-models-profiled", "--out", rel(profiled / "engine.yaml"))
+    kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(profiled / "engine.yaml"), "--out", rel(profiled),
+          "--title", "Plain decoder: MPT-7B, Mistral-7B and Cerebras-GPT-6.7B predicted by an engine fitted on "
+          "GPT-J-6B and Llama-3-8B plus GPT-J-6B's profiled steps (H200)")
     hold = REPORTS / "plain-h200-models-holdout"
     hold.mkdir(parents=True, exist_ok=True)
     mask = split_half(rows)

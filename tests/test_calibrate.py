@@ -267,7 +267,7 @@ def test_a_profile_pins_the_groups_that_the_steps_leave_free():
 
     prof = _profile_of(TRUE, [(1, 2048), (16, 8192)])
     f = calibrate.fit(_weights_and_overheads_confounded(), "grouped", profile=prof)
-    assert f.profiled == 2 * 4 and f.mape < 0.5  # projections, attention, ffn, lm_head at two points
+    assert f.profiled == 2 * 5 and f.mape < 0.5  # projections, attention, ffn, positional, lm_head at two points
     assert f.engine.weight_bandwidth_fraction == pytest.approx(0.8, rel=0.02)
     for b, c in [(4, 4096), (64, 2048)]:
         want = predicted_groups(step_time(dataclasses.replace(make_setup(gpu="h100-sxm", model="gpt-j-6b"), engine=TRUE), b, c))
@@ -296,10 +296,34 @@ def test_calibrate_cli_with_a_profile(tmp_path):
     _profile_of(TRUE, [(1, 2048), (16, 8192)]).to_csv(prof, index=False)
     r = run("calibrate", rows, "--profile", prof, "--out", tmp_path / "e.yaml", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["profiled_group_times"] == 8
+    assert json.loads(r.output)["profiled_group_times"] == 10
     assert f"--profile {prof}" in (tmp_path / "e.yaml").read_text()
     r = run("calibrate", rows, "--profile", tmp_path / "none.csv", "--out", tmp_path / "f.yaml")
     assert r.exit_code != 0 and "no such file" in r.output and "Traceback" not in r.output
     _profile_of(TRUE, [(1, 2048)]).assign(gpu="h300").to_csv(prof, index=False)
     r = run("calibrate", rows, "--profile", prof, "--out", tmp_path / "f.yaml")
     assert r.exit_code != 0 and f"{prof}: unknown gpu 'h300'" in r.output and not (tmp_path / "f.yaml").exists()
+
+
+def test_an_engine_silent_on_rotary_prices_it_as_elementwise_kernels():
+    """Engines written before rotary embeddings were a kind of their own predict what they did: their rotary
+    kernels count as elementwise ones (matrix-vector batches too)."""
+    from kfsim.engine import Engine
+
+    old = Engine(name="old", kernels_per_op={"elementwise": 3.0}, matvec_max_batch=1.0,
+                 matvec_kernels_per_op={"elementwise": 0.5})
+    assert old.kernels("positional") == 3.0 and old.matvec_kernels("positional") == 0.5
+    own = dataclasses.replace(old, kernels_per_op={**old.kernels_per_op, "positional": 7.0})
+    assert own.kernels("positional") == 7.0 and own.matvec_kernels("positional") == 7.0
+
+
+def test_a_profile_with_rotary_time_fits_its_kernels():
+    """The rotary embedding's kernels (2 ops a layer) and the layer's fixed cost scale alike with the layers, so
+    steps cannot tell them apart; the profiled positional group can, and its kernel count is recovered."""
+    true = dataclasses.replace(TRUE, kernels_per_op={**TRUE.kernels_per_op, "positional": 8.0})
+    rows = _weights_and_overheads_confounded()
+    rows["step_ms"] = predict_frame(rows, true)
+    assert "kernels_per_op.positional" not in calibrate.fit(rows, "steps").fitted
+    f = calibrate.fit(rows, "grouped", profile=_profile_of(true, [(1, 2048), (16, 8192)]))
+    assert f.engine.kernels("positional") == pytest.approx(8.0, rel=0.05)
+    assert f.engine.layer_overhead_us == pytest.approx(40.0, rel=0.1)
