@@ -128,9 +128,9 @@ class Runner:
                            torch.bfloat16, "cuda", extra_slots, w.sliding_window, slopes)
                 for _ in range(w.n_layers)]
 
-    def decode_step(self, model, w, pt):
+    def decode_step(self, model, w, pt, graph=None):
         """(step, caches): a callable running one steady-state decode step of point `pt` (a graph replay when the
-        engine uses graphs), and the caches it reads."""
+        engine uses graphs and `graph` does not say otherwise), and the caches it reads."""
         caches = self._caches(w, pt)
         for c in caches:
             c.fill_random(attended(pt.context, w.sliding_window))
@@ -142,7 +142,7 @@ class Runner:
             step = lambda: self.compiled.decode(tokens, pos, caches)  # noqa: E731
         else:
             step = lambda: model.decode(tokens, pos, caches)  # noqa: E731
-        if self.graph:
+        if self.graph if graph is None else graph:
             g = timing.capture_graph(step)
             step = g.replay
         return step, caches
@@ -153,13 +153,9 @@ class Runner:
 
         w = get_workload(pt.model)
         model = self.model_for(pt.model)
-        caches = self._caches(w, pt)
-        for c in caches:
-            c.fill_random(attended(pt.context, w.sliding_window))
-        tokens = torch.randint(0, w.vocab_size, (pt.batch,), device="cuda")
-        pos = torch.tensor(pt.context, device="cuda")
         with torch.inference_mode():
-            result = profile_step(model, lambda: model.decode(tokens, pos, caches))
+            step, caches = self.decode_step(model, w, pt, graph=False)
+            result = profile_step(model, step)
         del caches
         torch.cuda.empty_cache()
         return result
