@@ -80,7 +80,7 @@ class HfRunner(Runner):
         model = self.model_for(pt.model)
         with torch.inference_mode():
             step, _, rewind = self.steady_step(model, w, pt)
-            result = profile_step(model, lambda: (step(), rewind()))
+            result = profile_step(model, step, after=rewind)
         torch.cuda.empty_cache()
         return result
 

@@ -99,16 +99,19 @@ def group_times(events, on_gpu: bool) -> dict[str, float]:
     return out
 
 
-def profile_step(model, step, steps: int = 5, warmup: int = 3) -> dict:
+def profile_step(model, step, steps: int = 5, warmup: int = 3, after=None) -> dict:
     """Run `step` (an eager decode step of `model`) `steps` times under the profiler: {group: ms per step} and
-    the profiled step's own time (CUDA events; wall clock without CUDA)."""
+    the profiled step's own time (CUDA events; wall clock without CUDA). `after` runs after each step outside its
+    events, as in the timed steps (a cache put back); kernels it launches would count as "other"."""
+    after = after or (lambda: None)
     on_gpu = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with annotated(model):
         for _ in range(warmup):
             step()
+            after()
         with torch.profiler.profile(activities=activities) as prof:
-            t = timing.time_steps(step, steps, 0)
+            t = timing.time_steps(step, steps, 0, after=after)
     us = group_times(prof.events(), on_gpu)
     ms = {g: us[g] / 1e3 / steps for g in GROUPS if g != "gaps"}
     ms["gaps"] = max(0.0, t.median_ms - sum(ms.values()))

@@ -229,7 +229,7 @@ def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
     pt = Point(w.name, "decode", 2, 48, 0.5 if policy != "full" else 1.0, policy)
     with torch.inference_mode():
         step, _, rewind = _runner().steady_step(model, w, pt, device="cpu")
-        g = profile_step(model, lambda: (step(), rewind()), steps=2, warmup=1)["groups"]
+        g = profile_step(model, step, steps=2, warmup=1, after=rewind)["groups"]
     assert set(g) == set(GROUPS) and all(v >= 0 for v in g.values())
     assert all(g[k] > 0 for k in ("projections", "attention", "ffn", "norms", "lm_head"))
     assert (g["positional"] > 0) == (family == "llama")
