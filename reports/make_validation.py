@@ -239,12 +239,13 @@ def plain_models() -> None:
     kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(unseen / "engine.yaml"), "--out", rel(unseen),
           "--title", "Plain decoder: MPT-7B, Mistral-7B and Cerebras-GPT-6.7B predicted by an engine fitted on "
           "GPT-J-6B and Llama-3-8B (H200)")
-    # the same, with the profiled GPT-J-6B steps (data/h200-profile) fitted beside the rows: rotary kernels apart
-    # from the layers' fixed cost
+    # the same, with the fitted models' profiled steps of this decoder (data/h200-profile: GPT-J-6B's) fitted
+    # beside the rows: rotary kernels apart from the layers' fixed cost
     profiled = REPORTS / "plain-h200-unseen-models-profiled"
     profiled.mkdir(parents=True, exist_ok=True)
     prof = pd.read_csv(DATA / "h200-profile" / "rows-profile.csv")
-    prof[prof["model"].isin(["gpt-j-6b", "llama-3-8b"])].to_csv(profiled / "profile.csv", index=False)
+    fitted = prof["model"].isin(["gpt-j-6b", "llama-3-8b"]) & (prof["engine"] == MEASURED)
+    prof[fitted].to_csv(profiled / "profile.csv", index=False)
     kfsim("calibrate", rel(unseen / "fit.csv"), "--microbench", rel(micro), "--profile", rel(profiled / "profile.csv"),
           "--name", "plain-h200-two-models-profiled", "--out", rel(profiled / "engine.yaml"))
     kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(profiled / "engine.yaml"), "--out", rel(profiled),
