@@ -41,6 +41,7 @@ PARAMETERS = {
     "host_us_per_kernel": (0.0, 500.0, 10.0),
     "host_step_us": (0.0, 1e5, 1000.0),
     "kv_traffic_factor": (1.0, 20.0, 1.5),
+    "evicting_kv_traffic_factor": (1.0, 20.0, 1.5),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -56,7 +57,8 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
-         "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch"}
+         "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch",
+         "evicting_kv_traffic_factor": "evicting host dispatch"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -98,7 +100,8 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
-            "matvec": matvec, "host dispatch": host_dispatch, "profiled positional": "positional" in profiled_names}
+            "matvec": matvec, "host dispatch": host_dispatch,
+            "evicting host dispatch": host_dispatch and any(g.setup.policy.evicts for g in groups), "profiled positional": "positional" in profiled_names}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 

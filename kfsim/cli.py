@@ -376,7 +376,9 @@ def _kernels_of(rows) -> str:
               help="The measured decoder dispatches every kernel from Python each step (eager PyTorch, "
                    "transformers without graphs): fit the host's cost per kernel and per step (a step takes the "
                    "longer of host and GPU) and the KV traffic per attended byte (a cache appended by copying "
-                   "moves it more than once).")
+                   "moves it more than once), the full cache's and, with rows of an evicting policy, the "
+                   "evicting caches' apart (transformers' own cache and attention against a Keyformer cache "
+                   "that writes in place and attends through its own kernel).")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "

@@ -80,6 +80,10 @@ class Engine:
     #: bytes of memory traffic per byte of KV the step attends (1: read once; a cache appended by copying, or
     #: grouped heads expanded before attention, move it more than once)
     kv_traffic_factor: float = rng(1.0, hi=20.0, default=1.0)
+    #: the same for the attention an evicting cache (Keyformer, H2O, window) uses, where that is another code path
+    #: (transformers' full cache copies on append and attends through the library, a Keyformer cache writes in
+    #: place and attends through its own kernel); None = kv_traffic_factor
+    evicting_kv_traffic_factor: float | None = rng(1.0, hi=20.0, default=None)
     #: one all-reduce's fixed time between tensor-parallel GPUs (the collective library's launch and handshake
     #: plus the link's latency), microseconds; None: the GPU profile's interconnect_latency_us
     allreduce_latency_us: float | None = rng(0, default=None)

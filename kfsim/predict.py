@@ -29,9 +29,10 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     ops = ops if ops is not None else decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
+    traffic = s.engine.evicting_kv_traffic_factor if s.policy.evicts else None
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch)
+                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic)
     t = with_host(t, s.engine, s.engine.host_step_us * 1e-6)
     return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes, s.engine) if s.tp > 1 else 0.0)
 

@@ -46,14 +46,16 @@ def attention_occupancy(engine: Engine, work_items) -> np.ndarray:
 
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
              fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None,
-             logit_passes: float | None = None, batch=None) -> StepTime:
+             logit_passes: float | None = None, batch=None, kv_traffic: float | None = None) -> StepTime:
     """Price `ops` on `hw` under `engine`.
 
     `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
     `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own); `batch` (decode
-    only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch.
+    only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch; `kv_traffic` overrides
+    the engine's kv_traffic_factor (an evicting cache's).
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
+    kv_traffic = engine.kv_traffic_factor if kv_traffic is None else kv_traffic
     fused_scorer = engine.keyformer_flops_per_kv_byte if logit_passes is None else 0.0  # decode only
     base_us = engine.kernel_overhead_us if kernel_us is None else kernel_us
     bw = hw.bandwidth_bytes_per_s
@@ -79,7 +81,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         # occupancy throttles the split reads only: the one new token's write does not split, and charging it
         # there would make time per token fall as a longer cache adds splits
         kv_bw = bw * engine.kv_bandwidth_fraction
-        tk = engine.kv_traffic_factor * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
+        tk = kv_traffic * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to

@@ -18,12 +18,13 @@ class Timing:
     std_ms: float
     n: int
     warmup_s: float  # wall time of the warm-up (includes any compilation or graph capture that ran in it)
+    samples: tuple[float, ...] = ()  # every step's ms, in the order they ran
 
     @classmethod
     def of(cls, samples: list[float], warmup_s: float) -> "Timing":
         s = sorted(samples)
         q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]  # noqa: E731
-        return cls(statistics.median(s), q(0.1), q(0.9), s[0], statistics.pstdev(s), len(s), warmup_s)
+        return cls(statistics.median(s), q(0.1), q(0.9), s[0], statistics.pstdev(s), len(s), warmup_s, tuple(samples))
 
 
 def time_steps(step: Callable[[], object], steps: int = 50, warmup: int = 10,

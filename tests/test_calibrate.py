@@ -199,9 +199,10 @@ def test_snap_puts_values_near_a_bound_on_it():
     assert calibrate._snap(np.array([100.0, 2.0 - 1e-9]), lo, hi).tolist() == [100.0, 2.0]
 
 
-#: an eager framework: every kernel dispatched from Python (20 us each, 3 ms a step), and a cache appended by
-#: copying that moves each attended KV byte three times
-EAGER = dataclasses.replace(TRUE, host_us_per_kernel=20.0, host_step_us=3000.0, kv_traffic_factor=3.0)
+#: an eager framework: every kernel dispatched from Python (20 us each, 3 ms a step), a full cache appended by
+#: copying that moves each attended KV byte three times, and evicting caches that write in place (1.5 times)
+EAGER = dataclasses.replace(TRUE, host_us_per_kernel=20.0, host_step_us=3000.0, kv_traffic_factor=3.0,
+                            evicting_kv_traffic_factor=1.5)
 
 
 def test_recovers_host_dispatch_and_kv_traffic():
@@ -213,7 +214,26 @@ def test_recovers_host_dispatch_and_kv_traffic():
     assert f.engine.host_us_per_kernel == pytest.approx(20.0, rel=0.05)
     assert f.engine.host_step_us == pytest.approx(3000.0, rel=0.05)
     assert f.engine.kv_traffic_factor == pytest.approx(3.0, rel=0.05)
+    assert f.engine.evicting_kv_traffic_factor == pytest.approx(1.5, rel=0.05)
     assert "host_us_per_kernel" not in calibrate.fit(df[df["batch"] > 1], "graph").fitted  # only when asked
+
+
+def test_evicting_kv_traffic_defaults_to_the_full_caches():
+    """An engine silent on evicting_kv_traffic_factor prices an evicting cache's KV as the full cache's; set, it
+    changes the evicting caches' steps only."""
+    from kfsim.inputs import make_setup
+    from kfsim.policy import Policy
+    from kfsim.predict import predict
+
+    base = make_setup(gpu="h200", model="llama-3-8b", engine="ideal", policy="keyformer", kv_ratio=0.5)
+    moved = dataclasses.replace(base.engine, kv_traffic_factor=3.0)
+    step = lambda s, e: float(predict(dataclasses.replace(s, engine=e), 16, 8192)["step_ms"])  # noqa: E731
+    full = dataclasses.replace(base, policy=Policy("full"))
+    same = dataclasses.replace(moved, evicting_kv_traffic_factor=3.0)
+    assert step(base, moved) == pytest.approx(step(base, same))
+    less = dataclasses.replace(moved, evicting_kv_traffic_factor=1.0)
+    assert step(base, less) < step(base, moved)
+    assert step(full, less) == pytest.approx(step(full, moved))
 
 
 def test_host_bound_steps_do_not_grow_with_the_cache_until_the_gpu_catches_up():
