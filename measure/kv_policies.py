@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 #: Keyformer authors' temperature schedule (d-matrix-ai/keyformer-llm run scripts): tau_init 1 -> tau_end 2.
 TAU_INIT, TAU_END = 1.0, 2.0
@@ -35,10 +36,11 @@ def split_heads_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(B, kv_heads, (H // kv_heads) * T, D)
 
 
-#: Columns appended to every head of a full cache of an ALiBi model (MPT). K holds the key's position in base-256
-#: digits (each exact in bf16), the query holds slope x sqrt(head_dim) x the digits' weights, so q.k carries
-#: slope x key position and fused (flash) attention applies ALiBi with no mask; slope x query position is the same
+#: Columns appended to every head for an ALiBi model's (MPT) prompt. K holds the key's position in base-256 digits
+#: (each exact in bf16), the query holds slope x sqrt(head_dim) x the digits' weights, so q.k carries
+#: slope x key position and causal flash attention applies ALiBi with no mask; slope x query position is the same
 #: for every key of a row and cancels in the softmax. V's columns are zeros. 8 columns keep rows 16-byte aligned.
+#: A decode step does not use them: see FullCache.
 ALIBI_COLUMNS = 8
 ALIBI_DIGITS = 3  # positions up to 256^3
 
@@ -60,18 +62,24 @@ def alibi_query_columns(slopes: torch.Tensor, head_dim: int, dtype) -> torch.Ten
 
 
 class FullCache:
-    """The whole context: `capacity` slots, attention through torch's fused SDPA (for an ALiBi model, with its
-    position columns: see ALIBI_COLUMNS)."""
+    """The whole context: `capacity` slots, attention through torch's fused SDPA.
+
+    ALiBi (`alibi_slopes`, per query head): a decode step adds slope_h x (key - query position), one row of
+    biases per head [H, 1, slots] shared by the batch, in cuDNN's fused attention: on the H200 1.24x unbiased
+    attention at batch 1 x 16k and 1.03x at batch 16, where position columns took 2.1-2.5x (lab/bench_alibi.py,
+    lab/data/alibi/). A prompt uses the position columns (ALIBI_COLUMNS), which need no [T, S] mask."""
 
     kind = "full"
 
     def __init__(self, batch, kv_heads, capacity, head_dim, dtype, device, alibi_slopes=None):
-        extra = ALIBI_COLUMNS if alibi_slopes is not None else 0
         self.head_dim = head_dim
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim + extra, dtype=dtype, device=device)
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.q_columns = None if alibi_slopes is None else alibi_query_columns(alibi_slopes.to(device), head_dim,
-                                                                               dtype)
+        self.slopes = None if alibi_slopes is None else alibi_slopes.float().to(device)
+        if self.slopes is not None:
+            # cuDNN takes a bias whose rows start 16-byte aligned: the row is allocated to a multiple of 8 slots
+            self.bias = torch.zeros(len(self.slopes), 1, -(-capacity // 8) * 8, dtype=dtype, device=device)
+            self.key_pos = torch.arange(capacity, device=device)
         self.length = 0  # tokens held
         self.steady = False  # steady state: every step rewrites the last slot, so shapes and cost stay fixed
 
@@ -86,48 +94,53 @@ class FullCache:
 
     def fill_random(self, tokens: int) -> None:
         """Hold `tokens` random tokens plus one slot for the step's new token (timing does not depend on values)."""
-        D = self.head_dim
-        self.k[:, :, : tokens + 1, :D].normal_()
-        self.v[:, :, : tokens + 1, :D].normal_()
-        if self.q_columns is not None:
-            self.k[:, :, : tokens + 1, D:] = alibi_key_columns(torch.arange(tokens + 1, device=self.k.device),
-                                                                self.k.dtype)
+        self.k[:, :, : tokens + 1].normal_()
+        self.v[:, :, : tokens + 1].normal_()
         self.length, self.steady = tokens, True
 
-    def _write(self, start: int, k, v, positions) -> None:
-        D, stop = self.head_dim, start + k.shape[2]
-        self.k[:, :, start:stop, :D] = k
-        self.v[:, :, start:stop, :D] = v
-        if self.q_columns is not None:
-            self.k[:, :, start:stop, D:] = alibi_key_columns(positions, self.k.dtype)
-
-    def _attend(self, q, stop: int, bias, causal):
-        keys, values = self.k[:, :, :stop], self.v[:, :, :stop]
-        if self.q_columns is None:
-            return _sdpa(q, keys, values, bias, causal)
-        B, H, T, D = q.shape
-        q = torch.cat([q, self.q_columns[None, :, None, :].expand(B, H, T, ALIBI_COLUMNS)], dim=-1)
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=1.0 / math.sqrt(D),
-                                             enable_gqa=H != keys.shape[1])
-        return out[..., :D]
+    def _write(self, start: int, k, v) -> None:
+        stop = start + k.shape[2]
+        self.k[:, :, start:stop] = k
+        self.v[:, :, start:stop] = v
 
     def prefill(self, q, k, v, bias=None):
         """`bias`: an ALiBi bias for a cache made without slopes (a test's reference); ignored with them."""
         P = k.shape[2]
-        self._write(0, k, v, torch.arange(P, device=k.device))
+        self._write(0, k, v)
         self.length = P
-        return self._attend(q, P, bias, causal=True)
+        keys, values = self.k[:, :, :P], self.v[:, :, :P]
+        if self.slopes is None:
+            return _sdpa(q, keys, values, bias, causal=True)
+        B, H, T, D = q.shape
+        qc = torch.cat([q, alibi_query_columns(self.slopes, D, q.dtype)[None, :, None].expand(B, H, T, -1)], -1)
+        kc = torch.cat([keys, alibi_key_columns(self.key_pos[:P], q.dtype).expand(B, keys.shape[1], P, -1)], -1)
+        out = F.scaled_dot_product_attention(qc, kc, F.pad(values, (0, ALIBI_COLUMNS)), is_causal=True,
+                                             scale=1.0 / math.sqrt(D), enable_gqa=H != keys.shape[1])
+        return out[..., :D]
 
     def decode(self, q, k, v, pos: int, bias_fn=None):
         """q [B, H, 1, D]; k, v [B, kv_heads, 1, D]. Writes the token at slot `length`, attends over length + 1."""
         n = self.length
-        if bias_fn is not None and self.q_columns is None:
-            raise ValueError("an ALiBi model's full cache needs alibi_slopes (a float mask is never built)")
-        self._write(n, k, v, torch.as_tensor(pos, device=k.device).reshape(1))
-        out = self._attend(q, n + 1, None, causal=False)
+        if bias_fn is not None and self.slopes is None:
+            raise ValueError("an ALiBi model's full cache needs alibi_slopes (its bias is built from them)")
+        self._write(n, k, v)
+        keys, values = self.k[:, :, : n + 1], self.v[:, :, : n + 1]
+        if self.slopes is None:
+            out = _sdpa(q, keys, values, None, causal=False)
+        else:
+            bias = self.bias[..., : n + 1]
+            bias.copy_(self.slopes[:, None, None] * (self.key_pos[: n + 1] - pos))
+            with sdpa_kernel(_BIAS_BACKENDS, set_priority=True):
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.expand(q.shape[0], -1, -1, -1),
+                                                     enable_gqa=q.shape[1] != keys.shape[1])
         if not self.steady:
             self.length = n + 1
         return out
+
+
+#: Attention with a bias: cuDNN's fused kernel first (H200: 1.03-1.5x unbiased flash attention, where torch's
+#: default choice, memory-efficient attention, took 2-10x; lab/data/alibi/), then the others where it refuses.
+_BIAS_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _sdpa(q, k, v, bias, causal):

@@ -18,7 +18,7 @@ then reports/validation-summary.json with every figure quoted in the README.
 7. engines/hf-eager.yaml and reports/hf-eager-h200-holdout/: Hugging Face transformers in eager PyTorch
    (data/h200-hf-eager), fitted with --host-dispatch, likewise (`--only hf-eager`).
 8. reports/plain-h200-unseen-models/ and reports/plain-h200-models-holdout/: the plain decoder on five
-   architectures (data/h200-plain-models): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
+   architectures (data/h200-plain-models; MPT-7B's full cache from data/h200-mpt-bias): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
    Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
    other half (`--only plain-models`); and reports/plain-h200-unseen-models-profiled/: the first of these with
    GPT-J-6B's profiled steps fitted beside the rows (`kfsim calibrate --profile`).
@@ -229,6 +229,10 @@ def plain_models() -> None:
     """Step 8: models the engine never saw. The fitted engines stay in the report folders (not shipped)."""
     grid, micro = DATA / "h200-plain-models" / "rows.csv", DATA / "h200-plain" / "microbench.csv"
     rows = measurements.load([grid], MEASURED).drop(columns="source")
+    # MPT-7B's full cache as the decoder now runs it (ALiBi bias rows in cuDNN attention, data/h200-mpt-bias), in
+    # place of the grid's position-column rows; its Keyformer rows did not change
+    mpt = measurements.load([DATA / "h200-mpt-bias" / "rows.csv"], MEASURED, phase="decode").drop(columns="source")
+    rows = pd.concat([rows[~((rows["model"] == "mpt-7b") & (rows["policy"] == "full"))], mpt], ignore_index=True)
     seen = rows["model"].isin(["gpt-j-6b", "llama-3-8b"])
     unseen = REPORTS / "plain-h200-unseen-models"
     unseen.mkdir(parents=True, exist_ok=True)

@@ -90,9 +90,9 @@ def test_full_cache_matches_sdpa(B, HKV, G, D, budget, split, kernel):
 
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("split", [16, None])
-def test_alibi_full_cache_matches_the_position_columns(G, split):
-    """An ALiBi model's full cache: the kernel's slope x (key - query position) on a cache of head-wide rows gives
-    the plain cache's output, whose K carries the positions in extra columns (and equals the float-mask path)."""
+def test_alibi_full_cache_matches_the_plain_cache(G, split):
+    """An ALiBi model's full cache: the kernel's slope x (key - query position) gives the plain cache's output
+    (SDPA with a per-head row of biases)."""
     torch.manual_seed(6)
     B, HKV, D, n = 2, 2, 16, 150
     H = HKV * G
@@ -100,7 +100,7 @@ def test_alibi_full_cache_matches_the_position_columns(G, split):
     plain = FullCache(B, HKV, n + 1, D, torch.float32, DEVICE, alibi_slopes=slopes)
     plain.fill_random(n)
     twin = FullCache(B, HKV, n + 1, D, torch.float32, DEVICE)
-    twin.k.copy_(plain.k[..., :D]), twin.v.copy_(plain.v[..., :D])
+    twin.k.copy_(plain.k), twin.v.copy_(plain.v)
     twin.length, twin.steady = plain.length, True
     fused = FusedFullCache(twin, split_tokens=split, slopes=slopes)
     q = torch.randn(B, H, 1, D, device=DEVICE)
@@ -357,7 +357,7 @@ def test_a_cache_past_32_bit_offsets_matches_plain(policy):
 def test_compiled_step_equals_the_plain_decoder(name, policy):
     """The compiled decoder hands q, k and v to the fused caches as column slices of the QKV product and lets the
     kernel rotate them (GPT-J's interleaved pairs on part of each head, Llama's halves and shared KV heads) or add
-    ALiBi's bias (MPT; its full cache then holds no position columns), or neither (Cerebras-GPT's learned
+    ALiBi's bias (MPT), or neither (Cerebras-GPT's learned
     positions): two steps give the plain decoder's logits, cache and scores (uncompiled here, fp32)."""
     import dataclasses
 
@@ -402,6 +402,6 @@ def test_compiled_step_equals_the_plain_decoder(name, policy):
                     c.sync()
     for x, y in zip(plain, held):
         # the second step's inputs differ by the first's rounding (rotary in the kernel's order of operations)
-        assert torch.allclose(x.k[..., :16], y.k, atol=1e-5) and torch.allclose(x.v[..., :16], y.v, atol=1e-5)
+        assert torch.allclose(x.k, y.k, atol=1e-5) and torch.allclose(x.v, y.v, atol=1e-5)
         if policy == "keyformer":
             assert torch.allclose(x.score, y.score, atol=1e-5) and torch.equal(x.pos, y.pos.long())
