@@ -46,9 +46,10 @@ def group_times(g, engine) -> dict[str, np.ndarray]:
     return {name: np.broadcast_to(np.asarray(ms, dtype=float), g.batch.shape) for name, ms in pred.items()}
 
 
-def read_profile(path):
+def read_profile(path, measured_engine: str | None = None):
     """A profile CSV of `kfsim measure --profile`, checked: every column there, each point's columns as a
-    measurement file's (kfsim.measurements.checked), known groups, times >= 0."""
+    measurement file's (kfsim.measurements.checked), known groups, times >= 0. A file that profiled several
+    decoders (its `engine` column) gives the steps of `measured_engine`, which must then be one of them."""
     from .measurements import Rule, _checked, checked, read_csv
 
     what = "a profile CSV of kfsim measure --profile"
@@ -60,6 +61,12 @@ def read_profile(path):
     df = checked(df, path)
     df["ms"] = _checked(df["ms"], Rule(zero_ok=True), path)
     df["profiled_step_ms"] = _checked(df["profiled_step_ms"], Rule(), path)
+    engines = sorted(df["engine"].astype(str).unique())
+    if len(engines) > 1:
+        if measured_engine not in engines:
+            raise KfsimError(f"{path}: the profile holds steps of several decoders ({', '.join(engines)}); choose "
+                             f"one with --measured-engine" + (f" (not {measured_engine!r})" if measured_engine else ""))
+        df = df[df["engine"].astype(str) == measured_engine].reset_index(drop=True)
     return df
 
 

@@ -58,6 +58,15 @@ def cli():
     """
 
 
+def _read_profile(path, measured_engine, rows):
+    """A profile file's steps for these rows: of --measured-engine, else of the rows' one measured engine."""
+    from .breakdown import read_profile
+
+    if measured_engine is None and "engine" in rows.columns and rows["engine"].nunique() == 1:
+        measured_engine = str(rows["engine"].iloc[0])
+    return read_profile(path, measured_engine)
+
+
 def _need(command: str, *modules: str) -> None:
     """A one-line error naming the extra to install when an optional package is missing."""
     import importlib.util
@@ -411,9 +420,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     df = load(files, measured_engine, phase)
     profile = None
     if profile_file is not None:
-        from .breakdown import read_profile
-
-        profile = read_profile(profile_file)
+        profile = _read_profile(profile_file, measured_engine, df)
     split = df["tp"] > 1
     if split.all():
         raise KfsimError("every row is tensor-parallel (tp > 1): calibrate fits an engine on single-GPU rows, and "
@@ -582,9 +589,9 @@ def validate(files, engine, out, title, measured_engine, phase, profile_file, as
     energy = validate_energy(cmp, eng)
     by_op = None
     if profile_file is not None:
-        from .breakdown import compare_groups, read_profile
+        from .breakdown import compare_groups
 
-        by_op = compare_groups(read_profile(profile_file), eng, profile_file, timed=df)
+        by_op = compare_groups(_read_profile(profile_file, measured_engine, df), eng, profile_file, timed=df)
     if out:
         title = title or f"kfsim validation: engine {eng.name} on {', '.join(files)}"
         val.write_report(cmp, eng, out, title, list(files), by_op)

@@ -86,6 +86,27 @@ def test_validate_with_a_profile_shows_each_group(tmp_path):
     assert "## By operation group (profiled steps)" in (out / "report.md").read_text()
 
 
+def test_a_profile_of_two_decoders_gives_the_measured_ones_steps(tmp_path):
+    """One file profiling two decoders at the same point (the plain decoder and transformers): validate reports
+    the --measured-engine's groups, and without it names the choice in one line (not a traceback)."""
+    rows, prof = tmp_path / "m.csv", tmp_path / "p.csv"
+    fast, slow = _profile().assign(engine="torch-graph"), _profile(scale=3.0).assign(engine="hf-eager")
+    pd.concat([fast, slow]).to_csv(prof, index=False)
+    point = fast.iloc[0]
+    keys = ("gpu", "model", "phase", "batch", "context", "kv_ratio", "policy")
+    pd.DataFrame([{**{k: point[k] for k in keys}, "engine": e, "step_ms": point["profiled_step_ms"]}
+                  for e in ("torch-graph", "hf-eager")]).to_csv(rows, index=False)
+    for engine, scale in (("torch-graph", 1.0), ("hf-eager", 3.0)):
+        r = run("validate", str(rows), "--measured-engine", engine, "--engine", "default", "--profile", str(prof),
+                "--json")
+        assert r.exit_code == 0, r.output
+        att = next(g for g in json.loads(r.output)["by_operation_group"] if g["group"] == "attention")
+        assert att["measured_ms"] == pytest.approx(att["predicted_ms"] * scale, rel=1e-3)
+    with pytest.raises(KfsimError, match=r"several decoders \(hf-eager, torch-graph\); choose one with "
+                                         r"--measured-engine"):
+        read_profile(prof)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.drop(columns="group"), "no column group"),
     (lambda d: d.assign(group="matmuls"), "group 'matmuls'; allowed: projections"),
