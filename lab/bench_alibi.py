@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from measure import timing
+from measure.env import environment
 from measure.decoder import alibi_slopes
 from measure.kv_policies import ALIBI_COLUMNS, alibi_key_columns, alibi_query_columns
 
@@ -170,7 +171,7 @@ def main():
                              "max_abs_diff_vs_first": round(float((out - ref).abs().max()), 4)})
                 print(rows[-1], flush=True)
     if args.out:
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+        pd.DataFrame(rows).assign(**environment()).to_csv(args.out, index=False)
 
 
 if __name__ == "__main__":
