@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from kfsim.workload import Workload
 
+from .kv_policies import FullCache
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-5):
@@ -109,7 +111,7 @@ class Attention(nn.Module):
         has_alibi = self.w.position == "alibi"
         if decode_pos is None:  # prefill
             bias = None
-            if has_alibi:
+            if has_alibi and not (isinstance(cache, FullCache) and cache.slopes is not None):  # adds it itself
                 bias = alibi_bias(self.slopes, positions[None, :], positions[:, None])
             y = cache.prefill(q, k, v, bias)
         else:

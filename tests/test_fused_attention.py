@@ -352,6 +352,33 @@ def test_a_cache_past_32_bit_offsets_matches_plain(policy):
     assert torch.allclose(plain.score, twin.score, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("policy", ["full", "keyformer"])
+def test_alibi_prompt_through_fused_caches_is_biased(policy):
+    """An ALiBi model's prompt through fused caches (their plain caches hold no slopes, the kernel adds the bias
+    only at decode) gives the plain caches' logits: the decoder hands them its float bias."""
+    import dataclasses
+
+    from kfsim.workload import get_workload
+    from measure.compiled import fuse_caches
+    from measure.decoder import build, slopes_of
+
+    w = dataclasses.replace(get_workload("mpt-7b"), n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16,
+                            ffn_dim=96, vocab_size=101, max_context=128)
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device=DEVICE)
+    prompt = torch.randint(0, w.vocab_size, (2, 30), device=DEVICE)
+
+    def caches(slopes):
+        if policy == "full":
+            return [FullCache(2, 4, 48, 16, torch.float32, DEVICE, alibi_slopes=slopes) for _ in range(2)]
+        return [EvictingCache("keyformer", 2, 4, 40, 10, 16, torch.float32, DEVICE) for _ in range(2)]
+
+    with torch.no_grad():
+        want = model.prefill(prompt, caches(slopes_of(w)))
+        got = model.prefill(prompt, fuse_caches(caches(None), slopes=slopes_of(w)))
+    assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
+
+
 @pytest.mark.parametrize("name", ["gpt-j-6b", "llama-3-8b", "mpt-7b", "cerebras-gpt-6.7b"])
 @pytest.mark.parametrize("policy", ["full", "keyformer"])
 def test_compiled_step_equals_the_plain_decoder(name, policy):

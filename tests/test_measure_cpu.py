@@ -233,6 +233,25 @@ def test_graph_step_on_gpu():
     assert row["status"] == "ok" and row["step_ms"] > 0
 
 
+def test_alibi_prompt_is_the_same_with_or_without_the_caches_slopes():
+    """An ALiBi model's prompt through full caches that add the bias themselves (slopes: position columns) and
+    through caches that take the decoder's float bias: the same logits, and not those without any bias."""
+    w = tiny("mpt-7b")
+    torch.manual_seed(0)
+    model = build(w, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, w.vocab_size, (2, 10))
+
+    def logits(slopes):
+        caches = [FullCache(2, w.n_kv_heads, 16, w.head_dim, torch.float32, "cpu", slopes) for _ in range(w.n_layers)]
+        with torch.no_grad():
+            return model.prefill(prompt, caches)
+
+    with_slopes, with_bias = logits(slopes_of(w)), logits(None)
+    assert torch.allclose(with_slopes, with_bias, atol=1e-5)
+    model.blocks[0].attn.slopes = model.blocks[0].attn.slopes * 0  # no bias in the first layer: logits change
+    assert not torch.allclose(logits(None), with_bias, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_compiled_glue_matches_decoder(name):
     """The compiled engine's functional layer glue (run here uncompiled) gives the decoder's logits."""
