@@ -42,6 +42,7 @@ PARAMETERS = {
     "host_step_us": (0.0, 1e5, 1000.0),
     "kv_traffic_factor": (1.0, 20.0, 1.5),
     "evicting_kv_traffic_factor": (1.0, 20.0, 1.5),
+    "grouped_kv_expansion": (0.0, 1.0, 0.2),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -58,7 +59,7 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
          "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch",
-         "evicting_kv_traffic_factor": "evicting host dispatch"}
+         "evicting_kv_traffic_factor": "evicting host dispatch", "grouped_kv_expansion": "grouped host dispatch"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -94,14 +95,18 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
                       host_dispatch: bool = False, profiled_names: frozenset = frozenset()) -> list[str]:
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
     fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
-    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder;
+    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder (grouped
+    heads' expansion, rows of models with and without grouped KV heads);
     rotary kernels need a profile with their time, `profiled_names` its fitted groups)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
             "matvec": matvec, "host dispatch": host_dispatch,
-            "evicting host dispatch": host_dispatch and any(g.setup.policy.evicts for g in groups), "profiled positional": "positional" in profiled_names}
+            "evicting host dispatch": host_dispatch and any(g.setup.policy.evicts for g in groups),
+            "grouped host dispatch": host_dispatch and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
+                                                            for g in groups}) == 2,
+            "profiled positional": "positional" in profiled_names}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 

@@ -387,7 +387,9 @@ def _kernels_of(rows) -> str:
                    "longer of host and GPU) and the KV traffic per attended byte (a cache appended by copying "
                    "moves it more than once), the full cache's and, with rows of an evicting policy, the "
                    "evicting caches' apart (transformers' own cache and attention against a Keyformer cache "
-                   "that writes in place and attends through its own kernel).")
+                   "that writes in place and attends through its own kernel); with rows of models with and "
+                   "without grouped KV heads, how far attention expands grouped heads to one copy per query "
+                   "head (grouped_kv_expansion).")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "

@@ -84,6 +84,10 @@ class Engine:
     #: (transformers' full cache copies on append and attends through the library, a Keyformer cache writes in
     #: place and attends through its own kernel); None = kv_traffic_factor
     evicting_kv_traffic_factor: float | None = rng(1.0, hi=20.0, default=None)
+    #: how far attention fails to share a KV head among its group of query heads (G = heads / KV heads): it reads
+    #: the cache 1 + grouped_kv_expansion x (G - 1) times (0: grouped heads read once, as SDPA's GQA path does;
+    #: 1: every query head gets its own copy, as transformers' repeat_kv before attention does)
+    grouped_kv_expansion: float = rng(0.0, hi=1.0, default=0.0)
     #: one all-reduce's fixed time between tensor-parallel GPUs (the collective library's launch and handshake
     #: plus the link's latency), microseconds; None: the GPU profile's interconnect_latency_us
     allreduce_latency_us: float | None = rng(0, default=None)

@@ -202,7 +202,7 @@ def test_snap_puts_values_near_a_bound_on_it():
 #: an eager framework: every kernel dispatched from Python (20 us each, 3 ms a step), a full cache appended by
 #: copying that moves each attended KV byte three times, and evicting caches that write in place (1.5 times)
 EAGER = dataclasses.replace(TRUE, host_us_per_kernel=20.0, host_step_us=3000.0, kv_traffic_factor=3.0,
-                            evicting_kv_traffic_factor=1.5)
+                            evicting_kv_traffic_factor=1.5, grouped_kv_expansion=0.5)
 
 
 def test_recovers_host_dispatch_and_kv_traffic():
@@ -215,7 +215,26 @@ def test_recovers_host_dispatch_and_kv_traffic():
     assert f.engine.host_step_us == pytest.approx(3000.0, rel=0.05)
     assert f.engine.kv_traffic_factor == pytest.approx(3.0, rel=0.05)
     assert f.engine.evicting_kv_traffic_factor == pytest.approx(1.5, rel=0.05)
+    # Llama-3-8B's 4 query heads per KV head read its cache 1 + 0.5 x 3 times; Cerebras-GPT's, once
+    assert f.engine.grouped_kv_expansion == pytest.approx(0.5, rel=0.05)
     assert "host_us_per_kernel" not in calibrate.fit(df[df["batch"] > 1], "graph").fitted  # only when asked
+    one_kind = calibrate.fit(df[df["model"] == "llama-3-8b"], "eager", host_dispatch=True,
+                             bounds={"kv_bandwidth_fraction": 0.7})
+    assert "grouped_kv_expansion" not in one_kind.fitted  # grouped heads alone cannot tell it from the KV traffic
+
+
+def test_grouped_kv_expansion_reads_a_groups_cache_once_per_query_head():
+    """Expansion 1 prices Llama-3-8B's attention (32 query heads on 8 KV heads) as 4 reads of its cache (as a KV
+    traffic of 4 would), 0.5 as 2.5; a model without grouped heads (GPT-J-6B) is not changed."""
+    from kfsim.inputs import make_setup
+    from kfsim.predict import step_time
+
+    for model, expansion, reads in (("llama-3-8b", 1.0, 4.0), ("llama-3-8b", 0.5, 2.5), ("gpt-j-6b", 1.0, 1.0)):
+        s = make_setup(gpu="h200", model=model, engine="ideal")
+        expanded, traffic = (dataclasses.replace(s, engine=dataclasses.replace(s.engine, **kw))
+                             for kw in ({"grouped_kv_expansion": expansion}, {"kv_traffic_factor": reads}))
+        att = [float(step_time(x, 16, 8192).per_op["attention"]) for x in (s, expanded, traffic)]
+        assert att[1] == pytest.approx(att[2], rel=1e-9) and (att[1] > att[0]) == (reads > 1)
 
 
 def test_evicting_kv_traffic_defaults_to_the_full_caches():
