@@ -56,20 +56,18 @@ def variants(B: int, n: int):
     def no_bias():
         return F.scaled_dot_product_attention(q, k, v)
 
-    # the plain decoder's full cache: key positions in ALIBI_COLUMNS extra columns (head 136), flash SDPA
+    # key positions in ALIBI_COLUMNS extra columns (head 136), no mask: the plain decoder's decode before bias rows
     qc = torch.cat([q, alibi_query_columns(slopes, HEAD_DIM, dt)[None, :, None, :].expand(B, HEADS, 1, -1)], -1)
     kc = torch.cat([k, alibi_key_columns(key_pos, dt)[None, None].expand(B, HEADS, -1, -1)], -1)
     vc = F.pad(v, (0, ALIBI_COLUMNS))
 
     def columns(backend=None):
         def fn():
-            if backend is None:
-                return F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[..., :HEAD_DIM]
-            with sdpa_kernel(backend):
+            with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[..., :HEAD_DIM]
         return fn
 
-    def bias_backend(backend):
+    def bias_backend(backend):  # with cuDNN: the plain decoder's decode (measure/kv_policies.py FullCache)
         b = bias_buf[..., : n + 1]
 
         def fn():
