@@ -80,6 +80,7 @@ class FullCache:
             # cuDNN takes a bias whose rows start 16-byte aligned: the row is allocated to a multiple of 8 slots
             self.bias = torch.zeros(len(self.slopes), 1, -(-capacity // 8) * 8, dtype=dtype, device=device)
             self.key_pos = torch.arange(capacity, device=device)
+            self.q_columns = alibi_query_columns(self.slopes, head_dim, dtype)  # a prompt's (ALIBI_COLUMNS)
         self.length = 0  # tokens held
         self.steady = False  # steady state: every step rewrites the last slot, so shapes and cost stay fixed
 
@@ -112,7 +113,7 @@ class FullCache:
         if self.slopes is None:
             return _sdpa(q, keys, values, bias, causal=True)
         B, H, T, D = q.shape
-        qc = torch.cat([q, alibi_query_columns(self.slopes, D, q.dtype)[None, :, None].expand(B, H, T, -1)], -1)
+        qc = torch.cat([q, self.q_columns[None, :, None].expand(B, H, T, -1)], -1)
         kc = torch.cat([keys, alibi_key_columns(self.key_pos[:P], q.dtype).expand(B, keys.shape[1], P, -1)], -1)
         out = F.scaled_dot_product_attention(qc, kc, F.pad(values, (0, ALIBI_COLUMNS)), is_causal=True,
                                              scale=1.0 / math.sqrt(D), enable_gqa=H != keys.shape[1])
