@@ -200,6 +200,10 @@ _TP_DEGREE = click.Choice(["1", "2", "4", "8"])
               help="Recent window as a fraction of the budget.")
 @click.option("--steps", type=click.IntRange(min=5), default=50, show_default=True, help="Timed steps per point.")
 @click.option("--warmup", type=click.IntRange(min=1), default=10, show_default=True, help="Untimed steps first.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time each point this many times, each round over all of a model's points in a shuffled order, "
+                   "and keep the fastest round's median (eager steps, bound by a host whose speed drifts for "
+                   "seconds at a time); rows record every round's median in round_ms.")
 @click.option("--eager", is_flag=True, help="Launch kernels one by one instead of replaying a CUDA graph.")
 @click.option("--engine", "engine", type=click.Choice(["torch-graph", "compiled"]), default="torch-graph",
               show_default=True, help="torch-graph: the plain decoder in a CUDA graph; compiled: torch.compile "
@@ -228,7 +232,7 @@ _TP_DEGREE = click.Choice(["1", "2", "4", "8"])
               help="GPUs of this host to split the plain decoder over (tensor parallelism, Megatron-style, NCCL): "
                    "rows record tp, and a step is the slowest GPU's. Decode points only; power is not read. "
                    "Launched here, or by torchrun with --nproc-per-node N.")
-def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eager, engine,
+def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, rounds, eager, engine,
             backend, hf_mode, checkpoint, prefill_prompts, prefill_batch, out, no_resume, profile, tp):
     """Time real decoding on this machine's CUDA GPU and append rows to a measurement CSV.
 
@@ -260,6 +264,8 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         raise KfsimError("--profile breaks down eager steps on one GPU, of the plain decoder (--engine torch-graph, "
                          "or --eager) or of transformers (--backend hf --hf-mode eager): it does not combine with "
                          "--engine compiled, --hf-mode compiled or --tp")
+    if tp > 1 and rounds > 1:
+        raise KfsimError(f"--rounds {rounds} times one GPU's points round by round: it does not combine with --tp")
     if tp > 1 and (backend != "kfsim" or engine != "torch-graph" or prompts):
         raise KfsimError(f"--tp {tp} splits kfsim's plain decoder (--engine torch-graph, or --eager) over GPUs and "
                          "times decode steps: it does not combine with --backend hf, --engine compiled or --prefill")
@@ -305,7 +311,8 @@ def measure(model, batch, context, kv_ratio, policy, window, steps, warmup, eage
         runner = campaign.Runner(steps=steps, warmup=warmup, window=window,
                                  engine="torch-eager" if eager else engine, profile=profile)
     click.echo(f"measuring {len(points)} points on {runner.env['gpu_name']} ({runner.env['gpu']}) -> {out}", err=True)
-    rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True))
+    rows = campaign.run(points, out, runner, resume=not no_resume, echo=lambda m: click.echo(m, err=True),
+                        rounds=rounds)
     from .fmt import table
 
     click.echo(table([[r["model"], r["phase"], str(r["batch"]), str(r["context"]), r["policy"], f"{r['kv_ratio']:g}",

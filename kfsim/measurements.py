@@ -31,6 +31,11 @@ OPTIONAL = (
     "energy_window_s", "idle_w", "power_limit_w", "energy_flag",
     # GPUs the model was split over (tensor parallelism; empty: 1), the step being the slowest GPU's
     "tp",
+    # host microseconds to launch one tiny CUDA op right before the row was timed (measure.timing.host_launch_us)
+    "host_launch_us",
+    # `kfsim measure --rounds R`: rounds the point was timed in (each round all of a model's points in a shuffled
+    # order), and every round's median step, ';'-joined; step_ms and its percentiles are the fastest round's
+    "rounds", "round_ms",
 )
 COLUMNS = REQUIRED + OPTIONAL
 PHASES = ("decode", "prefill")

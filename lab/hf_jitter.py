@@ -23,18 +23,6 @@ from measure.hf_campaign import HfRunner
 POINTS = [(1, 4096, "full", 1.0), (16, 1024, "keyformer", 0.5)]
 
 
-def dispatch_probe_us(n: int = 3000) -> float:
-    """Host microseconds to dispatch one tiny CUDA op (no sync inside): how fast this host is right now."""
-    x = torch.zeros(16, device="cuda")
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        x.add_(1.0)
-    us = (time.perf_counter() - t) * 1e6 / n
-    torch.cuda.synchronize()
-    return us
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt-j-6b,mistral-7b")
@@ -58,9 +46,9 @@ def main():
                             if gc_off:
                                 gc.collect()
                                 gc.disable()
-                            probe = dispatch_probe_us()
+                            probe = timing.host_launch_us(3000)
                             t = timing.time_steps(step, args.steps, 10, after=rewind)
-                            probe_after = dispatch_probe_us()
+                            probe_after = timing.host_launch_us(3000)
                             gc.enable()
                             rows.append({"model": name, "batch": batch, "context": context, "policy": policy,
                                          "kv_ratio": ratio, "pinned": pinned, "gc_off": gc_off, "repeat": rep,

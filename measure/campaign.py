@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class Runner:
                 "dtype": "bf16", "kv_dtype": "bf16", "window": self.window if pt.policy != "full" else "",
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
-    def measure(self, pt: Point) -> dict:
+    def measure(self, pt: Point, power: bool = True) -> dict:
+        """One row for `pt`; `power`: also read board power and clocks (seconds of extra steps)."""
         w = get_workload(pt.model)
         row = self.row_head(pt)
         try:
@@ -111,9 +113,12 @@ class Runner:
             free = torch.cuda.mem_get_info()[0]
             if need > 0.92 * free:
                 return {**row, "status": "oom", "error": f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
+            launch_us = timing.host_launch_us()
             with torch.inference_mode():
-                result = self._decode(model, w, pt) if pt.phase == "decode" else self._prefill(model, w, pt)
-            return {**row, **result, "status": "ok"}
+                result = (self._decode(model, w, pt, power) if pt.phase == "decode" else
+                          self._prefill(model, w, pt, power))
+            return {**row, **result, "status": "ok",
+                    "host_launch_us": None if launch_us is None else round(launch_us, 3)}
         except torch.OutOfMemoryError as exc:
             return {**row, "status": "oom", "error": str(exc).splitlines()[0][:200]}
         except (KfsimError, OutOfResources) as exc:  # a shape the engine's kernels do not take (offsets, memory)
@@ -160,12 +165,13 @@ class Runner:
         torch.cuda.empty_cache()
         return result
 
-    def _decode(self, model, w, pt) -> dict:
+    def _decode(self, model, w, pt, power=True) -> dict:
         step, caches = self.decode_step(model, w, pt)
         t = timing.time_steps(step, self.steps, self.warmup)
-        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].cached_tokens}
+        return {**self._timing_fields(t), **(self._energy(step, t.median_ms) if power else {}),
+                "cached_tokens": caches[0].cached_tokens}
 
-    def _prefill(self, model, w, pt) -> dict:
+    def _prefill(self, model, w, pt, power=True) -> dict:
         tokens = torch.randint(0, w.vocab_size, (pt.batch, pt.context), device="cuda")
         caches = self._caches(w, pt)
 
@@ -176,7 +182,8 @@ class Runner:
             model.prefill(tokens, caches)
 
         t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
-        return {**self._timing_fields(t), **self._energy(step, t.median_ms), "cached_tokens": caches[0].cached_tokens}
+        return {**self._timing_fields(t), **(self._energy(step, t.median_ms) if power else {}),
+                "cached_tokens": caches[0].cached_tokens}
 
     @staticmethod
     def _timing_fields(t: timing.Timing) -> dict:
@@ -206,29 +213,76 @@ class Runner:
         return out
 
 
-def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = True, echo=print) -> list[dict]:
-    """Measure `points` (skipping those already in `out` when resuming), appending each row as it finishes."""
+def run(points: list[Point], out: str | Path, runner: Runner, resume: bool = True, echo=print,
+        rounds: int = 1, seed: int = 0) -> list[dict]:
+    """Measure `points` (skipping those already in `out` when resuming), appending each row as it finishes.
+
+    With `rounds` > 1 each model's points are timed that many times, the first round in order (with power), the
+    others in a shuffled order (`seed`), and each point's row, written once its model is done, keeps the fastest
+    round's median: a host that slows for seconds at a time (other tenants, clocks) then slows one round of a
+    point, not the point (eager steps are bound by the host; docs/measuring.md)."""
     done = measurements.done_keys(out) if resume else set()
-    rows = []
+    todo = []
     for i, pt in enumerate(points, 1):
         probe = {"gpu": runner.env["gpu"], "model": pt.model, "phase": pt.phase, "engine": runner.engine,
                  "kernel_options": runner.kernel_options, "batch": pt.batch,
                  "context": pt.context, "kv_ratio": pt.kv_ratio, "policy": pt.policy}
         if measurements.point_key(probe) in done:
             echo(f"[{i}/{len(points)}] {_label(pt)}: already measured, skipped")
-            continue
-        row = runner.measure(pt)
-        measurements.append_row(out, row)
-        rows.append(row)
-        if runner.profile and row["status"] == "ok" and pt.phase == "decode":
-            from .profile import append_profile, profile_path
-
-            append_profile(profile_path(out), row, runner.profile_point(pt))
-        result = f"{row['step_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
-        if row.get("energy_flag"):
-            result += f"; power flagged: {row['energy_flag']}"
-        echo(f"[{i}/{len(points)}] {_label(pt)}: {result}")
+        else:
+            todo.append((i, pt))
+    rows = []
+    for model in dict.fromkeys(pt.model for _, pt in todo):
+        group = [(i, pt) for i, pt in todo if pt.model == model]
+        timed = {pt: [] for _, pt in group}
+        for r in range(rounds):
+            order = group if r == 0 else random.Random(seed * 1000 + r).sample(group, len(group))
+            for i, pt in order:
+                if r and timed[pt][0]["status"] != "ok":
+                    continue
+                row = runner.measure(pt, power=r == 0)
+                timed[pt].append(row)
+                if rounds == 1:
+                    _write(out, runner, pt, row, rows, echo, f"[{i}/{len(points)}]")
+                else:
+                    echo(f"[round {r + 1}/{rounds}] [{i}/{len(points)}] {_label(pt)}: {_result(row)}")
+        if rounds > 1:
+            for i, pt in group:
+                _write(out, runner, pt, fastest_round(timed[pt]), rows, echo, f"[{i}/{len(points)}]")
     return rows
+
+
+def fastest_round(rounds: list[dict]) -> dict:
+    """One row from a point's rounds: the first round's (power, energy and clocks, read in that round) with the
+    fastest round's timing."""
+    first = rounds[0]
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if first["status"] != "ok" or not ok:
+        return first
+    best = min(ok, key=lambda r: r["step_ms"])
+    timing_keys = ("step_ms", "step_ms_p10", "step_ms_p90", "step_ms_min", "n_steps", "host_launch_us")
+    row = {**first, **{k: best.get(k) for k in timing_keys},
+           "rounds": len(ok), "round_ms": ";".join(f"{r['step_ms']:.3f}" for r in ok)}
+    return row
+
+
+def _write(out, runner, pt, row, rows, echo, counter):
+    measurements.append_row(out, row)
+    rows.append(row)
+    if runner.profile and row["status"] == "ok" and pt.phase == "decode":
+        from .profile import append_profile, profile_path
+
+        append_profile(profile_path(out), row, runner.profile_point(pt))
+    echo(f"{counter} {_label(pt)}: {_result(row)}")
+
+
+def _result(row: dict) -> str:
+    result = f"{row['step_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
+    if row.get("energy_flag"):
+        result += f"; power flagged: {row['energy_flag']}"
+    if row.get("rounds"):
+        result += f" (fastest of {row['rounds']} rounds: {row['round_ms']})"
+    return result
 
 
 def _label(pt: Point) -> str:

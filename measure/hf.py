@@ -250,15 +250,17 @@ def _mpt_forward(attn, alibi_bias_max: float):
     plain = attn.forward
     slopes = alibi_slopes(attn.n_heads, alibi_bias_max)
 
-    def forward(hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
-        if not isinstance(past_key_values, _cache_classes()[1]):
-            return plain(hidden_states, position_bias, past_key_values, attention_mask, **kwargs)
+    def forward(hidden_states, position_bias, *args, **kwargs):
+        # the cache is the third argument, named past_key_values up to transformers 5.2x and cache after
+        cache = args[0] if args else kwargs.get("cache", kwargs.get("past_key_values"))
+        if not isinstance(cache, _cache_classes()[1]):
+            return plain(hidden_states, position_bias, *args, **kwargs)
         B, T = hidden_states.shape[:2]
         qkv = attn.Wqkv(hidden_states)
         if attn.clip_qkv:
             qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
         q, k, v = (t.reshape(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
-        past_key_values.update(k, v, attn.layer_idx)
+        cache.update(k, v, attn.layer_idx)
         out = _take_pending().attend(q, attn.softmax_scale, alibi=slopes)
         return attn.out_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
@@ -275,7 +277,7 @@ def enable_keyformer(model) -> None:
                 attn.forward = _mpt_forward(attn, model.config.attn_config.alibi_bias_max)
                 attn._keyformer_hooked = True
         return
-    if family == "gptj":
+    if family == "gptj" and hasattr(model.transformer.h[0].attn, "_attn"):  # transformers < 5.2x: its own _attn
         for layer in model.transformer.h:
             attn = layer.attn
             if getattr(attn, "_keyformer_plain", None) is None:
@@ -287,7 +289,7 @@ def enable_keyformer(model) -> None:
 
     if model.config._attn_implementation == "keyformer":
         return
-    if family not in ("llama", "mistral"):
+    if family not in ("llama", "mistral", "gptj"):
         raise KfsimError(f"KeyformerCache has no attention hook for {family} models here (Llama, Mistral, GPT-J, "
                          f"MPT)")
     AttentionInterface.register("keyformer", _keyformer_attention)

@@ -38,13 +38,16 @@ class HfRunner(Runner):
             if get_workload(name).family in hf.KEYFORMER_FAMILIES:
                 hf.enable_keyformer(self.model)
             if self.mode == "compiled":
-                self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+                # dynamic shapes from the start: one compile per model for every batch and cache length (each
+                # shape still gets its own CUDA graph), where static shapes recompile for each (30-85 s a point)
+                self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True,
+                                              dynamic=True)
             self.model_name = name
         return self.model
 
-    def measure(self, pt: Point) -> dict:
+    def measure(self, pt: Point, power: bool = True) -> dict:
         why = self._supported(pt)
-        return super().measure(pt) if why is None else {**self.row_head(pt), "status": "unsupported", "error": why}
+        return super().measure(pt, power) if why is None else {**self.row_head(pt), "status": "unsupported", "error": why}
 
     def _supported(self, pt: Point) -> str | None:
         """Why transformers cannot measure `pt` here (None: it can)."""
@@ -63,10 +66,10 @@ class HfRunner(Runner):
             return f"policy {pt.policy} has no transformers cache here (full, keyformer, h2o)"
         return None
 
-    def _decode(self, model, w, pt) -> dict:
+    def _decode(self, model, w, pt, power=True) -> dict:
         step, cache, rewind = self.steady_step(model, w, pt)
         t = timing.time_steps(step, self.steps, self.warmup, after=rewind)
-        return {**self._timing_fields(t), **self._energy(lambda: (step(), rewind()), t.median_ms),
+        return {**self._timing_fields(t), **(self._energy(lambda: (step(), rewind()), t.median_ms) if power else {}),
                 "cached_tokens": cached_tokens(cache, w, pt)}
 
     def profile_point(self, pt: Point) -> dict:

@@ -61,6 +61,21 @@ def _wall_clock(step, steps: int, after, warmup_s: float) -> Timing:
     return Timing.of(samples, warmup_s)
 
 
+def host_launch_us(n: int = 2000) -> float | None:
+    """Host microseconds to launch one tiny CUDA op (no sync between launches): how fast this host dispatches
+    kernels right now, which bounds an eager step (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.zeros(16, device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1.0)
+    us = (time.perf_counter() - t) * 1e6 / n
+    torch.cuda.synchronize()
+    return us
+
+
 def capture_graph(step: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Capture `step` in a CUDA graph after warm-up on a side stream (as torch's documentation prescribes)."""
     stream = torch.cuda.Stream()

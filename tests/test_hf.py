@@ -217,7 +217,8 @@ def test_keyformer_generate_on_the_gpu(family):
 @pytest.mark.parametrize("policy", ["full", "keyformer"])
 def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
     """--profile --backend hf: the groups are found by module names in transformers' own classes (GPT-J and MPT
-    compute positions inside attention or the model, so only Llama shows a positional group); CPU op times."""
+    compute positions inside attention, or in a rotary module of the model from transformers 5.2x, which is what a
+    positional group needs); CPU op times."""
     from kfsim.breakdown import GROUPS
     from measure.profile import profile_step
 
@@ -232,6 +233,7 @@ def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
         g = profile_step(model, step, steps=2, warmup=1, after=rewind)["groups"]
     assert set(g) == set(GROUPS) and all(v >= 0 for v in g.values())
     assert all(g[k] > 0 for k in ("projections", "attention", "ffn", "norms", "lm_head"))
-    assert (g["positional"] > 0) == (family == "llama")
+    rotary_module = any(name.endswith("rotary_emb") for name, _ in model.named_modules())
+    assert (g["positional"] > 0) == rotary_module and (rotary_module or family != "llama")
     assert (g["keyformer"] > 0) == (policy == "keyformer")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -195,6 +195,46 @@ def test_rows_append_and_resume(tmp_path):
     assert measurements.point_key({**row, "kernel_options": ""}) == measurements.point_key(row)
 
 
+class EpisodicRunner:
+    """A runner whose host is slow (3x) for the first `slow` measurements it takes, then fast: each point costs
+    its batch in ms when the host is fast; batch 64 does not fit."""
+
+    env, engine, kernel_options, profile = {"gpu": "h200"}, "hf-eager", "", False
+
+    def __init__(self, slow):
+        self.slow, self.calls = slow, []
+
+    def measure(self, pt, power=True):
+        self.calls.append((pt, power))
+        row = {"gpu": "h200", "model": pt.model, "phase": pt.phase, "engine": self.engine, "batch": pt.batch,
+               "context": pt.context, "kv_ratio": pt.kv_ratio, "policy": pt.policy}
+        if pt.batch == 64:
+            return {**row, "status": "oom", "step_ms": None}
+        ms = pt.batch * (3.0 if len(self.calls) <= self.slow else 1.0)
+        return {**row, "status": "ok", "step_ms": ms, "step_ms_p10": ms, "step_ms_p90": ms, "step_ms_min": ms,
+                "n_steps": 20, **({"power_w": 100.0, "energy_j": ms / 10} if power else {})}
+
+
+def test_rounds_keep_each_points_fastest_round(tmp_path):
+    """--rounds: every point is timed in each round (power in the first only; a point that failed is not
+    retried), and its one row keeps the fastest round's median and lists every round's."""
+    points = campaign.grid(["gpt-j-6b", "llama-3-8b"], [1, 2, 64], [1024], [1], ["full"])
+    runner = EpisodicRunner(slow=4)  # the first round of gpt-j-6b's points runs on a slow host
+    out = tmp_path / "r.csv"
+    rows = campaign.run(points, out, runner, echo=lambda m: None, rounds=3, seed=1)
+    assert len(rows) == len(points) == 6
+    assert len(runner.calls) == 2 * (3 + 2 + 2)  # per model: 3 points, then the 2 that fit, twice more
+    assert [p for p, power in runner.calls if power] == points  # the first round, in order, reads power
+    assert [p.model for p, _ in runner.calls] == ["gpt-j-6b"] * 7 + ["llama-3-8b"] * 7  # model by model
+    df = measurements.read(out)
+    gptj = df[(df.model == "gpt-j-6b")].set_index("batch")
+    assert list(gptj.step_ms) == [1.0, 2.0]  # slowed in its first round, kept from a fast one
+    assert gptj.loc[2, "round_ms"] == "6.000;2.000;2.000" and gptj.loc[2, "rounds"] == 3
+    assert gptj.loc[2, "power_w"] == 100.0 and gptj.loc[2, "energy_j"] == 0.6  # read in the first round
+    assert len(measurements.done_keys(out)) == 6  # the oom points too: a resumed run skips them
+    assert campaign.run(points, out, runner, echo=lambda m: None, rounds=3) == []
+
+
 def test_rows_append_to_a_file_from_before_a_column(tmp_path):
     """A file begun without the kernel_options column keeps its header: shipped rows go on, option rows are
     refused in one line instead of landing under the wrong header."""
