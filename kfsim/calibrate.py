@@ -253,6 +253,37 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
     return {"allreduce_latency_us": latency_s * 1e6, "interconnect_bandwidth_fraction": 1 / s_per_byte / one_way}
 
 
+def read_host_ops(path) -> dict[str, dict]:
+    """measure.host_ops's table as Engine.host_ops: each model's operations per layer and per step with the full
+    cache, and how many more per layer a scoring policy (keyformer, h2o) dispatches."""
+    import pandas as pd
+
+    from .workload import get_workload
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise KfsimError(f"{path}: not a host-ops table of measure.host_ops ({type(exc).__name__})") from None
+    if missing := [c for c in ("model", "policy", "ops_per_layer", "ops_per_step") if c not in df.columns]:
+        raise KfsimError(f"{path}: not a host-ops table of measure.host_ops (no column {missing[0]})")
+    table = {}
+    for model, rows in df.groupby("model", sort=True):
+        family = get_workload(str(model)).family
+        by_policy = {str(p): r for p, r in rows.set_index("policy").iterrows()}
+        if "full" not in by_policy:
+            raise KfsimError(f"{path}: {model} has no full-cache row (the count every policy starts from)")
+        numbers = {p: (float(r["ops_per_layer"]), float(r["ops_per_step"])) for p, r in by_policy.items()}
+        if any(not np.isfinite(v) or v < 0 for pair in numbers.values() for v in pair):
+            raise KfsimError(f"{path}: {model}'s counts must be numbers >= 0, got {numbers}")
+        layer, step = numbers["full"]
+        counts = {"family": family, "layer": layer, "step": step}
+        scorers = [numbers[p][0] - layer for p in ("keyformer", "h2o") if p in numbers]
+        if scorers:
+            counts["scorer_layer"] = max(0.0, max(scorers))
+        table[str(model)] = counts
+    return table
+
+
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
         bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
         host_dispatch: bool = False, profile=None, profile_where: str = "profile") -> Fit:

@@ -397,6 +397,10 @@ def _kernels_of(rows) -> str:
                    "that writes in place and attends through its own kernel); with rows of models with and "
                    "without grouped KV heads, how far attention expands grouped heads to one copy per query "
                    "head (grouped_kv_expansion).")
+@click.option("--host-ops", "host_ops_file", metavar="FILE",
+              help="With --host-dispatch: the operations the measured stack dispatches per step of each model, "
+                   "counted on a CPU (python -m measure.host_ops --out FILE): the host's cost is fitted per counted "
+                   "operation, and models counted but never timed are predicted from their own counts.")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "
@@ -405,7 +409,7 @@ def _kernels_of(rows) -> str:
                    "fixed cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
-              profile_file, as_json):
+              host_ops_file, profile_file, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -425,7 +429,13 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
 
     from .files import output_path
 
-    output_path(out, "out", inputs=[*files, *micro, *([profile_file] if profile_file else [])])
+    output_path(out, "out", inputs=[*files, *micro, *([profile_file] if profile_file else []),
+                                    *([host_ops_file] if host_ops_file else [])])
+    if host_ops_file and not host_dispatch:
+        raise KfsimError("--host-ops counts what an eager stack dispatches: it needs --host-dispatch")
+    start = cal.IDEAL
+    if host_ops_file:
+        start = dataclasses.replace(start, host_ops=cal.read_host_ops(host_ops_file))
     df = load(files, measured_engine, phase)
     profile = None
     if profile_file is not None:
@@ -462,7 +472,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         except KfsimError as exc:
             raise KfsimError(f"{m}: {exc}") from None
     name = name or Path(out).stem
-    f = cal.fit(df, name=name, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
+    f = cal.fit(df, name=name, start=start, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
                 matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile,
                 profile_where=profile_file or "profile")
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
@@ -478,6 +488,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (" --fused-scorer" if fused_scorer else "")
                                      + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else "")
                                      + (" --host-dispatch" if host_dispatch else "")
+                                     + (f" --host-ops {host_ops_file}" if host_ops_file else "")
                                      + (f" --profile {profile_file}" if profile_file else ""),
                               **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),
                               "in_sample_mape_pct": f"{f.mape:.2f}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,6 +78,11 @@ class Engine:
     host_us_per_kernel: float = rng(0, default=0.0)
     #: host time per decode step outside the kernels' dispatch (sampling, cache bookkeeping), microseconds
     host_step_us: float = rng(0, default=0.0)
+    #: operations the stack dispatches per decode step, counted for each model it was counted on
+    #: (measure.host_ops, on a CPU): model -> {"family", "layer": per layer, "step": outside the layers,
+    #: "scorer_layer": more per layer where the policy scores}. Where a model (or, failing that, one of its family)
+    #: is counted, the host dispatches these at host_us_per_kernel each instead of the kernels kfsim counts
+    host_ops: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: bytes of memory traffic per byte of KV the step attends (1: read once; a cache appended by copying, or
     #: grouped heads expanded before attention, move it more than once)
     kv_traffic_factor: float = rng(1.0, hi=20.0, default=1.0)
@@ -112,10 +118,28 @@ class Engine:
             bad = {k: v for k, v in counts.items() if v < 0}
             if bad:
                 raise KfsimError(f"engine {self.name}: {name} must be >= 0, got {bad}")
+        for model, counts in (self.host_ops or {}).items():
+            numbers = {k: v for k, v in counts.items() if k != "family"}
+            if (missing := {"layer", "step"} - set(numbers)) or any(
+                    not isinstance(v, (int, float)) or v < 0 for v in numbers.values()):
+                raise KfsimError(f"engine {self.name}: host_ops of {model} must give layer and step (and optionally "
+                                 f"scorer_layer) as numbers >= 0, got {counts}"
+                                 + (f" (no {sorted(missing)[0]})" if missing else ""))
+        object.__setattr__(self, "host_ops", dict(self.host_ops or {}))
         full = {k: 1.0 for k in OP_KINDS if k not in FALLBACK}
         full.update(self.kernels_per_op)
         object.__setattr__(self, "kernels_per_op", full)
         object.__setattr__(self, "matvec_kernels_per_op", dict(self.matvec_kernels_per_op or {}))
+
+    def dispatched_ops(self, workload, scored: bool) -> float | None:
+        """Operations the host dispatches per decode step of `workload` (host_ops: the model's count, else the
+        first counted model of its family, at this model's layers), or None where neither was counted."""
+        counts = self.host_ops.get(workload.name) or next(
+            (c for c in self.host_ops.values() if c.get("family") == workload.family), None)
+        if counts is None:
+            return None
+        per_layer = counts["layer"] + (counts.get("scorer_layer", 0.0) if scored else 0.0)
+        return float(counts["step"] + workload.n_layers * per_layer)
 
     def kernels(self, kind: str) -> float:
         """Kernels per op of `kind` (FALLBACK's kind where kernels_per_op is silent)."""

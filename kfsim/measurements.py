@@ -33,6 +33,8 @@ OPTIONAL = (
     "tp",
     # host microseconds to launch one tiny CUDA op right before the row was timed (measure.timing.host_launch_us)
     "host_launch_us",
+    # kernel-launching operations one eager step dispatched (measure.host_ops.count; eager transformers rows)
+    "host_ops",
     # `kfsim measure --rounds R`: rounds the point was timed in (each round all of a model's points in a shuffled
     # order), and every round's median step, ';'-joined; step_ms and its percentiles are the fastest round's
     "rounds", "round_ms",

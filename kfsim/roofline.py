@@ -114,12 +114,14 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     return StepTime(total, weight_s, kv_s, other_s, compute_s, overhead_s, kernels, per_op)
 
 
-def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0) -> StepTime:
-    """The step of an eager framework: the longer of the host's dispatch (every kernel, plus `host_fixed_s`) and
-    the GPU's work; the difference is time the GPU waits (host_s). Graph replays dispatch nothing: unchanged."""
+def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0, dispatched=None) -> StepTime:
+    """The step of an eager framework: the longer of the host's dispatch (every kernel, or the `dispatched`
+    operations where they were counted, plus `host_fixed_s`) and the GPU's work; the difference is time the GPU
+    waits (host_s). Graph replays dispatch nothing: unchanged."""
     if engine.host_us_per_kernel <= 0 and host_fixed_s <= 0:
         return t
-    host = t.kernels * engine.host_us_per_kernel * 1e-6 + host_fixed_s
+    ops = t.kernels if dispatched is None else dispatched
+    host = ops * engine.host_us_per_kernel * 1e-6 + host_fixed_s
     wait = np.maximum(0.0, host - t.seconds)
     return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait)
 

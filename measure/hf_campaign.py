@@ -14,7 +14,7 @@ import torch
 from kfsim.errors import KfsimError
 from kfsim.workload import get_workload
 
-from . import hf, timing
+from . import hf, host_ops, timing
 from .campaign import Point, Runner
 
 #: position tables of the random-weight models cover contexts up to this (GPT-J's and GPT-2's are sized by it)
@@ -69,8 +69,10 @@ class HfRunner(Runner):
     def _decode(self, model, w, pt, power=True) -> dict:
         step, cache, rewind = self.steady_step(model, w, pt)
         t = timing.time_steps(step, self.steps, self.warmup, after=rewind)
+        ops = host_ops.count(step) if self.mode == "eager" else None  # one untimed step: what the host dispatched
+        rewind()
         return {**self._timing_fields(t), **(self._energy(lambda: (step(), rewind()), t.median_ms) if power else {}),
-                "cached_tokens": cached_tokens(cache, w, pt)}
+                "cached_tokens": cached_tokens(cache, w, pt), "host_ops": ops}
 
     def profile_point(self, pt: Point) -> dict:
         """An eager step of decode point `pt` by operation group (measure.profile.profile_step); eager mode only,

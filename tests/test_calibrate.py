@@ -366,3 +366,64 @@ def test_a_profile_with_rotary_time_fits_its_kernels():
     f = calibrate.fit(rows, "grouped", profile=_profile_of(true, [(1, 2048), (16, 8192)]))
     assert f.engine.kernels("positional") == pytest.approx(8.0, rel=0.05)
     assert f.engine.layer_overhead_us == pytest.approx(40.0, rel=0.1)
+
+
+#: operations transformers 5.17 dispatches per decode step (measure.host_ops on a CPU): per layer, outside the
+#: layers, and more per layer with a Keyformer cache
+HOST_OPS = {"llama-3-8b": {"family": "llama", "layer": 40.0, "step": 22.0, "scorer_layer": 33.0},
+            "gpt-j-6b": {"family": "gptj", "layer": 52.0, "step": 15.0, "scorer_layer": 25.0},
+            "mpt-7b": {"family": "mpt", "layer": 22.0, "step": 21.0, "scorer_layer": 31.0}}
+
+
+def test_host_cost_per_counted_operation_predicts_a_model_never_timed():
+    """--host-ops: a host spending 12 us on each operation it dispatches, fitted on two models, predicts a third
+    whose layers dispatch half as many (LayerNorm and no rotary) from its count alone; kfsim's own kernel count,
+    alike for the three, cannot."""
+    true = dataclasses.replace(EAGER, host_ops=HOST_OPS, host_us_per_kernel=12.0, host_step_us=500.0)
+    df = synthetic(true, models=tuple(HOST_OPS))
+    df = df[df["phase"] == "decode"]
+    seen = df["model"] != "mpt-7b"
+    caps = {"kv_bandwidth_fraction": 0.7}
+    counted = calibrate.fit(df[seen], "eager", start=dataclasses.replace(IDEAL, host_ops=HOST_OPS),
+                            host_dispatch=True, bounds=caps)
+    assert counted.engine.host_us_per_kernel == pytest.approx(12.0, rel=0.05)
+    unseen = df[~seen]
+    err = np.abs(predict_frame(unseen, counted.engine) / unseen["step_ms"] - 1)
+    assert err.max() < 0.05
+    blind = calibrate.fit(df[seen], "eager", host_dispatch=True, bounds=caps)
+    assert np.abs(predict_frame(unseen, blind.engine) / unseen["step_ms"] - 1).max() > 0.2
+
+
+def test_dispatched_ops_follow_the_model_then_its_family():
+    from kfsim.workload import get_workload
+
+    e = dataclasses.replace(IDEAL, host_ops=HOST_OPS)
+    assert e.dispatched_ops(get_workload("llama-3-8b"), scored=False) == 22 + 32 * 40
+    assert e.dispatched_ops(get_workload("gpt-j-6b"), scored=True) == 15 + 28 * (52 + 25)
+    assert e.dispatched_ops(get_workload("llama-2-13b"), scored=False) == 22 + 40 * 40  # Llama's count, its layers
+    assert e.dispatched_ops(get_workload("cerebras-gpt-6.7b"), scored=False) is None  # not counted: kernels
+    with pytest.raises(KfsimError, match="host_ops of x must give layer and step"):
+        dataclasses.replace(IDEAL, host_ops={"x": {"layer": 3.0}})
+
+
+def test_host_ops_table_and_cli(tmp_path):
+    table = tmp_path / "ops.csv"
+    pd.DataFrame([dict(model="llama-3-8b", family="llama", policy="full", ops_per_layer=40, ops_per_step=22),
+                  dict(model="llama-3-8b", family="llama", policy="keyformer", ops_per_layer=73, ops_per_step=22)]
+                 ).to_csv(table, index=False)
+    assert calibrate.read_host_ops(table) == {"llama-3-8b": {"family": "llama", "layer": 40.0, "step": 22.0,
+                                                             "scorer_layer": 33.0}}
+    rows = tmp_path / "rows.csv"
+    true = dataclasses.replace(EAGER, host_ops=HOST_OPS, host_us_per_kernel=12.0, host_step_us=500.0)
+    synthetic(true, models=("llama-3-8b", "gpt-j-6b")).to_csv(rows, index=False)
+    out = tmp_path / "e.yaml"
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-ops", str(table)])
+    assert r.exit_code != 0 and "needs --host-dispatch" in r.output
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-ops", str(table),
+                                 "--host-dispatch"])
+    assert r.exit_code == 0, r.output
+    assert get_engine(str(out)).host_ops == calibrate.read_host_ops(table)  # the counts travel with the engine
+    (tmp_path / "bad.csv").write_text("model,policy\nllama-3-8b,full\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
+                                 str(tmp_path / "bad.csv")])
+    assert r.exit_code != 0 and "no column ops_per_layer" in r.output and "Traceback" not in r.output

@@ -1,0 +1,121 @@
+"""Operations an eager framework dispatches per decode step: the count behind its host cost.
+
+An eager step is bound by the host when the host's time to dispatch every operation exceeds the GPU's work. The
+count depends on how the library writes each model class (transformers' RMSNorm is eight tensor operations, its
+LayerNorm one), not on the GPU, the batch or the weights: it is counted here on the CPU with tiny models of each
+class, and `kfsim calibrate --host-ops` fits the host's time per operation against it.
+
+    python -m measure.host_ops --out data/hf-host-ops/ops.csv     # transformers, every shipped workload it builds
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kfsim.workload import Workload, get_workload
+
+#: aten ops that launch no kernel (views and metadata)
+NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
+    "as_strided", "t", "reshape", "split", "chunk", "unbind", "alias", "detach", "split_with_sizes",
+    "_reshape_alias", "lift_fresh", "empty", "empty_strided", "size", "sym_size", "stride", "is_same_size",
+    "narrow", "sym_numel", "sym_stride", "sym_storage_offset", "dim", "is_contiguous", "_local_scalar_dense"})
+
+COLUMNS = ("model", "family", "policy", "ops_per_layer", "ops_per_step", "transformers", "torch")
+
+
+class _Counter(TorchDispatchMode):
+    """Counts the aten ops that reach a kernel while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(step) -> int:
+    """Kernel-launching aten ops of one call of `step()`."""
+    counter = _Counter()
+    with counter:
+        step()
+    return sum(counter.ops.values())
+
+
+def tiny(w: Workload, n_layers: int) -> Workload:
+    """`w`'s architecture (class, norms, positions, grouped heads, window) at a width a CPU runs in milliseconds."""
+    heads = max(2, w.n_heads // 8)
+    kv_heads = heads if w.n_kv_heads == w.n_heads else max(1, heads // (w.n_heads // w.n_kv_heads))
+    head_dim = 16
+    small = dict(n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, d_model=heads * head_dim,
+                 ffn_dim=4 * heads * head_dim, vocab_size=128)
+    if w.rotary_dim:
+        small["rotary_dim"] = head_dim if w.rotary_dim >= w.head_dim else head_dim // 2
+    if w.sliding_window:
+        small["sliding_window"] = 32
+    return dataclasses.replace(w, **small)
+
+
+def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) -> tuple[float, float]:
+    """(ops per layer, ops outside the layers) of one eager transformers decode step of `model_name` under
+    `policy` (full or keyformer at kv-ratio 0.5), from tiny models of 1 and 3 layers."""
+    from . import hf
+    from .campaign import Point
+    from .hf_campaign import HfRunner
+
+    runner = object.__new__(HfRunner)  # its steady step only: no GPU environment
+    runner.mode, runner.window, runner.compiled = "eager", 0.3, None
+    counts = {}
+    for layers in (1, 3):
+        w = tiny(get_workload(model_name), layers)
+        model = hf.build_model(w, context + 64, device="cpu")
+        if policy != "full":
+            hf.enable_keyformer(model)
+        pt = Point(model_name, "decode", batch, context, 1.0 if policy == "full" else 0.5, policy)
+        with torch.inference_mode():
+            step, _, rewind = runner.steady_step(model, w, pt, device="cpu")
+            step()  # first call: lazy initialisation
+            rewind()
+            counts[layers] = count(step)
+            rewind()
+    per_layer = (counts[3] - counts[1]) / 2
+    return per_layer, counts[1] - per_layer
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama-3-8b,mistral-7b,gpt-j-6b,mpt-7b,cerebras-gpt-6.7b")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    import transformers
+
+    from . import hf
+
+    rows = []
+    for name in args.models.split(","):
+        family = get_workload(name).family
+        for policy in ("full", "keyformer"):
+            if policy != "full" and family not in hf.KEYFORMER_FAMILIES:
+                continue
+            layer, step = per_step(name, policy)
+            rows.append({"model": name, "family": family, "policy": policy, "ops_per_layer": layer,
+                         "ops_per_step": step, "transformers": transformers.__version__, "torch": torch.__version__})
+            print(f"{name:20s} {policy:9s} {layer:6.1f} ops per layer, {step:5.1f} per step", file=sys.stderr)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
