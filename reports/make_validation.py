@@ -15,8 +15,11 @@ then reports/validation-summary.json with every figure quoted in the README.
 6. engines/compiled-options.yaml and reports/compiled-options-h200-holdout/: the compiled engine with every opt-in
    kernel option on (OPTIONS_GRID, measured on the H200 only): fitted on every row, and on a random half
    validated on the other half (`--only compiled-options` runs this step alone).
-7. engines/hf-eager.yaml and reports/hf-eager-h200-holdout/: Hugging Face transformers in eager PyTorch
-   (data/h200-hf-eager), fitted with --host-dispatch, likewise (`--only hf-eager`).
+7. engines/hf-eager.yaml and reports/hf-eager-h100-holdout/: Hugging Face transformers in eager PyTorch
+   (data/h100-sxm-hf-eager), fitted with --host-dispatch and the operations counted per model
+   (data/hf-host-ops), likewise; reports/hf-eager-h100-unseen-models/: fitted on GPT-J-6B and Llama-3-8B,
+   validated on Mistral-7B and MPT-7B; reports/hf-eager-h100-to-h200/: the shipped engine on the H200 rows
+   (`--only hf-eager`).
 8. reports/plain-h200-unseen-models/ and reports/plain-h200-models-holdout/: the plain decoder on five
    architectures (data/h200-plain-models; MPT-7B's full cache from data/h200-mpt-bias): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
    Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
@@ -140,7 +143,9 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
 
 #: what each measured stack is, as calibrate's flags: the compiled decoder scores Keyformer inside attention and
 #: runs fused Triton GEMVs at batch 1; transformers in eager PyTorch dispatches every kernel from Python
-STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"], "hf-eager": ["--host-dispatch"]}
+#: transformers in eager PyTorch dispatches every operation from Python; data/hf-host-ops counts them per model
+STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"],
+               "hf-eager": ["--host-dispatch", "--host-ops", "data/hf-host-ops/ops.csv"]}
 
 
 def fit_and_hold_out(measured: str, name: str, grid: Path, gpu: str, micro: Path, hold: Path, what: str,
@@ -218,11 +223,33 @@ def compiled_options_engine() -> None:
                      REPORTS / "compiled-options-h200-holdout", "Compiled engine, every kernel option on")
 
 
+def two_models(rows: pd.DataFrame, micro: Path, out: Path, name: str, title: str, flags=()) -> None:
+    """Into `out`: an engine fitted on the GPT-J-6B and Llama-3-8B rows, validated on every other model's."""
+    seen = rows["model"].isin(["gpt-j-6b", "llama-3-8b"])
+    out.mkdir(parents=True, exist_ok=True)
+    rows[seen].to_csv(out / "fit.csv", index=False)
+    rows[~seen].to_csv(out / "test.csv", index=False)
+    kfsim("calibrate", rel(out / "fit.csv"), "--microbench", rel(micro), "--name", name,
+          "--out", rel(out / "engine.yaml"), *flags)
+    kfsim("validate", rel(out / "test.csv"), "--engine", rel(out / "engine.yaml"), "--out", rel(out),
+          "--title", title)
+
+
 def hf_eager_engine() -> None:
-    """Step 7: transformers in eager PyTorch (data/h200-hf-eager), fitted with host dispatch; H200 only."""
-    fit_and_hold_out("hf-eager", "hf-eager", DATA / "h200-hf-eager" / "rows.csv", "H200",
-                     DATA / "h200-plain" / "microbench.csv", REPORTS / "hf-eager-h200-holdout",
-                     "Hugging Face transformers, eager")
+    """Step 7: transformers in eager PyTorch (data/h100-sxm-hf-eager: each point the fastest of two rounds), fitted
+    with the host's cost per counted operation: the shipped engine on every row, a random half validated on the
+    other; fitted on GPT-J-6B and Llama-3-8B, Mistral-7B and MPT-7B validated; the shipped engine on the H200 rows
+    of data/h200-hf-eager (one round each, another machine)."""
+    grid, micro = DATA / "h100-sxm-hf-eager" / "rows.csv", DATA / "h100-sxm-plain" / "microbench.csv"
+    engine = fit_and_hold_out("hf-eager", "hf-eager", grid, "H100", micro, REPORTS / "hf-eager-h100-holdout",
+                              "Hugging Face transformers, eager")
+    rows = measurements.load([grid], "hf-eager").drop(columns="source")
+    two_models(rows, micro, REPORTS / "hf-eager-h100-unseen-models", "hf-eager-h100-two-models",
+               "Hugging Face transformers, eager: Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B and "
+               "Llama-3-8B (H100)", STACK_FLAGS["hf-eager"])
+    kfsim("validate", rel(DATA / "h200-hf-eager" / "rows.csv"), "--measured-engine", "hf-eager", "--engine",
+          rel(engine), "--out", rel(REPORTS / "hf-eager-h100-to-h200"),
+          "--title", "Hugging Face transformers, eager: H200 rows predicted by the engine fitted on the H100")
 
 
 def plain_models() -> None:
@@ -233,16 +260,9 @@ def plain_models() -> None:
     # place of the grid's position-column rows; its Keyformer rows did not change
     mpt = measurements.load([DATA / "h200-mpt-bias" / "rows.csv"], MEASURED, phase="decode").drop(columns="source")
     rows = pd.concat([rows[~((rows["model"] == "mpt-7b") & (rows["policy"] == "full"))], mpt], ignore_index=True)
-    seen = rows["model"].isin(["gpt-j-6b", "llama-3-8b"])
     unseen = REPORTS / "plain-h200-unseen-models"
-    unseen.mkdir(parents=True, exist_ok=True)
-    rows[seen].to_csv(unseen / "fit.csv", index=False)
-    rows[~seen].to_csv(unseen / "test.csv", index=False)
-    kfsim("calibrate", rel(unseen / "fit.csv"), "--microbench", rel(micro), "--name", "plain-h200-two-models",
-          "--out", rel(unseen / "engine.yaml"))
-    kfsim("validate", rel(unseen / "test.csv"), "--engine", rel(unseen / "engine.yaml"), "--out", rel(unseen),
-          "--title", "Plain decoder: MPT-7B, Mistral-7B and Cerebras-GPT-6.7B predicted by an engine fitted on "
-          "GPT-J-6B and Llama-3-8B (H200)")
+    two_models(rows, micro, unseen, "plain-h200-two-models", "Plain decoder: MPT-7B, Mistral-7B and "
+               "Cerebras-GPT-6.7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B (H200)")
     # the same, with the fitted models' profiled steps of this decoder (data/h200-profile: GPT-J-6B's) fitted
     # beside the rows: rotary kernels apart from the layers' fixed cost
     profiled = REPORTS / "plain-h200-unseen-models-profiled"

@@ -113,7 +113,8 @@ def test_trust_table_matches_the_reports():
         "compiled": f"H200 held-out half {_summary('compiled: H200 held-out half')['decode_mape']:.1f} %; MPT-7B "
                     f"(never fitted) {_held_out_mape('compiled-h200-mpt'):.1f} %",
         "compiled-options": f"H200 held-out half {_held_out_mape('compiled-options-h200-holdout'):.1f} %",
-        "hf-eager": f"H200 held-out half {_held_out_mape('hf-eager-h200-holdout'):.1f} %",
+        "hf-eager": f"H100 held-out half {_held_out_mape('hf-eager-h100-holdout'):.1f} %; Mistral-7B and MPT-7B "
+                    f"(fitted on GPT-J-6B and Llama-3-8B) {_held_out_mape('hf-eager-h100-unseen-models'):.1f} %",
         "ideal": f"misses the same H200 rows by "
                  f"{_summary('H200 (fitted on H100)', 'kfsim ideal roofline')['decode_mape']:.0f} %",
     }
