@@ -237,3 +237,23 @@ def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
     assert (g["positional"] > 0) == rotary_module and (rotary_module or family != "llama")
     assert (g["keyformer"] > 0) == (policy == "keyformer")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("model", ["llama-3-8b", "gpt-j-6b", "mpt-7b"])
+def test_host_ops_per_layer_and_per_step_add_up_to_a_whole_step(model):
+    """measure.host_ops: the per-layer and per-step counts (from tiny models of 1 and 3 layers) give the count of
+    a 2-layer model's step; a Keyformer cache dispatches more per layer, and views launch nothing."""
+    from measure import host_ops
+
+    layer, step = host_ops.per_step(model, "full")
+    w = host_ops.tiny(get_workload(model), 2)
+    built = hf.build_model(w, 256, device="cpu")
+    with torch.inference_mode():
+        run, _, rewind = _runner().steady_step(built, w, Point(model, "decode", 2, 64, 1.0, "full"), device="cpu")
+        run()
+        rewind()
+        assert host_ops.count(run) == step + 2 * layer
+    assert layer > 0 and host_ops.per_step(model, "keyformer")[0] > layer
+    x = torch.ones(4, 4)
+    assert host_ops.count(lambda: x.view(2, 8).t()) == 0
+    assert host_ops.count(lambda: x + 1) == 1
