@@ -266,6 +266,8 @@ def read_host_ops(path) -> dict[str, dict]:
         raise KfsimError(f"{path}: not a host-ops table of measure.host_ops ({type(exc).__name__})") from None
     if missing := [c for c in ("model", "policy", "ops_per_layer", "ops_per_step") if c not in df.columns]:
         raise KfsimError(f"{path}: not a host-ops table of measure.host_ops (no column {missing[0]})")
+    for column in ("ops_per_layer", "ops_per_step"):
+        df[column] = pd.to_numeric(df[column], errors="coerce")  # text becomes NaN, refused below
     table = {}
     for model, rows in df.groupby("model", sort=True):
         family = get_workload(str(model)).family

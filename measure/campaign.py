@@ -256,9 +256,9 @@ def fastest_round(rounds: list[dict]) -> dict:
     """One row from a point's rounds: the first round's (power, energy and clocks, read in that round) with the
     fastest round's timing."""
     first = rounds[0]
-    ok = [r for r in rounds if r["status"] == "ok"]
-    if first["status"] != "ok" or not ok:
+    if first["status"] != "ok":  # later rounds skip a point the first could not measure
         return first
+    ok = [r for r in rounds if r["status"] == "ok"]
     best = min(ok, key=lambda r: r["step_ms"])
     timing_keys = ("step_ms", "step_ms_p10", "step_ms_p90", "step_ms_min", "n_steps", "host_launch_us")
     row = {**first, **{k: best.get(k) for k in timing_keys},

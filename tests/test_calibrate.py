@@ -427,3 +427,7 @@ def test_host_ops_table_and_cli(tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
                                  str(tmp_path / "bad.csv")])
     assert r.exit_code != 0 and "no column ops_per_layer" in r.output and "Traceback" not in r.output
+    (tmp_path / "text.csv").write_text("model,policy,ops_per_layer,ops_per_step\nllama-3-8b,full,forty,22\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
+                                 str(tmp_path / "text.csv")])
+    assert r.exit_code != 0 and "counts must be numbers >= 0" in r.output and "Traceback" not in r.output
