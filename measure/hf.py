@@ -251,7 +251,7 @@ def _mpt_forward(attn, alibi_bias_max: float):
     slopes = alibi_slopes(attn.n_heads, alibi_bias_max)
 
     def forward(hidden_states, position_bias, *args, **kwargs):
-        # the cache is the third argument, named past_key_values up to transformers 5.2x and cache after
+        # the cache is the third argument: past_key_values in transformers 5.17, cache in 5.25
         cache = args[0] if args else kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, _cache_classes()[1]):
             return plain(hidden_states, position_bias, *args, **kwargs)
@@ -277,7 +277,7 @@ def enable_keyformer(model) -> None:
                 attn.forward = _mpt_forward(attn, model.config.attn_config.alibi_bias_max)
                 attn._keyformer_hooked = True
         return
-    if family == "gptj" and hasattr(model.transformer.h[0].attn, "_attn"):  # transformers < 5.2x: its own _attn
+    if family == "gptj" and hasattr(model.transformer.h[0].attn, "_attn"):  # 5.17's own _attn; 5.25: interface
         for layer in model.transformer.h:
             attn = layer.attn
             if getattr(attn, "_keyformer_plain", None) is None:

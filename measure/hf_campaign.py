@@ -38,8 +38,9 @@ class HfRunner(Runner):
             if get_workload(name).family in hf.KEYFORMER_FAMILIES:
                 hf.enable_keyformer(self.model)
             if self.mode == "compiled":
-                # dynamic shapes from the start: one compile per model for every batch and cache length (each
-                # shape still gets its own CUDA graph), where static shapes recompile for each (30-85 s a point)
+                # dynamic shapes from the start: two compiles per model (batch 1, then any batch; 57-94 s each on
+                # the H100, data/h100-sxm-hf-compiled) and a CUDA graph per shape, where static shapes recompile
+                # for every point (30-85 s each)
                 self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True,
                                               dynamic=True)
             self.model_name = name
