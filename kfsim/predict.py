@@ -113,6 +113,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
         "comm_ms": t.comm_s * 1e3 * np.ones_like(t.seconds),
         "tp": np.full(np.shape(t.seconds), s.tp),
         "kernels": t.kernels * np.ones_like(t.seconds),
+        "host_ops": t.host_ops * np.ones_like(t.seconds),
         "bound": bound_of(t),
         "memory_bytes": mem,
         "memory_capacity_bytes": np.full_like(t.seconds, s.hw.memory_bytes),
@@ -141,6 +142,7 @@ def predict(s: Setup, batch, seq, prompt_len: int | None = None, gen_len: int | 
                        ("compute_ms", ft.compute_s), ("overhead_ms", ft.overhead_s), ("host_wait_ms", ft.host_s)):
         out[f"full_{name}"] = part * 1e3 * np.ones_like(full_step)
     out["full_kernels"] = ft.kernels * np.ones_like(full_step)
+    out["full_host_ops"] = ft.host_ops * np.ones_like(full_step)
     if prompt_len is not None or gen_len is not None:
         if prompt_len is None or gen_len is None:
             raise KfsimError("a request needs both --prompt-len and --gen-len")

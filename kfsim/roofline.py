@@ -30,6 +30,7 @@ class StepTime:
     kernels: np.ndarray  # kernels launched per step
     per_op: dict[str, np.ndarray]  # op name -> seconds
     host_s: np.ndarray = 0.0  # time the GPU waits for the host to dispatch kernels (eager frameworks)
+    host_ops: np.ndarray = 0.0  # operations the host dispatches per step (eager frameworks; 0 for graph replays)
     comm_s: np.ndarray = 0.0  # all-reduces between tensor-parallel GPUs
 
     @property
@@ -123,7 +124,7 @@ def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0, dispatched
     ops = t.kernels if dispatched is None else dispatched
     host = ops * engine.host_us_per_kernel * 1e-6 + host_fixed_s
     wait = np.maximum(0.0, host - t.seconds)
-    return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait)
+    return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait, host_ops=ops)
 
 
 def with_comm(t: StepTime, comm_s) -> StepTime:

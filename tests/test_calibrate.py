@@ -402,6 +402,14 @@ def test_dispatched_ops_follow_the_model_then_its_family():
     assert e.dispatched_ops(get_workload("gpt-j-6b"), scored=True) == 15 + 28 * (52 + 25)
     assert e.dispatched_ops(get_workload("llama-2-13b"), scored=False) == 22 + 40 * 40  # Llama's count, its layers
     assert e.dispatched_ops(get_workload("cerebras-gpt-6.7b"), scored=False) is None  # not counted: kernels
+    from kfsim.inputs import make_setup
+    from kfsim.predict import predict
+
+    s = make_setup(gpu="h100", model="llama-3-8b", engine="ideal", policy="keyformer", kv_ratio=0.5)
+    eager = dataclasses.replace(s, engine=dataclasses.replace(e, host_us_per_kernel=12.0))
+    out = predict(eager, 1, 4096)
+    assert float(out["host_ops"]) == 22 + 32 * (40 + 33) and float(out["full_host_ops"]) == 22 + 32 * 40
+    assert float(predict(s, 1, 4096)["host_ops"]) == 0  # no host term: nothing dispatched is priced
     with pytest.raises(KfsimError, match="host_ops of x must give layer and step"):
         dataclasses.replace(IDEAL, host_ops={"x": {"layer": 3.0}})
 
