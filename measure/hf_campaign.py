@@ -3,8 +3,8 @@
 A decode point is a steady-state step at `context` tokens: the library's cache is filled with random keys and
 values of that many tokens (Keyformer's with its budget of them and random scores), and every timed step decodes
 one token for each sequence. The dynamic cache grows by one token a step (transformers appends by copying); it is
-cut back to `context` after each step, outside the timed region, so that every timed step costs what step
-`context` costs. The static cache is rewound the same way. Eager steps are timed as they run, Python dispatch
+cut back to `context` after each step, outside the timed region and contiguous as a real step leaves it, so that
+every timed step costs what step `context` costs. The static cache is rewound the same way. Eager steps are timed as they run, Python dispatch
 included, one CUDA event pair per step.
 """
 from __future__ import annotations
@@ -110,8 +110,11 @@ class HfRunner(Runner):
         growing = [layer for layer in cache.layers if not layer.is_sliding]  # a sliding window trims itself
 
         def rewind():
+            # cut back to `context` tokens, contiguous as the cache a real step leaves (its append's fresh copy):
+            # a cut view would make the next append copy from a strided source, a cost real decoding never pays
             for layer in growing:
                 layer.crop(-1)
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
 
         return (lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
                 cache, rewind)
