@@ -30,6 +30,14 @@ class HfRunner(Runner):
                          profile=profile)
         self.mode, self.checkpoint, self.graph = mode, checkpoint, False
 
+    @classmethod
+    def steps_only(cls, mode="eager", window=0.3, steps=5, warmup=1) -> "HfRunner":
+        """A runner whose steady steps (steady_step) run on any device, built without a GPU's environment: for
+        counting a step's operations on a CPU (measure.host_ops) and for tests."""
+        runner = object.__new__(cls)
+        runner.mode, runner.window, runner.steps, runner.warmup, runner.compiled = mode, window, steps, warmup, None
+        return runner
+
     def model_for(self, name):
         if name != self.model_name:
             self.model = self.compiled = None

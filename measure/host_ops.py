@@ -73,8 +73,7 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) ->
     from .campaign import Point
     from .hf_campaign import HfRunner
 
-    runner = object.__new__(HfRunner)  # its steady step only: no GPU environment
-    runner.mode, runner.window, runner.compiled = "eager", 0.3, None
+    runner = HfRunner.steps_only()
     counts = {}
     for layers in (1, 3):
         w = tiny(get_workload(model_name), layers)

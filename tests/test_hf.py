@@ -131,10 +131,7 @@ def test_keyformer_hook_refuses_other_families():
 
 
 def _runner(mode="eager"):
-    """An HfRunner without a GPU's environment (its steady steps take a device)."""
-    r = object.__new__(HfRunner)
-    r.mode, r.window, r.steps, r.warmup, r.compiled = mode, 0.3, 5, 1, None
-    return r
+    return HfRunner.steps_only(mode)
 
 
 def _tiny_workload(**kw):
