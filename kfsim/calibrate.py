@@ -270,7 +270,10 @@ def read_host_ops(path) -> dict[str, dict]:
         df[column] = pd.to_numeric(df[column], errors="coerce")  # text becomes NaN, refused below
     table = {}
     for model, rows in df.groupby("model", sort=True):
-        family = get_workload(str(model)).family
+        try:
+            family = get_workload(str(model)).family
+        except KfsimError as exc:
+            raise KfsimError(f"{path}: {exc}") from None
         by_policy = {str(p): r for p, r in rows.set_index("policy").iterrows()}
         if "full" not in by_policy:
             raise KfsimError(f"{path}: {model} has no full-cache row (the count every policy starts from)")
