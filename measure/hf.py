@@ -249,11 +249,12 @@ def _mpt_forward(attn, alibi_bias_max: float):
     an ALiBi bias sliced as if the cache held contiguous positions: Keyformer's kept tokens are not)."""
     plain = attn.forward
     slopes = alibi_slopes(attn.n_heads, alibi_bias_max)
+    keyformer_cache = _cache_classes()[1]  # resolved here: torch.compile cannot trace the class's creation
 
     def forward(hidden_states, position_bias, *args, **kwargs):
         # the cache is the third argument: past_key_values in transformers 5.17, cache in 5.25
         cache = args[0] if args else kwargs.get("cache", kwargs.get("past_key_values"))
-        if not isinstance(cache, _cache_classes()[1]):
+        if not isinstance(cache, keyformer_cache):
             return plain(hidden_states, position_bias, *args, **kwargs)
         B, T = hidden_states.shape[:2]
         qkv = attn.Wqkv(hidden_states)

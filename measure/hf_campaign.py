@@ -29,6 +29,7 @@ class HfRunner(Runner):
         super().__init__(steps=steps, warmup=warmup, window=window, nvml=nvml, engine=hf.ENGINES[mode],
                          profile=profile)
         self.mode, self.checkpoint, self.graph = mode, checkpoint, False
+        self.uncompiled: dict[str, str] = {}  # model -> why torch.compile could not compile it
 
     @classmethod
     def steps_only(cls, mode="eager", window=0.3, steps=5, warmup=1) -> "HfRunner":
@@ -36,6 +37,7 @@ class HfRunner(Runner):
         counting a step's operations on a CPU (measure.host_ops) and for tests."""
         runner = object.__new__(cls)
         runner.mode, runner.window, runner.steps, runner.warmup, runner.compiled = mode, window, steps, warmup, None
+        runner.uncompiled = {}
         return runner
 
     def model_for(self, name):
@@ -56,11 +58,19 @@ class HfRunner(Runner):
 
     def measure(self, pt: Point, power: bool = True) -> dict:
         why = self._supported(pt)
-        return super().measure(pt, power) if why is None else {**self.row_head(pt), "status": "unsupported", "error": why}
+        if why is None:
+            try:
+                return super().measure(pt, power)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # the model's code, not this point: skip the model
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                why = self.uncompiled[pt.model] = f"torch.compile cannot compile this model's forward: {first}"[:200]
+        return {**self.row_head(pt), "status": "unsupported", "error": why}
 
     def _supported(self, pt: Point) -> str | None:
         """Why transformers cannot measure `pt` here (None: it can)."""
         w = get_workload(pt.model)
+        if pt.model in self.uncompiled:
+            return self.uncompiled[pt.model]
         if pt.phase != "decode":
             return "prefill is not measured through transformers yet"
         if pt.context + self.steps + self.warmup + 8 > MAX_POSITIONS:

@@ -256,3 +256,24 @@ def test_host_ops_per_layer_and_per_step_add_up_to_a_whole_step(model):
     x = torch.ones(4, 4)
     assert host_ops.count(lambda: x.view(2, 8).t()) == 0
     assert host_ops.count(lambda: x + 1) == 1
+
+
+def test_a_model_torch_compile_refuses_is_recorded_and_skipped(monkeypatch):
+    """A compile failure (transformers 5.17's MPT under dynamic shapes) is the model's, not the point's: an
+    `unsupported` row naming torch.compile, and the model's later points are not compiled again."""
+    from measure.campaign import Runner
+
+    calls = []
+
+    def refuse(self, pt, power=True):
+        calls.append(pt)
+        raise torch._dynamo.exc.InternalTorchDynamoError("PendingUnbackedSymbolNotFound: u2\nmore")
+
+    monkeypatch.setattr(Runner, "measure", refuse)
+    r = _runner("compiled")
+    monkeypatch.setattr(r, "row_head", lambda pt: {"model": pt.model, "batch": pt.batch})
+    rows = [r.measure(Point("mpt-7b", "decode", b, 1024, 1.0, "full")) for b in (1, 16)]
+    assert [row["status"] for row in rows] == ["unsupported", "unsupported"]
+    assert "torch.compile" in rows[1]["error"] and "PendingUnbackedSymbolNotFound" in rows[1]["error"]
+    assert len(calls) == 1
+    assert r._supported(Point("llama-3-8b", "decode", 1, 1024, 1.0, "full")) is None
