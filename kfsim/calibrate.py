@@ -58,8 +58,8 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
-         "host_step_us": "host dispatch", "kv_traffic_factor": "host dispatch",
-         "evicting_kv_traffic_factor": "evicting host dispatch", "grouped_kv_expansion": "grouped host dispatch"}
+         "host_step_us": "host dispatch", "kv_traffic_factor": "kv traffic",
+         "evicting_kv_traffic_factor": "evicting kv traffic", "grouped_kv_expansion": "grouped kv traffic"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -92,31 +92,34 @@ def _set(engine: Engine, values: dict[str, float]) -> Engine:
 
 
 def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = False,
-                      host_dispatch: bool = False, profiled_names: frozenset = frozenset()) -> list[str]:
+                      host_dispatch: bool = False, profiled_names: frozenset = frozenset(),
+                      kv_traffic: bool = False) -> list[str]:
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
     fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
-    rows at batches up to the engine's matvec_max_batch; host dispatch and KV traffic need an eager decoder (grouped
-    heads' expansion, rows of models with and without grouped KV heads);
+    rows at batches up to the engine's matvec_max_batch; host dispatch needs an eager decoder; KV traffic an eager
+    decoder or `kv_traffic` (grouped heads' expansion, rows of models with and without grouped KV heads);
     rotary kernels need a profile with their time, `profiled_names` its fitted groups)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
+    traffic = host_dispatch or kv_traffic
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
-            "matvec": matvec, "host dispatch": host_dispatch,
-            "evicting host dispatch": host_dispatch and any(g.setup.policy.evicts for g in groups),
-            "grouped host dispatch": host_dispatch and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
-                                                            for g in groups}) == 2,
+            "matvec": matvec, "host dispatch": host_dispatch, "kv traffic": traffic,
+            "evicting kv traffic": traffic and any(g.setup.policy.evicts for g in groups),
+            "grouped kv traffic": traffic and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
+                                                   for g in groups}) == 2,
             "profiled positional": "positional" in profiled_names}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
 def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what: str,
                fused_scorer: bool = False, host_dispatch: bool = False,
-               profiled: list[tuple[Group, dict[str, np.ndarray]]] = ()) -> tuple[Engine, dict]:
+               profiled: list[tuple[Group, dict[str, np.ndarray]]] = (), kv_traffic: bool = False
+               ) -> tuple[Engine, dict]:
     from scipy.optimize import least_squares
 
     names = frozenset(name for _, measured in profiled for name in measured)
-    params = choose_parameters(groups, table, fused_scorer, host_dispatch, names)
+    params = choose_parameters(groups, table, fused_scorer, host_dispatch, names, kv_traffic)
     n = sum(len(g.measured_ms) for g in groups)
     if n < MIN_ROWS_PER_PARAMETER * len(params):
         raise KfsimError(f"{where}: {n} {what} rows are too few to fit {len(params)} parameters "
@@ -291,14 +294,16 @@ def read_host_ops(path) -> dict[str, dict]:
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",
         bounds: dict[str, float] | None = None, fused_scorer: bool = False, matvec_max_batch: float = 0.0,
-        host_dispatch: bool = False, profile=None, profile_where: str = "profile") -> Fit:
+        host_dispatch: bool = False, profile=None, profile_where: str = "profile", kv_traffic: bool = False) -> Fit:
     """Fit decode parameters on decode rows, then prefill parameters on prefill rows; deterministic.
 
     `bounds` caps parameters (for instance from `ceilings` of microbenchmarks on the same GPU); `fused_scorer`:
     the measured decoder scores Keyformer inside its attention kernel, so keyformer_flops_per_kv_byte is fitted
     and the scorer's logit passes and launches are those of that kernel (FUSED_SCORER);
     `matvec_max_batch`: the measured decoder runs matrix-vector kernels up to this batch, so their bandwidth and
-    kernel counts are fitted apart from the GEMMs'; `profile` (kfsim.breakdown.read_profile): steps by operation
+    kernel counts are fitted apart from the GEMMs'; `host_dispatch`: an eager decoder (host cost per kernel and step,
+    KV traffic); `kv_traffic`: KV traffic without host dispatch (a graph-replayed stack that still moves the cache
+    more than once); `profile` (kfsim.breakdown.read_profile): steps by operation
     group, whose kernel times are fitted beside the rows' steps, each group against the model's time for it.
     """
     start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
@@ -315,7 +320,7 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
         table[p] = (lo, min(hi, cap), min(x0, 0.98 * cap))
     profiled = profiled_groups(profile, start, profile_where) if profile is not None else []
     engine, fitted = _fit_stage(decode, dataclasses.replace(start, name=name), table, where, "decode", fused_scorer,
-                                host_dispatch, profiled)
+                                host_dispatch, profiled, kv_traffic)
     engine, fitted = _matvec_no_slower(engine, fitted)
     if prefill:
         engine, more = _fit_stage(prefill, engine, PREFILL_PARAMETERS, where, "prefill")

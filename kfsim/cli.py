@@ -397,6 +397,11 @@ def _kernels_of(rows) -> str:
                    "that writes in place and attends through its own kernel); with rows of models with and "
                    "without grouped KV heads, how far attention expands grouped heads to one copy per query "
                    "head (grouped_kv_expansion).")
+@click.option("--kv-traffic", is_flag=True,
+              help="The measured decoder replays graphs (no host dispatch to fit) but still moves the cache more "
+                   "than once (a static cache attended whole, grouped heads expanded before attention): fit the KV "
+                   "traffic per attended byte and, with models with and without grouped KV heads, "
+                   "grouped_kv_expansion. Implied by --host-dispatch.")
 @click.option("--host-ops", "host_ops_file", metavar="FILE",
               help="With --host-dispatch: the operations the measured stack dispatches per step of each model, "
                    "counted on a CPU (python -m measure.host_ops --out FILE): the host's cost is fitted per counted "
@@ -409,7 +414,7 @@ def _kernels_of(rows) -> str:
                    "fixed cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
-              host_ops_file, profile_file, as_json):
+              kv_traffic, host_ops_file, profile_file, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -474,7 +479,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     name = name or Path(out).stem
     f = cal.fit(df, name=name, start=start, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
                 matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile,
-                profile_where=profile_file or "profile")
+                profile_where=profile_file or "profile", kv_traffic=kv_traffic)
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -488,6 +493,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (" --fused-scorer" if fused_scorer else "")
                                      + (f" --matvec-max-batch {matvec_max_batch}" if matvec_max_batch else "")
                                      + (" --host-dispatch" if host_dispatch else "")
+                                     + (" --kv-traffic" if kv_traffic and not host_dispatch else "")
                                      + (f" --host-ops {host_ops_file}" if host_ops_file else "")
                                      + (f" --profile {profile_file}" if profile_file else ""),
                               **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),

@@ -223,6 +223,22 @@ def test_recovers_host_dispatch_and_kv_traffic():
     assert "grouped_kv_expansion" not in one_kind.fitted  # grouped heads alone cannot tell it from the KV traffic
 
 
+def test_kv_traffic_without_host_dispatch():
+    """--kv-traffic: a graph-replayed stack that attends its cache three times over, grouped heads expanded half
+    way (transformers' static cache under torch.compile), fitted as such with no host terms; without the flag
+    the same rows can only be fitted as a slow HBM."""
+    graphs = dataclasses.replace(TRUE, kv_traffic_factor=3.0, grouped_kv_expansion=0.5)
+    df = synthetic(graphs, models=("llama-3-8b", "gpt-j-6b"))
+    df = df[df["policy"] == "full"]
+    f = calibrate.fit(df, "graphs", kv_traffic=True, bounds={"kv_bandwidth_fraction": 0.7})
+    assert f.mape < 0.5
+    assert f.engine.kv_traffic_factor == pytest.approx(3.0, rel=0.05)
+    assert f.engine.grouped_kv_expansion == pytest.approx(0.5, rel=0.05)
+    assert not {"host_us_per_kernel", "host_step_us", "evicting_kv_traffic_factor"} & set(f.fitted)
+    slow = calibrate.fit(df, "graphs", bounds={"kv_bandwidth_fraction": 0.7})
+    assert "kv_traffic_factor" not in slow.fitted and slow.mape > 5 * f.mape
+
+
 def test_grouped_kv_expansion_reads_a_groups_cache_once_per_query_head():
     """Expansion 1 prices Llama-3-8B's attention (32 query heads on 8 KV heads) as 4 reads of its cache (as a KV
     traffic of 4 would), 0.5 as 2.5; a model without grouped heads (GPT-J-6B) is not changed."""
