@@ -1,7 +1,8 @@
 """How many times transformers moves the cache it attends, counted and measured, per model class.
 
 Counted: the bytes every kernel-launching operation of one eager decode step touches (inputs and outputs), on a
-CPU with tiny models of each class (measure.host_ops.tiny) at two contexts; the growth per attended KV byte.
+CPU with tiny models of each class (measure.host_ops.tiny, heads of the real size) at two contexts, and for a
+sliding window at two full windows; the growth per attended KV byte.
 Measured: from the largest full-cache steps of data/h100-sxm-hf-eager, the step less the weights' streaming (at
 engines/hf-eager's weight bandwidth) over the attended KV bytes' time (at its KV bandwidth).
 
@@ -49,7 +50,7 @@ def _per_attended_byte(name: str, sizes, batch: int, point) -> float:
     attended; `point(w, size)`: the tiny workload and the context to step at."""
     runner, touched = HfRunner.steps_only(), {}
     for size in sizes:
-        w, context = point(host_ops.tiny(get_workload(name), 1), size)
+        w, context = point(host_ops.tiny(get_workload(name), 1, real_heads=True), size)
         model = hf.build_model(w, 4 * max(sizes), device="cpu")
         with torch.inference_mode():
             step, _, rewind = runner.steady_step(model, w, Point(name, "decode", batch, context, 1.0, "full"), "cpu")

@@ -52,15 +52,17 @@ def count(step) -> int:
     return sum(counter.ops.values())
 
 
-def tiny(w: Workload, n_layers: int) -> Workload:
-    """`w`'s architecture (class, norms, positions, grouped heads, window) at a width a CPU runs in milliseconds."""
+def tiny(w: Workload, n_layers: int, real_heads: bool = False) -> Workload:
+    """`w`'s architecture (class, norms, positions, grouped heads, window) at a width a CPU runs in milliseconds;
+    `real_heads`: heads of the model's own size (what a cached token weighs against its scores)."""
     heads = max(2, w.n_heads // 8)
     kv_heads = heads if w.n_kv_heads == w.n_heads else max(1, heads // (w.n_heads // w.n_kv_heads))
-    head_dim = 16
+    head_dim = w.head_dim if real_heads else 16
     small = dict(n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, d_model=heads * head_dim,
                  ffn_dim=4 * heads * head_dim, vocab_size=128)
     if w.rotary_dim:
-        small["rotary_dim"] = head_dim if w.rotary_dim >= w.head_dim else head_dim // 2
+        small["rotary_dim"] = (head_dim if w.rotary_dim >= w.head_dim else
+                               w.rotary_dim if real_heads else head_dim // 2)
     if w.sliding_window:
         small["sliding_window"] = 32
     return dataclasses.replace(w, **small)
