@@ -146,10 +146,9 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
 
 
 #: what each measured stack is, as calibrate's flags: the compiled decoder scores Keyformer inside attention and
-#: runs fused Triton GEMVs at batch 1; transformers in eager PyTorch dispatches every kernel from Python
-#: transformers in eager PyTorch dispatches every operation from Python; data/hf-host-ops counts them per model
-#: transformers' static cache under torch.compile replays CUDA graphs but attends its whole cache, grouped heads
-#: expanded first
+#: runs fused Triton GEMVs at batch 1; transformers in eager PyTorch dispatches every operation from Python
+#: (data/hf-host-ops counts them per model); transformers' static cache under torch.compile replays CUDA graphs
+#: but attends its whole cache, grouped heads expanded first
 STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"],
                "hf-eager": ["--host-dispatch", "--host-ops", "data/hf-host-ops/ops.csv"],
                "hf-compiled": ["--kv-traffic"]}
@@ -333,8 +332,8 @@ def breakdown() -> None:
           "--title", "Compiled engine (fitted on GPT-J-6B and Llama-3-8B) predicting MPT-7B, ALiBi in its kernel (H200)")
 
 
-ONLY = {"breakdown": lambda: breakdown(), "plain-models": lambda: plain_models(), "compiled-options": lambda: compiled_options_engine(), "hf-eager": lambda: hf_eager_engine(),
-        "hf-compiled": lambda: hf_compiled_engine()}
+ONLY = {"breakdown": breakdown, "plain-models": plain_models, "compiled-options": compiled_options_engine,
+        "hf-eager": hf_eager_engine, "hf-compiled": hf_compiled_engine}
 
 
 def main() -> None:
