@@ -223,7 +223,7 @@ def test_recovers_host_dispatch_and_kv_traffic():
     assert "grouped_kv_expansion" not in one_kind.fitted  # grouped heads alone cannot tell it from the KV traffic
 
 
-def test_kv_traffic_without_host_dispatch():
+def test_kv_traffic_without_host_dispatch(tmp_path):
     """--kv-traffic: a graph-replayed stack that attends its cache three times over, grouped heads expanded half
     way (transformers' static cache under torch.compile), fitted as such with no host terms; without the flag
     the same rows can only be fitted as a slow HBM."""
@@ -237,6 +237,12 @@ def test_kv_traffic_without_host_dispatch():
     assert not {"host_us_per_kernel", "host_step_us", "evicting_kv_traffic_factor"} & set(f.fitted)
     slow = calibrate.fit(df, "graphs", bounds={"kv_bandwidth_fraction": 0.7})
     assert "kv_traffic_factor" not in slow.fitted and slow.mape > 5 * f.mape
+    p, out = tmp_path / "m.csv", tmp_path / "e.yaml"
+    df.to_csv(p, index=False)
+    r = CliRunner().invoke(cli, ["calibrate", str(p), "--out", str(out), "--kv-traffic"])
+    assert r.exit_code == 0, r.output
+    assert "kv_traffic_factor" in r.output and "host_us_per_kernel" not in r.output
+    assert "--kv-traffic" in out.read_text() and get_engine(str(out)).kv_traffic_factor > 2.0
 
 
 def test_grouped_kv_expansion_reads_a_groups_cache_once_per_query_head():
