@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import KfsimError
+from .errors import KfsimError, first_line
 
 
 class _Group(click.Group):
@@ -464,8 +464,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         except (OSError, KeyError, IndexError, UnicodeDecodeError, pd.errors.ParserError,
                 pd.errors.EmptyDataError) as exc:
             raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` "
-                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") \
-                from None
+                             f"({first_line(exc)})") from None
         if missing := [c for c in ("bench", "gbps") if c not in mb.columns]:
             raise KfsimError(f"{m}: not a microbenchmark CSV from `kfsim microbench` (no column "
                              f"{', '.join(missing)})")

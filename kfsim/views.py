@@ -111,11 +111,10 @@ def why_slower(o: dict) -> str:
     extra = int(round(o["kernels"] - o["full_kernels"]))
     dispatched = int(round(o["host_ops"] - o["full_host_ops"]))
     parts = ", ".join(f"{k} +{v:.3f} ms" for k, v in grew.items())
-    kernels = f" ({extra:,} more kernels per step" if extra > 0 else ""
+    notes = [f"{extra:,} more kernels per step"] if extra > 0 else []
     if dispatched > 0 and dispatched != extra:  # an eager stack whose dispatched operations were counted
-        kernels += f", {dispatched:,} more operations dispatched" if kernels else \
-            f" ({dispatched:,} more operations dispatched"
-    kernels += ")" if kernels else ""
+        notes.append(f"{dispatched:,} more operations dispatched")
+    kernels = f" ({', '.join(notes)})" if notes else ""
     kv = (f"the smaller cache saves {saved:.3f} ms of KV reads" if saved >= 0 else
           f"the smaller cache's KV reads take {-saved:.3f} ms longer (its attention splits the cache less)")
     return (f"{kv}, but scoring adds {sum(grew.values()):.3f} ms: {parts}{kernels}; weights are "

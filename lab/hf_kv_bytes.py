@@ -10,7 +10,6 @@ Usage: python -m lab.hf_kv_bytes
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 from pathlib import Path
 

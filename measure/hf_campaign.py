@@ -4,14 +4,14 @@ A decode point is a steady-state step at `context` tokens: the library's cache i
 values of that many tokens (Keyformer's with its budget of them and random scores), and every timed step decodes
 one token for each sequence. The dynamic cache grows by one token a step (transformers appends by copying); it is
 cut back to `context` after each step, outside the timed region and contiguous as a real step leaves it, so that
-every timed step costs what step `context` costs. The static cache is rewound the same way. Eager steps are timed as they run, Python dispatch
-included, one CUDA event pair per step.
+every timed step costs what step `context` costs. The static cache is rewound the same way. Eager steps are timed
+as they run, Python dispatch included, one CUDA event pair per step.
 """
 from __future__ import annotations
 
 import torch
 
-from kfsim.errors import KfsimError
+from kfsim.errors import KfsimError, first_line
 from kfsim.workload import get_workload
 
 from . import hf, host_ops, timing
@@ -62,8 +62,8 @@ class HfRunner(Runner):
             try:
                 return super().measure(pt, power)
             except torch._dynamo.exc.TorchDynamoException as exc:  # the model's code, not this point: skip the model
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                why = self.uncompiled[pt.model] = f"torch.compile cannot compile this model's forward: {first}"[:200]
+                why = f"torch.compile cannot compile this model's forward: {first_line(exc)}"[:200]
+                self.uncompiled[pt.model] = why
         return {**self.row_head(pt), "status": "unsupported", "error": why}
 
     def _supported(self, pt: Point) -> str | None:
