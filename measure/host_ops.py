@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
 import sys
 
+import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,10 +23,24 @@ from kfsim.workload import Workload, get_workload
 #: aten ops that launch no kernel (views and metadata)
 NO_KERNEL = frozenset({
     "view", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
-    "as_strided", "t", "reshape", "split", "chunk", "unbind", "alias", "detach", "split_with_sizes",
+    "as_strided", "t", "split", "chunk", "unbind", "alias", "detach", "split_with_sizes",
     "_reshape_alias", "lift_fresh", "empty", "empty_strided", "size", "sym_size", "stride", "is_same_size",
     "narrow", "sym_numel", "sym_stride", "sym_storage_offset", "dim", "is_contiguous", "_local_scalar_dense"})
+#: aten ops that return a view where they can and copy where they cannot (an expanded tensor reshaped, as
+#: transformers' repeat_kv does): a kernel only when their result is not their input's memory
+VIEW_OR_COPY = frozenset({"reshape", "contiguous", "flatten"})
 
+
+def launches_kernel(name: str, args, out) -> bool:
+    """Whether aten op `name`, called on `args`, returned `out` through a kernel (not a view or a no-op)."""
+    if name in VIEW_OR_COPY:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return not (isinstance(out, torch.Tensor) and first is not None
+                    and out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr())
+    return name not in NO_KERNEL
+
+#: the transformers model classes kfsim measures, one workload each
+MODELS = "llama-3-8b,mistral-7b,gpt-j-6b,mpt-7b,cerebras-gpt-6.7b"
 COLUMNS = ("model", "family", "policy", "ops_per_layer", "ops_per_step", "transformers", "torch")
 
 
@@ -38,10 +52,11 @@ class _Counter(TorchDispatchMode):
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in NO_KERNEL:
+        if launches_kernel(name, args, out):
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def count(step) -> int:
@@ -55,8 +70,10 @@ def count(step) -> int:
 def tiny(w: Workload, n_layers: int, real_heads: bool = False) -> Workload:
     """`w`'s architecture (class, norms, positions, grouped heads, window) at a width a CPU runs in milliseconds;
     `real_heads`: heads of the model's own size (what a cached token weighs against its scores)."""
-    heads = max(2, w.n_heads // 8)
-    kv_heads = heads if w.n_kv_heads == w.n_heads else max(1, heads // (w.n_heads // w.n_kv_heads))
+    group = w.n_heads // w.n_kv_heads
+    # at least two KV heads: a single one lets grouped heads' expansion (repeat_kv) reshape to a view, not a copy
+    kv_heads = max(2, w.n_kv_heads // 8)
+    heads = kv_heads * group
     head_dim = w.head_dim if real_heads else 16
     small = dict(n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, d_model=heads * head_dim,
                  ffn_dim=4 * heads * head_dim, vocab_size=128)
@@ -95,7 +112,7 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) ->
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="llama-3-8b,mistral-7b,gpt-j-6b,mpt-7b,cerebras-gpt-6.7b")
+    ap.add_argument("--models", default=MODELS)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import transformers
@@ -112,10 +129,7 @@ def main(argv=None) -> None:
             rows.append({"model": name, "family": family, "policy": policy, "ops_per_layer": layer,
                          "ops_per_step": step, "transformers": transformers.__version__, "torch": torch.__version__})
             print(f"{name:20s} {policy:9s} {layer:6.1f} ops per layer, {step:5.1f} per step", file=sys.stderr)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Microbenchmarks that calibration leans on: HBM read and copy bandwidth, GEMM rates, launch cost, decode attention.
+"""Microbenchmarks that calibration leans on: HBM read and copy bandwidth, GEMM rates, launch cost, decode attention,
+KV appends.
 
 Buffers are far larger than L2 (50-60 MB on Hopper) so bandwidth figures are HBM figures. Rows go to a CSV with
 columns bench, batch, heads, context, bytes, flops, median_ms, gbps, tflops plus the environment columns.
@@ -84,10 +85,34 @@ def attention(steps: int = 30) -> list[dict]:
     return rows
 
 
+def cat(steps: int = 30) -> list[dict]:
+    """A dynamic KV cache's append: one token concatenated to a [batch, heads, tokens, 128] cache, with every input
+    contiguous (`cat_contiguous`: PyTorch's vectorised batched copy), the cache a strided view (`cat_strided`, as
+    transformers keeps a sliding window's last tokens) or the new token one (`cat_strided_token`, as MPT's fused
+    QKV projection leaves it at batch > 1): both of these take the generic per-element copy. Bytes: the cache
+    read and the result written."""
+    rows = []
+    D, heads = 128, 32
+    for batch, context in ((1, 16384), (16, 4096), (64, 1024)):
+        whole = torch.randn(batch, heads, context + 1, D, dtype=torch.bfloat16, device="cuda")
+        new = torch.randn(batch, heads, 1, D, dtype=torch.bfloat16, device="cuda")
+        qkv = torch.randn(batch, 1, 3 * heads * D, dtype=torch.bfloat16, device="cuda")
+        token = qkv[..., :heads * D].reshape(batch, 1, heads, D).transpose(1, 2)
+        moved = 2 * whole[:, :, 1:].numel() * 2
+        contiguous = whole[:, :, 1:].contiguous()
+        for bench, cache, last in (("cat_contiguous", contiguous, new), ("cat_strided", whole[:, :, 1:], new),
+                                   ("cat_strided_token", contiguous, token)):
+            t = timing.time_steps(lambda: torch.cat([cache, last], dim=-2), steps, 3)
+            rows.append(_row(bench, t, bytes_=moved, batch=batch, heads=heads, context=context, head_dim=D))
+        del whole, new, qkv, token, contiguous, cache, last
+    return rows
+
+
 def run_all(out: str | Path, echo=print) -> list[dict]:
     env = environment()
     rows = []
-    for name, fn in (("hbm", hbm), ("gemm", gemm), ("launch", launch), ("attention", attention)):
+    for name, fn in (("hbm", hbm), ("gemm", gemm), ("launch", launch), ("attention", attention),
+                     ("cat", cat)):
         echo(f"microbenchmark {name} ...")
         for r in fn():
             rows.append({**{k: env.get(k) for k in ("gpu", "gpu_name", "driver", "cuda", "torch")}, **r})

@@ -277,3 +277,34 @@ def test_a_model_torch_compile_refuses_is_recorded_and_skipped(monkeypatch):
     assert "torch.compile" in rows[1]["error"] and "PendingUnbackedSymbolNotFound" in rows[1]["error"]
     assert len(calls) == 1
     assert r._supported(Point("llama-3-8b", "decode", 1, 1024, 1.0, "full")) is None
+
+
+def test_a_reshape_that_copies_is_a_kernel_and_one_that_views_is_not():
+    """transformers' repeat_kv reshapes an expanded tensor (a copy per query head): counted; a reshape or a
+    contiguous() that returns a view of its input launches nothing."""
+    from measure import host_ops
+
+    kv = torch.ones(2, 2, 8, 4)
+    expanded = kv[:, :, None].expand(2, 2, 4, 8, 4)
+    assert host_ops.count(lambda: expanded.reshape(2, 8, 8, 4)) == 1
+    assert host_ops.count(lambda: kv.reshape(4, 8, 4)) == 0
+    assert host_ops.count(lambda: kv.contiguous()) == 0
+    assert host_ops.count(lambda: kv.transpose(1, 2).contiguous()) == 1
+
+
+@pytest.mark.parametrize("model,batch,window,streamed,strided", [
+    # the cache read and written again by the append (2), read once by SDPA's grouped-head path (1)
+    ("llama-3-8b", 2, False, 3.0, 0.0),
+    # MPT's new key is a view of its fused QKV output at batch > 1: the append (2) is a strided concatenation;
+    # its two matmuls read K and V once (1) and a bit of fp32 scores; at batch 1 the view is contiguous
+    ("mpt-7b", 2, False, 1.1, 2.0),
+    ("mpt-7b", 1, False, 3.1, 0.0),
+    # past Mistral's window: the append from the window's strided view (2); a mask, so repeat_kv expands the 8
+    # KV heads to 32 (reads the expanded view, 4, writes it, 4) and SDPA reads the copies (4)
+    ("mistral-7b", 2, True, 12.0, 2.0),
+])
+def test_kv_passes_match_a_hand_count(model, batch, window, streamed, strided):
+    from measure import kv_passes
+
+    got = kv_passes.passes(model, batch, window=window)
+    assert got[0] == pytest.approx(streamed, abs=0.06) and got[1] == pytest.approx(strided, abs=1e-9)

@@ -1,0 +1,118 @@
+"""How many times an eager transformers step moves the cache it attends, and how much of that is a strided copy.
+
+A model class's code decides its KV traffic: the dynamic cache appends by concatenating (the cache read and
+written again), grouped heads may be expanded to a copy per query head before attention (transformers' repeat_kv,
+where a mask is built), GPT-J casts its keys to fp32, MPT multiplies by matmul. A concatenation whose inputs are
+not all contiguous (MPT's new token at batch > 1, a view cut from its fused QKV output; a sliding window's cache,
+a view of its last tokens) takes PyTorch's generic per-element copy, several times slower than the vectorised
+one (`kfsim microbench`: cat_strided against cat_contiguous). None of this depends on the GPU or the weights: it
+is counted here on the CPU, from the bytes every kernel-launching operation of one step reads and writes, with
+tiny models of each class whose heads have the real size, at two cache sizes; the growth per attended KV byte is
+a model's passes, split into `streamed` and `strided` (the concatenations with a strided input).
+
+Paths: `full` (batch 2; `full_batch1` at batch 1, where a view of one sequence is contiguous) and, for a model
+with a sliding window, `window` / `window_batch1` once the cache holds a full window.
+
+    python -m measure.kv_passes --out data/hf-kv-passes/passes.csv
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import pandas as pd
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from kfsim.workload import get_workload
+
+from . import host_ops
+
+COLUMNS = ("model", "family", "path", "streamed", "strided", "transformers", "torch")
+#: tokens (cache sizes, or windows) the growth is taken between
+SIZES = (256, 512)
+
+
+class ByteMeter(TorchDispatchMode):
+    """Bytes every kernel-launching aten op reads and writes while active: (streamed, strided), strided being the
+    concatenations with an input that is not contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.streamed = self.strided = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if host_ops.launches_kernel(name, args, out):
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            moved = sum(t.numel() * t.element_size() for t in inputs + [t for t in tree_leaves(out)
+                                                                         if isinstance(t, torch.Tensor)])
+            if name == "cat" and not all(t.is_contiguous() for t in inputs):
+                self.strided += moved
+            else:
+                self.streamed += moved
+        return out
+
+
+def _step_bytes(name: str, batch: int, tokens: int, window: bool) -> tuple[tuple[int, int], int]:
+    """((streamed, strided) bytes of one steady step, one attended token's KV bytes per sequence) of a tiny
+    `name` at `tokens` attended: a cache of `tokens`, or with `window` a window of `tokens` full twice over."""
+    from . import hf
+    from .campaign import Point
+    from .hf_campaign import HfRunner
+
+    w = host_ops.tiny(get_workload(name), 1, real_heads=True)
+    w = dataclasses.replace(w, sliding_window=tokens if window else (4 * tokens if w.sliding_window else None))
+    context = 2 * tokens if window else tokens
+    model = hf.build_model(w, 2 * context, device="cpu")
+    with torch.inference_mode():
+        step, _, rewind = HfRunner.steps_only().steady_step(model, w, Point(name, "decode", batch, context, 1.0,
+                                                                            "full"), "cpu")
+        for _ in range(2):  # past the first append: a window keeps its strided view from then on
+            step()
+            rewind()
+        meter = ByteMeter()
+        with meter:
+            step()
+    kv_token = 2 * w.n_kv_heads * w.head_dim * next(model.parameters()).element_size()
+    return (meter.streamed, meter.strided), kv_token
+
+
+def passes(name: str, batch: int, window: bool = False) -> tuple[float, float]:
+    """(streamed, strided) bytes moved per attended KV byte as the cache (or the window) grows."""
+    (s0, d0), kv_token = _step_bytes(name, batch, SIZES[0], window)
+    (s1, d1), _ = _step_bytes(name, batch, SIZES[1], window)
+    attended = (SIZES[1] - SIZES[0]) * batch * kv_token
+    return (s1 - s0) / attended, (d1 - d0) / attended
+
+
+def paths(name: str) -> dict[str, tuple[float, float]]:
+    """Every path of `name`: full and full_batch1, and window and window_batch1 where it has a sliding window."""
+    out = {"full": passes(name, 2), "full_batch1": passes(name, 1)}
+    if get_workload(name).sliding_window:
+        out.update(window=passes(name, 2, window=True), window_batch1=passes(name, 1, window=True))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=host_ops.MODELS)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    import transformers
+
+    rows = []
+    for name in args.models.split(","):
+        for path, (streamed, strided) in paths(name).items():
+            rows.append({"model": name, "family": get_workload(name).family, "path": path,
+                         "streamed": round(streamed, 3), "strided": round(strided, 3),
+                         "transformers": transformers.__version__, "torch": torch.__version__})
+            print(f"{name:20s} {path:13s} {streamed:6.2f} streamed, {strided:5.2f} strided passes", file=sys.stderr)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
