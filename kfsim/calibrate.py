@@ -43,6 +43,8 @@ PARAMETERS = {
     "kv_traffic_factor": (1.0, 20.0, 1.5),
     "evicting_kv_traffic_factor": (1.0, 20.0, 1.5),
     "grouped_kv_expansion": (0.0, 1.0, 0.2),
+    # concatenations with a strided input (counted per model: Engine.kv_passes), PyTorch's generic copy
+    "strided_copy_bandwidth_fraction": (0.05, 1.0, 0.3),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -59,7 +61,8 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
          "host_step_us": "host dispatch", "kv_traffic_factor": "kv traffic",
-         "evicting_kv_traffic_factor": "evicting kv traffic", "grouped_kv_expansion": "grouped kv traffic"}
+         "evicting_kv_traffic_factor": "evicting kv traffic", "grouped_kv_expansion": "grouped kv traffic",
+         "strided_copy_bandwidth_fraction": "strided copies"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -97,17 +100,24 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
     """The parameters of `table` that `groups` can inform (Keyformer costs need rows of a scored policy; the
     fused scorer's arithmetic needs a decoder that scores inside its attention kernel; matrix-vector kernels need
     rows at batches up to the engine's matvec_max_batch; host dispatch needs an eager decoder; KV traffic an eager
-    decoder or `kv_traffic` (grouped heads' expansion, rows of models with and without grouped KV heads);
-    rotary kernels need a profile with their time, `profiled_names` its fitted groups)."""
+    decoder or `kv_traffic`, and full-cache rows of a model whose passes were not counted (Engine.kv_passes; grouped
+    heads' expansion: uncounted rows of models with and without grouped KV heads); strided copies' bandwidth, a
+    counted model whose rows make them; rotary kernels need a profile with their time, `profiled_names` its
+    fitted groups)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     traffic = host_dispatch or kv_traffic
+    counted = {id(g): None if g.setup.policy.evicts else
+               g.setup.engine.counted_kv_passes(g.setup.workload, g.batch, g.cached) for g in groups}
+    uncounted = [g for g in groups if counted[id(g)] is None]
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
-            "matvec": matvec, "host dispatch": host_dispatch, "kv traffic": traffic,
+            "matvec": matvec, "host dispatch": host_dispatch,
+            "kv traffic": traffic and any(not g.setup.policy.evicts for g in uncounted),
             "evicting kv traffic": traffic and any(g.setup.policy.evicts for g in groups),
             "grouped kv traffic": traffic and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
-                                                   for g in groups}) == 2,
+                                                   for g in uncounted}) == 2,
+            "strided copies": any(c is not None and np.any(c[1] > 0) for c in counted.values()),
             "profiled positional": "positional" in profiled_names}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
@@ -229,6 +239,14 @@ def ceilings(micro, hw) -> dict[str, float]:
     return out
 
 
+def copy_fractions(micro, hw) -> dict[str, float]:
+    """Engine values measured outright by microbenchmarks on the same GPU: the achieved fraction of a
+    concatenation with a strided input (benches cat_strided and cat_strided_token, their median); {} without."""
+    gbps = micro.loc[micro["bench"].isin(["cat_strided", "cat_strided_token"]), "gbps"].astype(float)
+    gbps = gbps[np.isfinite(gbps) & (gbps > 0)]
+    return {"strided_copy_bandwidth_fraction": float(gbps.median()) / hw.hbm_bandwidth_gbps} if len(gbps) else {}
+
+
 def fit_interconnect(micro, hw) -> dict[str, float]:
     """The engine's interconnect terms from all-reduce microbenchmark rows (bench `allreduce`, `kfsim microbench
     --tp N`) on GPUs of profile `hw`: a least-squares line through time against the bytes each GPU sends
@@ -259,24 +277,10 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
 def read_host_ops(path) -> dict[str, dict]:
     """measure.host_ops's table as Engine.host_ops: each model's operations per layer and per step with the full
     cache, and how many more per layer a scoring policy (keyformer, h2o) dispatches."""
-    import pandas as pd
-
-    from .workload import get_workload
-
-    try:
-        df = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise KfsimError(f"{path}: not a host-ops table of measure.host_ops ({type(exc).__name__})") from None
-    if missing := [c for c in ("model", "policy", "ops_per_layer", "ops_per_step") if c not in df.columns]:
-        raise KfsimError(f"{path}: not a host-ops table of measure.host_ops (no column {missing[0]})")
-    for column in ("ops_per_layer", "ops_per_step"):
-        df[column] = pd.to_numeric(df[column], errors="coerce")  # text becomes NaN, refused below
+    df = _read_counts(path, "a host-ops table of measure.host_ops", ("model", "policy"),
+                      ("ops_per_layer", "ops_per_step"))
     table = {}
-    for model, rows in df.groupby("model", sort=True):
-        try:
-            family = get_workload(str(model)).family
-        except KfsimError as exc:
-            raise KfsimError(f"{path}: {exc}") from None
+    for model, family, rows in _by_model(df, path):
         by_policy = {str(p): r for p, r in rows.set_index("policy").iterrows()}
         if "full" not in by_policy:
             raise KfsimError(f"{path}: {model} has no full-cache row (the count every policy starts from)")
@@ -289,6 +293,52 @@ def read_host_ops(path) -> dict[str, dict]:
         if scorers:
             counts["scorer_layer"] = max(0.0, max(scorers))
         table[str(model)] = counts
+    return table
+
+
+def _read_counts(path, what: str, keys: tuple, numbers: tuple):
+    """A CSV of per-model counts with columns `keys` and `numbers` (text in a number column becomes NaN, for the
+    caller to refuse); a KfsimError naming the file where it is not one."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise KfsimError(f"{path}: not {what} ({type(exc).__name__})") from None
+    if missing := [c for c in (*keys, *numbers) if c not in df.columns]:
+        raise KfsimError(f"{path}: not {what} (no column {missing[0]})")
+    for column in numbers:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    return df
+
+
+def _by_model(df, path):
+    """(model, its workload's family, its rows) per model of a counts table; an unknown model names the file."""
+    from .workload import get_workload
+
+    for model, rows in df.groupby("model", sort=True):
+        try:
+            yield model, get_workload(str(model)).family, rows
+        except KfsimError as exc:
+            raise KfsimError(f"{path}: {exc}") from None
+
+
+def read_kv_passes(path) -> dict[str, dict]:
+    """measure.kv_passes's table as Engine.kv_passes: each model's passes over its attended KV per path."""
+    from .engine import KV_PATHS
+
+    df = _read_counts(path, "a KV-passes table of measure.kv_passes", ("model", "path"), ("streamed", "strided"))
+    table = {}
+    for model, family, rows in _by_model(df, path):
+        paths = {str(r["path"]): {"streamed": float(r["streamed"]), "strided": float(r["strided"])}
+                 for _, r in rows.iterrows()}
+        if bad := [p for p in paths if p not in KV_PATHS]:
+            raise KfsimError(f"{path}: {model} has path {bad[0]!r}; allowed: {', '.join(KV_PATHS)}")
+        if "full" not in paths:
+            raise KfsimError(f"{path}: {model} has no path full (the full cache every other path refines)")
+        if any(not np.isfinite(v) or v < 0 for p in paths.values() for v in p.values()):
+            raise KfsimError(f"{path}: {model}'s passes must be numbers >= 0, got {paths}")
+        table[str(model)] = {"family": family, **paths}
     return table
 
 

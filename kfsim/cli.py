@@ -406,6 +406,13 @@ def _kernels_of(rows) -> str:
               help="With --host-dispatch: the operations the measured stack dispatches per step of each model, "
                    "counted on a CPU (python -m measure.host_ops --out FILE): the host's cost is fitted per counted "
                    "operation, and models counted but never timed are predicted from their own counts.")
+@click.option("--kv-passes", "kv_passes_file", metavar="FILE",
+              help="The bytes the measured stack moves per attended KV byte for each model, counted on a CPU "
+                   "(python -m measure.kv_passes --out FILE): a counted model's full cache is priced by its count "
+                   "(streamed passes at kv_bandwidth_fraction, concatenations with a strided input at "
+                   "strided_copy_bandwidth_fraction, from rows that make them or else the cat_strided "
+                   "microbenchmark) instead of a fitted kv_traffic_factor, so models counted but never timed are "
+                   "predicted from their own code's traffic.")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "
@@ -414,7 +421,7 @@ def _kernels_of(rows) -> str:
                    "fixed cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
-              kv_traffic, host_ops_file, profile_file, as_json):
+              kv_traffic, host_ops_file, kv_passes_file, profile_file, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -435,12 +442,15 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     from .files import output_path
 
     output_path(out, "out", inputs=[*files, *micro, *([profile_file] if profile_file else []),
-                                    *([host_ops_file] if host_ops_file else [])])
+                                    *([host_ops_file] if host_ops_file else []),
+                                    *([kv_passes_file] if kv_passes_file else [])])
     if host_ops_file and not host_dispatch:
         raise KfsimError("--host-ops counts what an eager stack dispatches: it needs --host-dispatch")
     start = cal.IDEAL
     if host_ops_file:
         start = dataclasses.replace(start, host_ops=cal.read_host_ops(host_ops_file))
+    if kv_passes_file:
+        start = dataclasses.replace(start, kv_passes=cal.read_kv_passes(kv_passes_file))
     df = load(files, measured_engine, phase)
     profile = None
     if profile_file is not None:
@@ -454,7 +464,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         click.echo(f"note: {int(split.sum())} tensor-parallel row(s) set aside: the fit uses single-GPU rows and "
                    "the all-reduce microbenchmark; kfsim validate checks them", err=True)
         df = df[~split]
-    bounds, interconnect = {}, {}
+    bounds, interconnect, measured = {}, {}, {}
     for m in micro:
         import pandas as pd
 
@@ -471,11 +481,13 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         mb["gbps"] = pd.to_numeric(mb["gbps"], errors="coerce")
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
+        measured.update(cal.copy_fractions(mb, get_hardware(gpu)))
         try:
             interconnect = cal.fit_interconnect(mb, get_hardware(gpu)) or interconnect
         except KfsimError as exc:
             raise KfsimError(f"{m}: {exc}") from None
     name = name or Path(out).stem
+    start = dataclasses.replace(start, **measured)
     f = cal.fit(df, name=name, start=start, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
                 matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile,
                 profile_where=profile_file or "profile", kv_traffic=kv_traffic)
@@ -494,8 +506,10 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (" --host-dispatch" if host_dispatch else "")
                                      + (" --kv-traffic" if kv_traffic and not host_dispatch else "")
                                      + (f" --host-ops {host_ops_file}" if host_ops_file else "")
+                                     + (f" --kv-passes {kv_passes_file}" if kv_passes_file else "")
                                      + (f" --profile {profile_file}" if profile_file else ""),
                               **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),
+                              **{k: "from the cat_strided microbenchmarks" for k in measured if k not in f.fitted},
                               "in_sample_mape_pct": f"{f.mape:.2f}",
                               "caps": ", ".join(f"{k} <= {v:.3f}" for k, v in bounds.items()
                                                 if k in f.fitted) or "none"})

@@ -10,13 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from . import catalog
+from .errors import KfsimError
 from .loader import rng
 
 #: Op kinds whose kernel counts an engine scales (see ops.py for which op is which kind).
 OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer", "positional")
+#: paths of a model's counted KV traffic (Engine.kv_passes): the full cache, and a full sliding window; each at
+#: batch > 1, and at batch 1 where one sequence's views are contiguous
+KV_PATHS = ("full", "full_batch1", "window", "window_batch1")
 #: a kind an engine is silent on counts as this one (rotary embeddings were elementwise kernels before they were a
 #: kind of their own, so an older engine prices them as it always did)
 FALLBACK = {"positional": "elementwise"}
@@ -94,6 +99,14 @@ class Engine:
     #: the cache 1 + grouped_kv_expansion x (G - 1) times (0: grouped heads read once, as SDPA's GQA path does;
     #: 1: every query head gets its own copy, as transformers' repeat_kv before attention does)
     grouped_kv_expansion: float = rng(0.0, hi=1.0, default=0.0)
+    #: bytes a decode step moves per attended KV byte, counted for each model it was counted on (measure.kv_passes,
+    #: on a CPU): model -> {"family", path: {"streamed": passes at kv_bandwidth_fraction, "strided": passes at
+    #: strided_copy_bandwidth_fraction}}, paths KV_PATHS. Where a model (or one of its family with the path) is
+    #: counted, its full cache is priced by these instead of kv_traffic_factor and grouped_kv_expansion
+    kv_passes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: achieved fraction of HBM bandwidth of a concatenation with a strided input (PyTorch's generic per-element
+    #: copy: a sliding window's cache view, or a new token cut from a fused QKV output at batch > 1)
+    strided_copy_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
     #: one all-reduce's fixed time between tensor-parallel GPUs (the collective library's launch and handshake
     #: plus the link's latency), microseconds; None: the GPU profile's interconnect_latency_us
     allreduce_latency_us: float | None = rng(0, default=None)
@@ -107,8 +120,6 @@ class Engine:
     source: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        from .errors import KfsimError
-
         for name in ("kernels_per_op", "matvec_kernels_per_op"):
             counts = getattr(self, name) or {}
             unknown = [k for k in counts if k not in OP_KINDS]
@@ -126,6 +137,15 @@ class Engine:
                                  f"scorer_layer) as numbers >= 0, got {counts}"
                                  + (f" (no {sorted(missing)[0]})" if missing else ""))
         object.__setattr__(self, "host_ops", dict(self.host_ops or {}))
+        for model, paths in (self.kv_passes or {}).items():
+            counts = {k: v for k, v in paths.items() if k != "family"}
+            if "full" not in counts or any(
+                    k not in KV_PATHS or not isinstance(v, dict) or set(v) != {"streamed", "strided"}
+                    or any(not isinstance(x, (int, float)) or x < 0 for x in v.values()) for k, v in counts.items()):
+                raise KfsimError(f"engine {self.name}: kv_passes of {model} must give the path full (and optionally "
+                                 f"{', '.join(KV_PATHS[1:])}), each as streamed and strided numbers >= 0, "
+                                 f"got {paths}")
+        object.__setattr__(self, "kv_passes", dict(self.kv_passes or {}))
         full = {k: 1.0 for k in OP_KINDS if k not in FALLBACK}
         full.update(self.kernels_per_op)
         object.__setattr__(self, "kernels_per_op", full)
@@ -140,6 +160,26 @@ class Engine:
             return None
         per_layer = counts["layer"] + (counts.get("scorer_layer", 0.0) if scored else 0.0)
         return float(counts["step"] + workload.n_layers * per_layer)
+
+    def counted_kv_passes(self, workload, batch, cached):
+        """(streamed, strided) passes per attended KV byte of `workload`'s full cache at `batch` sequences attending
+        `cached` tokens (arrays), from kv_passes: the model's count, else the first of its family that has every
+        path the model needs; None where neither was counted."""
+        windowed = bool(workload.sliding_window)
+        needed = {"full"} | ({"window"} if windowed else set())
+        paths = self.kv_passes.get(workload.name) or next(
+            (c for c in self.kv_passes.values() if c.get("family") == workload.family and needed <= set(c)), None)
+        if paths is None or not needed <= set(paths):
+            return None
+        one = np.asarray(batch, dtype=float) == 1
+        past = np.asarray(cached, dtype=float) >= workload.sliding_window if windowed else np.zeros_like(one)
+
+        def of(path, part):
+            whole = paths[path][part]
+            return np.where(one, paths.get(path + "_batch1", paths[path])[part], whole)
+
+        return tuple(np.where(past, of("window", part), of("full", part)) if windowed else of("full", part)
+                     for part in ("streamed", "strided"))
 
     def kernels(self, kind: str) -> float:
         """Kernels per op of `kind` (FALLBACK's kind where kernels_per_op is silent)."""
@@ -188,8 +228,6 @@ def get_engine(name_or_path: str) -> Engine:
     engine = catalog.resolve("engine", name_or_path, Engine)
     problem = engine.matvec_problem()
     if problem:
-        from .errors import KfsimError
-
         raise KfsimError(f"engine {name_or_path}: {problem}; matrix-vector kernels must be at least as fast as "
                          f"the GEMMs they replace (or set matvec_max_batch: 0)")
     return engine

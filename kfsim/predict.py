@@ -30,12 +30,17 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
     traffic = s.engine.evicting_kv_traffic_factor if s.policy.evicts else None
-    if s.engine.grouped_kv_expansion:
-        group = s.workload.n_heads / s.workload.n_kv_heads
-        traffic = (traffic or s.engine.kv_traffic_factor) * (1.0 + s.engine.grouped_kv_expansion * (group - 1.0))
+    counted = None if s.policy.evicts else s.engine.counted_kv_passes(s.workload, batch, cached)
+    if counted is not None:
+        traffic, strided = counted
+    else:
+        strided = None
+        if s.engine.grouped_kv_expansion:
+            group = s.workload.n_heads / s.workload.n_kv_heads
+            traffic = (traffic or s.engine.kv_traffic_factor) * (1.0 + s.engine.grouped_kv_expansion * (group - 1.0))
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic)
+                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic, kv_strided=strided)
     t = with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored))
     return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes, s.engine) if s.tp > 1 else 0.0)
 

@@ -461,3 +461,81 @@ def test_host_ops_table_and_cli(tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
                                  str(tmp_path / "text.csv")])
     assert r.exit_code != 0 and "counts must be numbers >= 0" in r.output and "Traceback" not in r.output
+
+
+#: bytes moved per attended KV byte, counted per model (measure.kv_passes; transformers 5.17 eager)
+KV_PASSES = {"llama-3-8b": {"family": "llama", "full": {"streamed": 3.0, "strided": 0.0}},
+             "gpt-j-6b": {"family": "gptj", "full": {"streamed": 5.0, "strided": 0.0}},
+             "mpt-7b": {"family": "mpt", "full": {"streamed": 1.1, "strided": 2.0},
+                        "full_batch1": {"streamed": 3.1, "strided": 0.0}},
+             "mistral-7b": {"family": "llama", "full": {"streamed": 3.0, "strided": 0.0},
+                            "window": {"streamed": 12.0, "strided": 2.0}}}
+
+
+def test_counted_kv_passes_pick_the_path_of_each_point():
+    from kfsim.workload import get_workload
+
+    e = dataclasses.replace(IDEAL, kv_passes=KV_PASSES)
+    mpt, mistral = get_workload("mpt-7b"), get_workload("mistral-7b")
+    streamed, strided = e.counted_kv_passes(mpt, np.array([1, 16]), np.array([4096, 4096]))
+    assert streamed.tolist() == [3.1, 1.1] and strided.tolist() == [0.0, 2.0]
+    window = mistral.sliding_window
+    streamed, strided = e.counted_kv_passes(mistral, 16, np.array([window - 1, window]))
+    assert streamed.tolist() == [3.0, 12.0] and strided.tolist() == [0.0, 2.0]
+    assert e.counted_kv_passes(get_workload("llama-2-13b"), 1, 1024)[0] == 3.0  # its family's count
+    assert e.counted_kv_passes(get_workload("cerebras-gpt-6.7b"), 1, 1024) is None
+    # a windowed model of a family counted without a window path is not priced by the family's full path
+    only_full = dataclasses.replace(IDEAL, kv_passes={"llama-3-8b": KV_PASSES["llama-3-8b"]})
+    assert only_full.counted_kv_passes(mistral, 1, 1024) is None
+    for bad in ({"x": {"window": {"streamed": 1.0, "strided": 0.0}}}, {"x": {"full": {"streamed": -1.0, "strided": 0}}},
+                {"x": {"full": {"streamed": 1.0}}}, {"x": {"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}}):
+        with pytest.raises(KfsimError, match="kv_passes of x must give the path full"):
+            dataclasses.replace(IDEAL, kv_passes=bad)
+
+
+def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
+    """--kv-passes: a stack whose concatenations with a strided input run at a fifth of HBM bandwidth; fitted on
+    MPT-7B's rows (whose appends are strided at batch > 1) and Llama-3-8B's, the counted passes predict Mistral-7B
+    past its window and GPT-J-6B; a single fitted KV traffic factor cannot."""
+    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_bandwidth_fraction=0.2)
+    df = synthetic(true, models=tuple(KV_PASSES))
+    df = df[(df["phase"] == "decode") & (df["policy"] == "full")]
+    seen = df["model"].isin(["mpt-7b", "llama-3-8b"])
+    caps = {"kv_bandwidth_fraction": 0.7}
+    counted = calibrate.fit(df[seen], "eager", start=dataclasses.replace(IDEAL, kv_passes=KV_PASSES),
+                            kv_traffic=True, bounds=caps)
+    assert counted.engine.strided_copy_bandwidth_fraction == pytest.approx(0.2, rel=0.05)
+    assert "kv_traffic_factor" not in counted.fitted  # every full cache fitted is counted
+    unseen = df[~seen]
+    assert np.abs(predict_frame(unseen, counted.engine) / unseen["step_ms"] - 1).max() < 0.05
+    blind = calibrate.fit(df[seen], "eager", kv_traffic=True, bounds=caps)
+    assert np.abs(predict_frame(unseen, blind.engine) / unseen["step_ms"] - 1).max() > 0.2
+    # rows without a strided copy cannot inform its bandwidth: it is not fitted (a microbenchmark gives it)
+    plain = calibrate.fit(df[df["model"].isin(["llama-3-8b", "gpt-j-6b"])], "eager",
+                          start=dataclasses.replace(IDEAL, kv_passes=KV_PASSES), kv_traffic=True, bounds=caps)
+    assert "strided_copy_bandwidth_fraction" not in plain.fitted
+
+
+def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
+    table = tmp_path / "passes.csv"
+    pd.DataFrame([dict(model=m, path=p, streamed=v["streamed"], strided=v["strided"])
+                  for m, paths in KV_PASSES.items() for p, v in paths.items() if p != "family"]).to_csv(table,
+                                                                                                       index=False)
+    assert calibrate.read_kv_passes(table) == KV_PASSES
+    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_bandwidth_fraction=0.2)
+    rows, micro, out = tmp_path / "rows.csv", tmp_path / "micro.csv", tmp_path / "e.yaml"
+    synthetic(true, models=("llama-3-8b", "gpt-j-6b")).to_csv(rows, index=False)
+    # H100 SXM: 3,350 GB/s by its datasheet (hw_profiles/h100-sxm.yaml); 670 GB/s is a fifth of it
+    pd.DataFrame([dict(bench="cat_strided", gbps=660.0, gpu="h100-sxm"),
+                  dict(bench="cat_strided_token", gbps=680.0, gpu="h100-sxm"),
+                  dict(bench="cat_contiguous", gbps=2900.0, gpu="h100-sxm")]).to_csv(micro, index=False)
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(table),
+                                 "--microbench", str(micro)])
+    assert r.exit_code == 0, r.output
+    e = get_engine(str(out))
+    assert e.kv_passes == KV_PASSES and e.strided_copy_bandwidth_fraction == pytest.approx(0.2, rel=1e-3)
+    assert "--kv-passes" in e.source["fit"] and "cat_strided" in e.source["strided_copy_bandwidth_fraction"]
+    (tmp_path / "bad.csv").write_text("model,path,streamed,strided\nllama-3-8b,half,1,0\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(tmp_path / "bad.csv")])
+    assert r.exit_code != 0 and "has path 'half'; allowed: full, full_batch1" in r.output
+    assert "Traceback" not in r.output
