@@ -150,7 +150,8 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
 #: (data/hf-host-ops counts them per model); transformers' static cache under torch.compile replays CUDA graphs
 #: but attends its whole cache, grouped heads expanded first
 STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"],
-               "hf-eager": ["--host-dispatch", "--host-ops", "data/hf-host-ops/ops.csv"],
+               "hf-eager": ["--host-dispatch", "--host-ops", "data/hf-host-ops/ops.csv", "--kv-passes",
+                            "data/hf-kv-passes/passes.csv"],
                "hf-compiled": ["--kv-traffic"]}
 
 
