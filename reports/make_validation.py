@@ -270,7 +270,9 @@ def hf_compiled_engine() -> None:
 def hf_engine(stack: str, what: str, unseen: str, engine_rows: Path | None = None) -> None:
     """engines/STACK.yaml from data/h100-sxm-STACK and its three checks: a random half validated on the other,
     `unseen` models predicted by an engine fitted on GPT-J-6B and Llama-3-8B, and the H200 rows of data/h200-STACK."""
-    grid, micro = DATA / f"h100-sxm-{stack}" / "rows.csv", DATA / "h100-sxm-plain" / "microbench.csv"
+    # the stack's own lease's microbenchmark where it has one (its copy rates), else the plain decoder's
+    micro = DATA / f"h100-sxm-{stack}" / "microbench.csv"
+    grid, micro = DATA / f"h100-sxm-{stack}" / "rows.csv", micro if micro.exists() else DATA / "h100-sxm-plain" / "microbench.csv"
     engine = fit_and_hold_out(stack, stack, grid, "H100", micro, REPORTS / f"{stack}-h100-holdout", what,
                               engine_rows=engine_rows)
     rows = measurements.load([grid], stack).drop(columns="source")
