@@ -325,20 +325,15 @@ def _by_model(df, path):
 
 def read_kv_passes(path) -> dict[str, dict]:
     """measure.kv_passes's table as Engine.kv_passes: each model's passes over its attended KV per path."""
-    from .engine import KV_PATHS
-
     df = _read_counts(path, "a KV-passes table of measure.kv_passes", ("model", "path"), ("streamed", "strided"))
-    table = {}
-    for model, family, rows in _by_model(df, path):
-        paths = {str(r["path"]): {"streamed": float(r["streamed"]), "strided": float(r["strided"])}
-                 for _, r in rows.iterrows()}
-        if bad := [p for p in paths if p not in KV_PATHS]:
-            raise KfsimError(f"{path}: {model} has path {bad[0]!r}; allowed: {', '.join(KV_PATHS)}")
-        if "full" not in paths:
-            raise KfsimError(f"{path}: {model} has no path full (the full cache every other path refines)")
-        if any(not np.isfinite(v) or v < 0 for p in paths.values() for v in p.values()):
-            raise KfsimError(f"{path}: {model}'s passes must be numbers >= 0, got {paths}")
-        table[str(model)] = {"family": family, **paths}
+    table = {str(model): {"family": family, **{str(r["path"]): {"streamed": float(r["streamed"]),
+                                                                 "strided": float(r["strided"])}
+                                               for _, r in rows.iterrows()}}
+             for model, family, rows in _by_model(df, path)}
+    try:
+        dataclasses.replace(IDEAL, kv_passes=table)  # Engine's own check of the table
+    except KfsimError as e:
+        raise KfsimError(f"{path}: {e}") from None
     return table
 
 

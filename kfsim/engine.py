@@ -27,6 +27,19 @@ KV_PATHS = ("full", "full_batch1", "window", "window_batch1")
 FALLBACK = {"positional": "elementwise"}
 
 
+def _kv_passes_problem(counts: dict) -> str:
+    """What is wrong with one model's kv_passes paths, or ''."""
+    if bad := [k for k in counts if k not in KV_PATHS]:
+        return f"has path {bad[0]!r}; allowed: {', '.join(KV_PATHS)}"
+    if "full" not in counts:
+        return "has no path full (the full cache every other path refines)"
+    if any(not isinstance(v, dict) or set(v) != {"streamed", "strided"}
+           or any(not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0 for x in v.values())
+           for v in counts.values()):
+        return "must give each path as streamed and strided numbers >= 0"
+    return ""
+
+
 @dataclass(frozen=True)
 class Engine:
     """Efficiency parameters of one software stack. All fractions are of the GPU profile's datasheet figures."""
@@ -138,13 +151,8 @@ class Engine:
                                  + (f" (no {sorted(missing)[0]})" if missing else ""))
         object.__setattr__(self, "host_ops", dict(self.host_ops or {}))
         for model, paths in (self.kv_passes or {}).items():
-            counts = {k: v for k, v in paths.items() if k != "family"}
-            if "full" not in counts or any(
-                    k not in KV_PATHS or not isinstance(v, dict) or set(v) != {"streamed", "strided"}
-                    or any(not isinstance(x, (int, float)) or x < 0 for x in v.values()) for k, v in counts.items()):
-                raise KfsimError(f"engine {self.name}: kv_passes of {model} must give the path full (and optionally "
-                                 f"{', '.join(KV_PATHS[1:])}), each as streamed and strided numbers >= 0, "
-                                 f"got {paths}")
+            if problem := _kv_passes_problem({k: v for k, v in paths.items() if k != "family"}):
+                raise KfsimError(f"engine {self.name}: kv_passes of {model} {problem}, got {paths}")
         object.__setattr__(self, "kv_passes", dict(self.kv_passes or {}))
         full = {k: 1.0 for k in OP_KINDS if k not in FALLBACK}
         full.update(self.kernels_per_op)
@@ -175,8 +183,7 @@ class Engine:
         past = np.asarray(cached, dtype=float) >= workload.sliding_window if windowed else np.zeros_like(one)
 
         def of(path, part):
-            whole = paths[path][part]
-            return np.where(one, paths.get(path + "_batch1", paths[path])[part], whole)
+            return np.where(one, paths.get(path + "_batch1", paths[path])[part], paths[path][part])
 
         return tuple(np.where(past, of("window", part), of("full", part)) if windowed else of("full", part)
                      for part in ("streamed", "strided"))

@@ -487,10 +487,14 @@ def test_counted_kv_passes_pick_the_path_of_each_point():
     # a windowed model of a family counted without a window path is not priced by the family's full path
     only_full = dataclasses.replace(IDEAL, kv_passes={"llama-3-8b": KV_PASSES["llama-3-8b"]})
     assert only_full.counted_kv_passes(mistral, 1, 1024) is None
-    for bad in ({"x": {"window": {"streamed": 1.0, "strided": 0.0}}}, {"x": {"full": {"streamed": -1.0, "strided": 0}}},
-                {"x": {"full": {"streamed": 1.0}}}, {"x": {"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}}):
-        with pytest.raises(KfsimError, match="kv_passes of x must give the path full"):
-            dataclasses.replace(IDEAL, kv_passes=bad)
+    numbers = "kv_passes of x must give each path as streamed and strided numbers >= 0"
+    for bad, why in (({"window": {"streamed": 1.0, "strided": 0.0}}, "kv_passes of x has no path full"),
+                     ({"full": {"streamed": -1.0, "strided": 0}}, numbers),
+                     ({"full": {"streamed": float("nan"), "strided": 0}}, numbers),
+                     ({"full": {"streamed": 1.0}}, numbers),
+                     ({"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}, "kv_passes of x has path 'half'; allowed")):
+        with pytest.raises(KfsimError, match=why):
+            dataclasses.replace(IDEAL, kv_passes={"x": bad})
 
 
 def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
