@@ -94,6 +94,8 @@ def _cache_classes():
             self.kv_ratio, self.window, self.kind, self.max_budget = kv_ratio, window, kind, max_budget
             self.evicting: EvictingCache | None = None
             self.seen = 0
+            self.position: torch.Tensor | None = None  # seen, on the device: a Python int would be copied over
+            # to the GPU each step, and that copy waits for the GPU's queue (a host sync per layer)
             self.new_kv = None
             self.is_initialized = True
 
@@ -108,6 +110,7 @@ def _cache_classes():
             budget = self.budget_for(prompt)
             self.evicting = EvictingCache(self.kind, batch, kv_heads, budget, round(self.window * budget), head_dim,
                                           dtype, device)
+            self.position = torch.full((), prompt, dtype=torch.long, device=device)
             return self.evicting
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -133,9 +136,9 @@ def _cache_classes():
                 if self.kv_ratio >= 1:
                     self._make_room()
                 self.evicting.scale = scale
-                bias_fn = None if alibi is None else functools.partial(alibi_bias, alibi.to(key.device),
-                                                                       group=query.shape[1] // Hkv)
-                out = self.evicting.decode(query, key, value, self.seen, bias_fn)
+                bias_fn = None if alibi is None else functools.partial(alibi_bias, alibi, group=query.shape[1] // Hkv)
+                out = self.evicting.decode(query, key, value, self.position, bias_fn)
+                self.position += 1
             else:
                 raise KfsimError("KeyformerCache takes one prompt, then one token per step (no chunked or "
                                  "speculative decoding)")
@@ -169,7 +172,7 @@ def _cache_classes():
             return -1
 
         def reset(self) -> None:
-            self.evicting, self.seen, self.new_kv = None, 0, None
+            self.evicting, self.seen, self.new_kv, self.position = None, 0, None, None
 
         def reorder_cache(self, beam_idx) -> None:
             raise KfsimError("KeyformerCache does not take beam search (each beam would need its own scores)")
@@ -249,6 +252,7 @@ def _mpt_forward(attn, alibi_bias_max: float):
     an ALiBi bias sliced as if the cache held contiguous positions: Keyformer's kept tokens are not)."""
     plain = attn.forward
     slopes = alibi_slopes(attn.n_heads, alibi_bias_max)
+    slopes_on = [slopes]  # the slopes on the device the model last ran on
     keyformer_cache = _cache_classes()[1]  # resolved here: torch.compile cannot trace the class's creation
 
     def forward(hidden_states, position_bias, *args, **kwargs):
@@ -262,7 +266,9 @@ def _mpt_forward(attn, alibi_bias_max: float):
             qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
         q, k, v = (t.reshape(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
         cache.update(k, v, attn.layer_idx)
-        out = _take_pending().attend(q, attn.softmax_scale, alibi=slopes)
+        if slopes_on[0].device != q.device:  # moved once: a copy each step would wait for the GPU
+            slopes_on[0] = slopes.to(q.device)
+        out = _take_pending().attend(q, attn.softmax_scale, alibi=slopes_on[0])
         return attn.out_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
     return forward

@@ -212,6 +212,34 @@ def test_keyformer_generate_on_the_gpu(family):
     assert torch.allclose(full.logits[0].float(), plain.logits[0].float(), atol=0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("alibi", [False, True])
+def test_keyformer_decode_steps_never_wait_for_the_gpu(alibi):
+    """A Keyformer layer's decode step queues its kernels without waiting for the GPU (no host-to-device copy of
+    its position or slopes, no .item()): a wait per layer would make an eager step the sum of the host's and the
+    GPU's time instead of the longer."""
+    from measure.decoder import alibi_slopes
+
+    layer = hf.KeyformerLayer(kv_ratio=0.5, window=0.3, kind="keyformer", max_budget=None)
+    B, H, Hkv, D = 2, 8, 4, 16
+    slopes = alibi_slopes(H, 8.0).cuda() if alibi else None
+    qkv = lambda T: [torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv)]  # noqa: E731
+    q, k, v = qkv(32)
+    layer.update(k, v)
+    layer.attend(q, D ** -0.5, alibi=slopes)  # the prompt
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            q, k, v = qkv(1)
+            layer.update(k, v)
+            layer.attend(q, D ** -0.5, alibi=slopes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.seen == 35 and int(layer.position) == 35
+
+
 @pytest.mark.parametrize("family", ["llama", "gptj", "mpt"])
 @pytest.mark.parametrize("policy", ["full", "keyformer"])
 def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
