@@ -352,6 +352,9 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     group, whose kernel times are fitted beside the rows' steps, each group against the model's time for it.
     """
     start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
+    launch = host_launch_of(df) if host_dispatch else None
+    if launch:
+        start = dataclasses.replace(start, host_launch_us=launch)
     if fused_scorer:
         start = _set(start, FUSED_SCORER)
     groups = group_rows(df.reset_index(drop=True), start, where)
@@ -372,8 +375,20 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
         fitted.update(more)
     engine, more = _power_and_workspace(df.reset_index(drop=True), groups, engine)
     fitted.update(more)
+    if launch:
+        fitted["host_launch_us"] = launch
     ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
     return Fit(engine, fitted, ape, len(ape), sum(len(ms) for _, measured in profiled for ms in measured.values()))
+
+
+def host_launch_of(df) -> float | None:
+    """The rows' host: the median of their host_launch_us (None where no row has one), the launch cost that the
+    fitted host terms are taken at; each row is predicted at its own."""
+    if "host_launch_us" not in df.columns:
+        return None
+    launch = df["host_launch_us"].to_numpy(float)
+    launch = launch[np.isfinite(launch) & (launch > 0)]
+    return _round(float(np.median(launch))) if launch.size else None
 
 
 def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:

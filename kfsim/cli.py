@@ -110,9 +110,13 @@ def _ratio(ctx, param, value):
 @click.option("--scenario", metavar="NAME", help="A model's preset prompt/gen lengths (e.g. summarization).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Tensor-parallel GPUs splitting every layer (1, 2, 4, 8); memory and fit are per GPU.")
+@click.option("--host-launch-us", type=click.FloatRange(min=0, min_open=True), metavar="US",
+              help="Your host's microseconds to launch one tiny CUDA op (kfsim measure records it in each row as "
+                   "host_launch_us): an eager engine's host time scales from the host it was fitted on. "
+                   "[default: that host's]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, window, engine, weight_dtype, kv_dtype,
-            prompt_len, gen_len, scenario, tp, as_json):
+            prompt_len, gen_len, scenario, tp, host_launch_us, as_json):
     """Predict one decode step (and, with --prompt-len/--gen-len, a whole request).
 
     \b
@@ -124,6 +128,7 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
 
     s = make_setup(gpu=gpu, hw_file=hw_file, model=model, workload_file=workload_file, engine=engine,
                    policy=policy, kv_ratio=kv_ratio, window=window, weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
+    s = _on_host(s, host_launch_us)
     if scenario:
         if prompt_len or gen_len:
             raise KfsimError("give either --scenario or --prompt-len/--gen-len, not both")
@@ -146,11 +151,30 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
     header = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": "full"
               if s.policy.is_full else s.policy.kind, "kv_ratio": s.policy.kv_ratio, "window": s.policy.window,
               "batch": batch, "seq": seq, "weight_dtype": str(s.dtypes.weight), "kv_dtype": str(s.dtypes.kv),
-              "tp": tp, "notes": list(s.notes)}
+              "tp": tp, "host_launch_us": s.host_launch_us or s.engine.host_launch_us, "notes": list(s.notes)}
     if as_json:
         click.echo(fmt.to_json({**header, **out}))
     else:
         click.echo(predict_text(s, header, out))
+
+
+def _on_host(s, host_launch_us):
+    """The setup on the user's host (--host-launch-us), with a note wherever the engine's host terms apply."""
+    import dataclasses
+
+    ref = s.engine.host_launch_us
+    if host_launch_us is None:
+        if not ref:
+            return s
+        note = (f"host: as fast as the one engine {s.engine.name} was fitted on ({ref:g} us to launch a CUDA op); "
+                f"give yours with --host-launch-us")
+        return dataclasses.replace(s, notes=s.notes + (note,))
+    if not ref:
+        raise KfsimError(f"--host-launch-us {host_launch_us:g}: engine {s.engine.name} has no host terms fitted at a "
+                         f"measured launch cost (an eager engine fitted on rows with host_launch_us, e.g. hf-eager)")
+    note = (f"host: {host_launch_us:g} us to launch a CUDA op against {ref:g} on the host engine {s.engine.name} "
+            f"was fitted on: its host time x{host_launch_us / ref:.2f}")
+    return dataclasses.replace(s, host_launch_us=float(host_launch_us), notes=s.notes + (note,))
 
 
 @cli.command(name="list")

@@ -96,6 +96,10 @@ class Engine:
     host_us_per_kernel: float = rng(0, default=0.0)
     #: host time per decode step outside the kernels' dispatch (sampling, cache bookkeeping), microseconds
     host_step_us: float = rng(0, default=0.0)
+    #: host microseconds to launch one tiny CUDA op on the machine whose rows fitted the host terms (the median of
+    #: their host_launch_us, measure.timing.host_launch_us): an eager step runs at the speed of its host, so a host
+    #: measured at another launch cost scales host_us_per_kernel and host_step_us by the ratio. None: no scaling
+    host_launch_us: float | None = rng(above=0, default=None)
     #: operations the stack dispatches per decode step, counted for each model it was counted on
     #: (measure.host_ops, on a CPU): model -> {"family", "layer": per layer, "step": outside the layers,
     #: "scorer_layer": more per layer where the policy scores}. Where a model (or, failing that, one of its family)

@@ -118,16 +118,27 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     return StepTime(total, weight_s, kv_s, other_s, compute_s, overhead_s, kernels, per_op)
 
 
-def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0, dispatched=None) -> StepTime:
+def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0, dispatched=None,
+              host_launch_us=None) -> StepTime:
     """The step of an eager framework: the longer of the host's dispatch (every kernel, or the `dispatched`
     operations where they were counted, plus `host_fixed_s`) and the GPU's work; the difference is time the GPU
-    waits (host_s). Graph replays dispatch nothing: unchanged."""
+    waits (host_s). `host_launch_us`: this host's launch cost, against the engine's (host_speed_ratio). Graph
+    replays dispatch nothing: unchanged."""
     if engine.host_us_per_kernel <= 0 and host_fixed_s <= 0:
         return t
     ops = t.kernels if dispatched is None else dispatched
-    host = ops * engine.host_us_per_kernel * 1e-6 + host_fixed_s
+    host = (ops * engine.host_us_per_kernel * 1e-6 + host_fixed_s) * host_speed_ratio(engine, host_launch_us)
     wait = np.maximum(0.0, host - t.seconds)
     return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait, host_ops=ops)
+
+
+def host_speed_ratio(engine: Engine, host_launch_us) -> np.ndarray | float:
+    """How much slower than the engine's own host a host dispatches (its launch cost over the engine's, per row;
+    1 where either is unknown)."""
+    if host_launch_us is None or not engine.host_launch_us:
+        return 1.0
+    h = np.asarray(host_launch_us, dtype=float)
+    return np.where(np.isfinite(h) & (h > 0), h / engine.host_launch_us, 1.0)
 
 
 def with_comm(t: StepTime, comm_s) -> StepTime:

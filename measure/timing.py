@@ -61,19 +61,22 @@ def _wall_clock(step, steps: int, after, warmup_s: float) -> Timing:
     return Timing.of(samples, warmup_s)
 
 
-def host_launch_us(n: int = 2000) -> float | None:
-    """Host microseconds to launch one tiny CUDA op (no sync between launches): how fast this host dispatches
-    kernels right now, which bounds an eager step (None without CUDA)."""
+def host_launch_us(n: int = 400, bursts: int = 5) -> float | None:
+    """Host microseconds to launch one tiny CUDA op (no sync between launches; the median of `bursts` bursts of
+    `n`, as one burst can land on a hiccup): how fast this host dispatches kernels right now, which bounds an
+    eager step (None without CUDA)."""
     if not torch.cuda.is_available():
         return None
     x = torch.zeros(16, device="cuda")
+    per_burst = []
+    for _ in range(bursts):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            x.add_(1.0)
+        per_burst.append((time.perf_counter() - t) * 1e6 / n)
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        x.add_(1.0)
-    us = (time.perf_counter() - t) * 1e6 / n
-    torch.cuda.synchronize()
-    return us
+    return statistics.median(per_burst)
 
 
 def capture_graph(step: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:

@@ -11,6 +11,8 @@ from kfsim import calibrate, measurements
 from kfsim.cli import cli
 from kfsim.engine import IDEAL, get_engine
 from kfsim.errors import KfsimError
+from kfsim.inputs import make_setup
+from kfsim.predict import step_time
 from kfsim.rows import predict_frame
 
 TRUE = dataclasses.replace(
@@ -221,6 +223,46 @@ def test_recovers_host_dispatch_and_kv_traffic():
     one_kind = calibrate.fit(df[df["model"] == "llama-3-8b"], "eager", host_dispatch=True,
                              bounds={"kv_bandwidth_fraction": 0.7})
     assert "grouped_kv_expansion" not in one_kind.fitted  # grouped heads alone cannot tell it from the KV traffic
+
+
+def test_host_speed_scales_the_host_terms():
+    """Rows from a host that launches kernels 1.5 times slower (host_launch_us, recorded per row) are fitted at
+    the rows' median host, and each row, and a prediction for another host, at its own launch cost."""
+    true = dataclasses.replace(EAGER, host_launch_us=6.0)
+    df = synthetic(models=("llama-3-8b", "cerebras-gpt-1.3b"))
+    df["host_launch_us"] = np.where(df["policy"] == "full", 6.0, 9.0)  # the keyformer rows on a slower host
+    df["step_ms"] = predict_frame(df, true)
+    f = calibrate.fit(df, "eager", host_dispatch=True, bounds={"kv_bandwidth_fraction": 0.7})
+    assert f.engine.host_launch_us == 9.0 and f.fitted["host_launch_us"] == 9.0  # the median row's host
+    assert f.mape < 0.5
+    assert f.engine.host_us_per_kernel == pytest.approx(20.0 * 9.0 / 6.0, rel=0.05)
+    # a host-bound step is proportional to the host's launch cost; a GPU-bound one does not move
+    s = make_setup(gpu="h100", model="llama-3-8b", engine="ideal", policy="keyformer", kv_ratio=0.5)
+    s = dataclasses.replace(s, engine=f.engine)
+    at = lambda us, batch: float(step_time(dataclasses.replace(s, host_launch_us=us), batch, 1024).seconds)  # noqa: E731
+    assert at(4.5, 1) == pytest.approx(at(9.0, 1) / 2, rel=1e-6)
+    assert at(None, 1) == at(9.0, 1) == at(float("nan"), 1)  # unknown: the engine's own host
+    assert at(4.5, 64) <= at(9.0, 64)
+    plain = calibrate.fit(df.drop(columns="host_launch_us"), "eager", host_dispatch=True,
+                          bounds={"kv_bandwidth_fraction": 0.7})
+    assert plain.engine.host_launch_us is None and plain.mape > f.mape  # one host speed for both cannot fit
+    assert calibrate.fit(df[df["batch"] > 1], "graph").engine.host_launch_us is None  # only with host terms
+
+
+def test_host_launch_us_in_predict():
+    r = CliRunner().invoke(cli, ["predict", "--gpu", "h200", "--model", "llama-3-8b", "--engine", "hf-eager",
+                                 "--seq", "4096", "--kv-ratio", "0.5", "--json"])
+    own = json.loads(r.output)
+    ref = get_engine("hf-eager").host_launch_us
+    assert own["host_launch_us"] == ref and any("--host-launch-us" in n for n in own["notes"])
+    r = CliRunner().invoke(cli, ["predict", "--gpu", "h200", "--model", "llama-3-8b", "--engine", "hf-eager",
+                                 "--seq", "4096", "--kv-ratio", "0.5", "--host-launch-us", str(ref * 2), "--json"])
+    slow = json.loads(r.output)
+    assert slow["host_launch_us"] == ref * 2 and slow["step_ms"] > own["step_ms"]
+    for args, why in ((["--host-launch-us", "0"], "not in the range x>0"),
+                      (["--host-launch-us", "6", "--engine", "default"], "engine default has no host terms")):
+        r = CliRunner().invoke(cli, ["predict", "--gpu", "h200", "--seq", "1024", *args])
+        assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output
 
 
 def test_kv_traffic_without_host_dispatch(tmp_path):
