@@ -126,18 +126,21 @@ def main():
         "GPT-J-6B on the H200 we measured 1.66-1.68x at kv-ratio 0.5 and 2.8x at 0.2.", "",
         "## The same setting through Hugging Face transformers (eager PyTorch, batch 1, H200)", "",
         "MPT-7B with `measure.hf.KeyformerCache` (ALiBi at each kept token's own position) against transformers' "
-        "own cache, steady decode steps of 30 (data/h200-hf-eager-mpt). The predicted columns are the hf-eager "
-        "engine's (fitted on the H100's transformers rows, data/h100-sxm-hf-eager); the A100's is a prediction, not "
-        "a measurement.", "",
+        "own cache, steady decode steps (each point the fastest of three rounds of 30; data/h200-hf-eager-mpt). "
+        "The predicted columns are the hf-eager engine's (fitted on the H200's transformers grid, "
+        "data/h200-hf-eager, at its host's speed); the A100's is a prediction, not a measurement.", "",
         markdown_table(hf), "",
-        "Reading: at batch 1 transformers' eager step is bound by Python dispatching kernels (about 25 ms whatever "
-        "the context on this H200's host), so a smaller cache saves nothing, and Keyformer's scorer, dispatched from "
-        f"Python too, adds {span(hf['Keyformer 0.5 ms'] - hf['full cache ms (mean of 3 contexts)'], ' ms')}: it is "
-        f"slower ({span(hf['measured H200 speedup'], 'x')}), not 1.3-2x faster. The hf-eager engine predicts "
+        "Reading: at batch 1 transformers' eager step is bound by Python dispatching kernels (the full cache "
+        f"{span(hf['full cache ms (mean of 3 contexts)'], ' ms')} whatever the context on this H200's host), so a "
+        "smaller cache saves nothing, and Keyformer's scorer, dispatched from Python too, adds "
+        f"{span(hf['Keyformer 0.5 ms'] - hf['full cache ms (mean of 3 contexts)'], ' ms')}: it is slower "
+        f"({span(hf['measured H200 speedup'], 'x')}), not 1.3-2x faster. The hf-eager engine predicts "
         f"{span(hf['hf-eager predicted H200'], 'x')} on the H200, pricing the scorer by the operations it "
-        f"dispatches, and {span(hf['hf-eager predicted A100'], 'x')} on the A100, where the full cache's GPU work "
-        "is slower against the same host and grows past the host's time at the longer requests. "
-        "The paper's gains need a step that is not host-bound (graphs or larger batches) and a KV-dominated one.",
+        f"dispatches, and {span(hf['hf-eager predicted A100'], 'x')} on the A100, whose full cache's GPU work is "
+        "slower against the same host. These Keyformer steps were timed while the cache still waited for the GPU "
+        "at every layer (twice for MPT-7B: its position and ALiBi slopes were copied to the GPU each step; removed "
+        "since, not yet measured again). The paper's gains need a step that is not host-bound (graphs or larger "
+        "batches) and a KV-dominated one.",
         "",
         "Figures: [report.html](report.html) (self-contained) or [report.md](report.md).", "",
     ]

@@ -15,11 +15,12 @@ then reports/validation-summary.json with every figure quoted in the README.
 6. engines/compiled-options.yaml and reports/compiled-options-h200-holdout/: the compiled engine with every opt-in
    kernel option on (OPTIONS_GRID, measured on the H200 only): fitted on every row, and on a random half
    validated on the other half (`--only compiled-options` runs this step alone).
-7. engines/hf-eager.yaml and reports/hf-eager-h100-holdout/: Hugging Face transformers in eager PyTorch
-   (data/h100-sxm-hf-eager), fitted with --host-dispatch and the operations counted per model
-   (data/hf-host-ops), likewise; reports/hf-eager-h100-unseen-models/: fitted on GPT-J-6B and Llama-3-8B,
-   validated on Mistral-7B and MPT-7B; reports/hf-eager-h100-to-h200/: the shipped engine on the H200 rows
-   (`--only hf-eager`).
+7. engines/hf-eager.yaml: Hugging Face transformers in eager PyTorch (data/h200-hf-eager), fitted with
+   --host-dispatch, the operations counted per model (data/hf-host-ops) and the KV passes counted per model
+   (data/hf-kv-passes); on the H200's and the H100's grids (data/h100-sxm-hf-eager) reports/hf-eager-GPU-holdout/
+   (a random half validated on the other) and reports/hf-eager-GPU-unseen-models/ (fitted on GPT-J-6B and
+   Llama-3-8B, validated on Mistral-7B and MPT-7B); reports/hf-eager-h200-to-h100/: the shipped engine on the
+   H100 rows (`--only hf-eager`).
    engines/hf-compiled.yaml and reports/hf-compiled-h100-holdout/: transformers' static cache under
    torch.compile (data/h100-sxm-hf-compiled), fitted with --kv-traffic on the GPT-J-6B and Llama-3-8B rows (whose
    steps replay CUDA graphs), a random half validated on the other; reports/hf-compiled-h100-unseen-models/:
@@ -160,20 +161,24 @@ def fit_and_hold_out(measured: str, name: str, grid: Path, gpu: str, micro: Path
     """`engine` (default engines/NAME.yaml) fitted on every `measured` row of `grid` (measured on `gpu`; of
     `engine_rows` where given), and into `hold` a fit on a random half of `grid` validated on the other half;
     returns `engine`."""
-    fused = STACK_FLAGS.get(measured, [])
     engine = engine or ROOT / "engines" / f"{name}.yaml"
     kfsim("calibrate", rel(engine_rows or grid), "--measured-engine", measured, "--microbench", rel(micro),
-          "--name", name, "--out", rel(engine), *fused)
+          "--name", name, "--out", rel(engine), *STACK_FLAGS.get(measured, []))
+    hold_out(measured, name, grid, gpu, micro, hold, what)
+    return engine
+
+
+def hold_out(measured: str, name: str, grid: Path, gpu: str, micro: Path, hold: Path, what: str) -> None:
+    """Into `hold`: an engine fitted on a random half of `grid`'s `measured` rows, validated on the other half."""
     hold.mkdir(parents=True, exist_ok=True)
     rows = measurements.load([grid], measured)
     mask = split_half(rows)
     rows[mask].drop(columns="source").to_csv(hold / "fit.csv", index=False)
     rows[~mask].drop(columns="source").to_csv(hold / "test.csv", index=False)
     kfsim("calibrate", rel(hold / "fit.csv"), "--microbench", rel(micro), "--name", f"{name}-{gpu.lower()}-half",
-          "--out", rel(hold / "engine.yaml"), *fused)
+          "--out", rel(hold / "engine.yaml"), *STACK_FLAGS.get(measured, []))
     kfsim("validate", rel(hold / "test.csv"), "--engine", rel(hold / "engine.yaml"), "--out", rel(hold),
           "--title", f"{what}: held-out half of the {gpu} rows (engine fitted on the other half)")
-    return engine
 
 
 def fit_and_check(measured: str, name: str, h100: Path, h200: Path, micro: Path, hold: Path, cross: Path,
@@ -244,19 +249,20 @@ def two_models(rows: pd.DataFrame, micro: Path, out: Path, name: str, title: str
 
 
 def hf_eager_engine() -> None:
-    """Step 7: transformers in eager PyTorch (data/h100-sxm-hf-eager: each point the fastest of two rounds), fitted
-    with the host's cost per counted operation: the shipped engine on every row, a random half validated on the
-    other; fitted on GPT-J-6B and Llama-3-8B, Mistral-7B and MPT-7B validated; the shipped engine on the H200 rows
-    of data/h200-hf-eager (one round each, another machine)."""
-    hf_engine("hf-eager", "Hugging Face transformers, eager", "Mistral-7B and MPT-7B")
+    """Step 7: transformers in eager PyTorch, fitted with the host's cost per counted operation and each model's
+    counted KV passes: the shipped engine on every H200 row (data/h200-hf-eager); on each GPU's grid a random half
+    validated on the other and Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the
+    shipped engine on the H100's rows (data/h100-sxm-hf-eager)."""
+    hf_engine("hf-eager", "Hugging Face transformers, eager", "Mistral-7B and MPT-7B", home="h200",
+              checked=("h200", "h100"))
 
 
 def hf_compiled_engine() -> None:
-    """Step 7b: transformers' static cache under torch.compile (data/h100-sxm-hf-compiled), fitted with its KV
-    traffic and no host dispatch: the shipped engine on the GPT-J-6B and Llama-3-8B rows, a random half of every row
-    validated on the other; fitted on GPT-J-6B and Llama-3-8B, Mistral-7B validated (MPT-7B does not compile); the
-    shipped engine on the H200 rows of data/h200-hf-compiled."""
-    rows = measurements.load([DATA / "h100-sxm-hf-compiled" / "rows.csv"], "hf-compiled").drop(columns="source")
+    """Step 7b: transformers' static cache under torch.compile, fitted with its KV traffic and no host dispatch on
+    the H100's GPT-J-6B and Llama-3-8B rows (data/h100-sxm-hf-compiled; the H200's 16 such rows are too few for the
+    engine's 9 parameters): a random half of every H100 row validated on the other; fitted on GPT-J-6B and
+    Llama-3-8B, Mistral-7B validated (MPT-7B does not compile); the shipped engine on the H200 rows."""
+    rows = measurements.load([ROOT / HF_GRIDS["h100"].format(stack="hf-compiled") / "rows.csv"], "hf-compiled").drop(columns="source")
     # the engine is fitted where the compiled step replays its CUDA graph: Mistral-7B's steps are host-bound and
     # uneven at batch 1-16 (manifest), and are predicted, not fitted; the random half takes every row (a half of the
     # replayed rows alone, 16, is too few for the engine's 9 parameters)
@@ -264,24 +270,40 @@ def hf_compiled_engine() -> None:
     hold.mkdir(parents=True, exist_ok=True)
     replayed = hold / "replayed.csv"
     rows[rows["model"].isin(["gpt-j-6b", "llama-3-8b"])].to_csv(replayed, index=False)
-    hf_engine("hf-compiled", "Hugging Face transformers, compiled", "Mistral-7B", engine_rows=replayed)
+    hf_engine("hf-compiled", "Hugging Face transformers, compiled", "Mistral-7B", home="h100", checked=("h100",),
+              engine_rows=replayed)
 
 
-def hf_engine(stack: str, what: str, unseen: str, engine_rows: Path | None = None) -> None:
-    """engines/STACK.yaml from data/h100-sxm-STACK and its three checks: a random half validated on the other,
-    `unseen` models predicted by an engine fitted on GPT-J-6B and Llama-3-8B, and the H200 rows of data/h200-STACK."""
-    # the stack's own lease's microbenchmark where it has one (its copy rates), else the plain decoder's
-    micro = DATA / f"h100-sxm-{stack}" / "microbench.csv"
-    grid, micro = DATA / f"h100-sxm-{stack}" / "rows.csv", micro if micro.exists() else DATA / "h100-sxm-plain" / "microbench.csv"
-    engine = fit_and_hold_out(stack, stack, grid, "H100", micro, REPORTS / f"{stack}-h100-holdout", what,
-                              engine_rows=engine_rows)
-    rows = measurements.load([grid], stack).drop(columns="source")
-    two_models(rows, micro, REPORTS / f"{stack}-h100-unseen-models", f"{stack}-h100-two-models",
-               f"{what}: {unseen} predicted by an engine fitted on GPT-J-6B and Llama-3-8B (H100)",
-               STACK_FLAGS[stack])
-    kfsim("validate", rel(DATA / f"h200-{stack}" / "rows.csv"), "--measured-engine", stack, "--engine",
-          rel(engine), "--out", rel(REPORTS / f"{stack}-h100-to-h200"),
-          "--title", f"{what}: H200 rows predicted by the engine fitted on the H100")
+#: each GPU's campaign folder of a transformers stack
+HF_GRIDS = {"h100": "data/h100-sxm-{stack}", "h200": "data/h200-{stack}"}
+
+
+def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str, ...],
+              engine_rows: Path | None = None) -> None:
+    """engines/STACK.yaml fitted on `home`'s rows (of `engine_rows` where given), and checks: on each `checked`
+    GPU a random half validated on the other and `unseen` models predicted by an engine fitted on GPT-J-6B and
+    Llama-3-8B; the shipped engine on the other GPU's rows."""
+    def folder(gpu):
+        return ROOT / HF_GRIDS[gpu].format(stack=stack)
+
+    def micro(gpu):  # the stack's own lease's microbenchmark where it has one (its copy rates), else the plain one's
+        own = folder(gpu) / "microbench.csv"
+        return own if own.exists() else DATA / f"{folder(gpu).name.rsplit('-' + stack, 1)[0]}-plain" / "microbench.csv"
+
+    engine = ROOT / "engines" / f"{stack}.yaml"
+    kfsim("calibrate", rel(engine_rows or folder(home) / "rows.csv"), "--measured-engine", stack, "--microbench",
+          rel(micro(home)), "--name", stack, "--out", rel(engine), *STACK_FLAGS[stack])
+    for gpu in checked:
+        grid = folder(gpu) / "rows.csv"
+        hold_out(stack, stack, grid, gpu.upper(), micro(gpu), REPORTS / f"{stack}-{gpu}-holdout", what)
+        rows = measurements.load([grid], stack).drop(columns="source")
+        two_models(rows, micro(gpu), REPORTS / f"{stack}-{gpu}-unseen-models", f"{stack}-{gpu}-two-models",
+                   f"{what}: {unseen} predicted by an engine fitted on GPT-J-6B and Llama-3-8B ({gpu.upper()})",
+                   STACK_FLAGS[stack])
+    other = next(g for g in HF_GRIDS if g != home)
+    kfsim("validate", rel(folder(other) / "rows.csv"), "--measured-engine", stack, "--engine", rel(engine),
+          "--out", rel(REPORTS / f"{stack}-{home}-to-{other}"),
+          "--title", f"{what}: {other.upper()} rows predicted by the engine fitted on the {home.upper()}")
 
 
 def plain_models() -> None:
