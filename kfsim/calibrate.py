@@ -14,7 +14,7 @@ import numpy as np
 from .breakdown import POINT_KEYS, group_times
 from .engine import IDEAL, Engine
 from .errors import KfsimError
-from .rows import Group, group_rows
+from .rows import Group, group_rows, host_launch_of
 
 #: engine parameter -> (lower bound, upper bound, starting value). "a.b" is key b of mapping field a.
 PARAMETERS = {
@@ -352,8 +352,9 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     group, whose kernel times are fitted beside the rows' steps, each group against the model's time for it.
     """
     start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
-    launch = host_launch_of(df) if host_dispatch else None
+    launch = host_launch_of(df) if host_dispatch else None  # the host terms are fitted at the rows' median host
     if launch:
+        launch = _round(launch)
         start = dataclasses.replace(start, host_launch_us=launch)
     if fused_scorer:
         start = _set(start, FUSED_SCORER)
@@ -379,16 +380,6 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
         fitted["host_launch_us"] = launch
     ape = np.concatenate([100 * np.abs(g.predict_ms(engine) / g.measured_ms - 1) for g in groups])
     return Fit(engine, fitted, ape, len(ape), sum(len(ms) for _, measured in profiled for ms in measured.values()))
-
-
-def host_launch_of(df) -> float | None:
-    """The rows' host: the median of their host_launch_us (None where no row has one), the launch cost that the
-    fitted host terms are taken at; each row is predicted at its own."""
-    if "host_launch_us" not in df.columns:
-        return None
-    launch = df["host_launch_us"].to_numpy(float)
-    launch = launch[np.isfinite(launch) & (launch > 0)]
-    return _round(float(np.median(launch))) if launch.size else None
 
 
 def _matvec_no_slower(engine: Engine, fitted: dict) -> tuple[Engine, dict]:

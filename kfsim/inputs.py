@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .engine import Engine, get_engine
 from .errors import KfsimError
@@ -27,9 +26,9 @@ class Setup:
     dtypes: Dtypes
     tp: int = 1  # tensor-parallel degree: GPUs that split every layer (kfsim.parallel)
     notes: tuple[str, ...] = ()  # choices kfsim made for the user, said beside the answer
-    #: the host's microseconds to launch one tiny CUDA op (one number, or one per row): scales an eager engine's
-    #: host terms from the host it was fitted on (Engine.host_launch_us); None: that host's speed
-    host_launch_us: Any = field(default=None, compare=False)
+    #: the host's microseconds to launch one tiny CUDA op: scales an eager engine's host terms from the host it was
+    #: fitted on (Engine.host_launch_us); None: that host's speed
+    host_launch_us: float | None = None
 
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)

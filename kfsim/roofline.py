@@ -132,13 +132,12 @@ def with_host(t: StepTime, engine: Engine, host_fixed_s: float = 0.0, dispatched
     return dataclasses.replace(t, seconds=t.seconds + wait, host_s=wait, host_ops=ops)
 
 
-def host_speed_ratio(engine: Engine, host_launch_us) -> np.ndarray | float:
-    """How much slower than the engine's own host a host dispatches (its launch cost over the engine's, per row;
-    1 where either is unknown)."""
-    if host_launch_us is None or not engine.host_launch_us:
+def host_speed_ratio(engine: Engine, host_launch_us: float | None) -> float:
+    """How much slower than the engine's own host a host dispatches (its launch cost over the engine's; 1 where
+    either is unknown)."""
+    if host_launch_us is None or not np.isfinite(host_launch_us) or host_launch_us <= 0 or not engine.host_launch_us:
         return 1.0
-    h = np.asarray(host_launch_us, dtype=float)
-    return np.where(np.isfinite(h) & (h > 0), h / engine.host_launch_us, 1.0)
+    return host_launch_us / engine.host_launch_us
 
 
 def with_comm(t: StepTime, comm_s) -> StepTime:

@@ -60,7 +60,7 @@ def group_rows(df, engine: Engine, where: str = "measurements") -> list[Group]:
         kind = str(policy)
         pol = make_policy(None if kind == "full" and ratio >= 1 else kind, float(ratio), float(window))
         dtypes = Dtypes.of(w, _first(g, "dtype"), _first(g, "kv_dtype"))
-        setup = Setup(hw, w, engine, pol, dtypes, tp=int(tp), host_launch_us=_host_of(g))
+        setup = Setup(hw, w, engine, pol, dtypes, tp=int(tp), host_launch_us=host_launch_of(g))
         batch = g["batch"].to_numpy(float)
         context = g["context"].to_numpy(float)
         if phase == "prefill":
@@ -74,12 +74,12 @@ def group_rows(df, engine: Engine, where: str = "measurements") -> list[Group]:
     return groups
 
 
-def _host_of(g) -> float | None:
-    """The host the group's rows ran on: the median of their host_launch_us (one launch-cost sample per row can be
-    an outlier; the rows of one group are timed one after another on one host), None where none was recorded."""
-    if "host_launch_us" not in g:
+def host_launch_of(rows) -> float | None:
+    """The host `rows` ran on: the median of their host_launch_us (one launch-cost sample per row can be an
+    outlier; a group's rows are timed one after another on one host), None where none was recorded."""
+    if "host_launch_us" not in rows:
         return None
-    launch = g["host_launch_us"].to_numpy(float)
+    launch = rows["host_launch_us"].to_numpy(float)
     launch = launch[np.isfinite(launch) & (launch > 0)]
     return float(np.median(launch)) if launch.size else None
 
