@@ -83,6 +83,18 @@ def _ratio(ctx, param, value):
     return value
 
 
+#: the most microseconds --host-launch-us takes: a tiny CUDA launch costs 5-11 us on the hosts measured here
+#: (host_launch_us in data/*-hf-eager), so a thousand is a typo, not a host
+MAX_LAUNCH_US = 1000.0
+
+
+def _launch_us(ctx, param, value):
+    if value is not None and not (0 < value <= MAX_LAUNCH_US):  # NaN and inf fail this too
+        raise click.BadParameter(f"{value:g} is out of range; allowed: 0 < US <= {MAX_LAUNCH_US:g} (microseconds "
+                                 f"to launch one CUDA op)")
+    return value
+
+
 @cli.command()
 @click.option("--gpu", "gpu", metavar="NAME", help="Shipped GPU profile or alias (see `kfsim list gpus`).")
 @click.option("--hw", "hw_file", metavar="FILE", help="A GPU profile YAML file instead of --gpu.")
@@ -110,7 +122,7 @@ def _ratio(ctx, param, value):
 @click.option("--scenario", metavar="NAME", help="A model's preset prompt/gen lengths (e.g. summarization).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Tensor-parallel GPUs splitting every layer (1, 2, 4, 8); memory and fit are per GPU.")
-@click.option("--host-launch-us", type=click.FloatRange(min=0, min_open=True), metavar="US",
+@click.option("--host-launch-us", type=float, callback=_launch_us, metavar="US",
               help="Your host's microseconds to launch one tiny CUDA op (kfsim measure records it in each row as "
                    "host_launch_us): an eager engine's host time scales from the host it was fitted on. "
                    "[default: that host's]")

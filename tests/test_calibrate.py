@@ -259,8 +259,8 @@ def test_host_launch_us_in_predict():
                                  "--seq", "4096", "--kv-ratio", "0.5", "--host-launch-us", str(ref * 2), "--json"])
     slow = json.loads(r.output)
     assert slow["host_launch_us"] == ref * 2 and slow["step_ms"] > own["step_ms"]
-    for args, why in ((["--host-launch-us", "0"], "not in the range x>0"),
-                      (["--host-launch-us", "6", "--engine", "default"], "engine default has no host terms")):
+    bad = [(["--host-launch-us", v], f"{v} is out of range; allowed: 0 < US <= 1000") for v in ("0", "nan", "inf", "-1")]
+    for args, why in bad + [(["--host-launch-us", "6", "--engine", "default"], "engine default has no host terms")]:
         r = CliRunner().invoke(cli, ["predict", "--gpu", "h200", "--seq", "1024", *args])
         assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output
 
