@@ -27,6 +27,14 @@ KV_PATHS = ("full", "full_batch1", "window", "window_batch1")
 FALLBACK = {"positional": "elementwise"}
 
 
+#: the most passes per attended KV byte a kv_passes path may give: 12 is the most counted (Mistral-7B's window in
+#: transformers 5.17, data/hf-kv-passes), so a hundred is a broken file, not a stack
+MAX_KV_PASSES = 100.0
+#: the most operations per layer or per step a host_ops count may give: transformers 5.17 dispatches 22-52 a layer
+#: (data/hf-host-ops), so a hundred thousand is a broken file
+MAX_HOST_OPS = 1e5
+
+
 def _kv_passes_problem(counts: dict) -> str:
     """What is wrong with one model's kv_passes paths, or ''."""
     if bad := [k for k in counts if k not in KV_PATHS]:
@@ -34,9 +42,9 @@ def _kv_passes_problem(counts: dict) -> str:
     if "full" not in counts:
         return "has no path full (the full cache every other path refines)"
     if any(not isinstance(v, dict) or set(v) != {"streamed", "strided"}
-           or any(not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0 for x in v.values())
+           or any(not isinstance(x, (int, float)) or not 0 <= x <= MAX_KV_PASSES for x in v.values())
            for v in counts.values()):
-        return "must give each path as streamed and strided numbers >= 0"
+        return f"must give each path as streamed and strided numbers from 0 to {MAX_KV_PASSES:g}"
     return ""
 
 
@@ -149,9 +157,9 @@ class Engine:
         for model, counts in (self.host_ops or {}).items():
             numbers = {k: v for k, v in counts.items() if k != "family"}
             if (missing := {"layer", "step"} - set(numbers)) or any(
-                    not isinstance(v, (int, float)) or v < 0 for v in numbers.values()):
+                    not isinstance(v, (int, float)) or not 0 <= v <= MAX_HOST_OPS for v in numbers.values()):
                 raise KfsimError(f"engine {self.name}: host_ops of {model} must give layer and step (and optionally "
-                                 f"scorer_layer) as numbers >= 0, got {counts}"
+                                 f"scorer_layer) as numbers from 0 to {MAX_HOST_OPS:g}, got {counts}"
                                  + (f" (no {sorted(missing)[0]})" if missing else ""))
         object.__setattr__(self, "host_ops", dict(self.host_ops or {}))
         for model, paths in (self.kv_passes or {}).items():

@@ -474,8 +474,9 @@ def test_dispatched_ops_follow_the_model_then_its_family():
     out = predict(eager, 1, 4096)
     assert float(out["host_ops"]) == 22 + 32 * (40 + 33) and float(out["full_host_ops"]) == 22 + 32 * 40
     assert float(predict(s, 1, 4096)["host_ops"]) == 0  # no host term: nothing dispatched is priced
-    with pytest.raises(KfsimError, match="host_ops of x must give layer and step"):
-        dataclasses.replace(IDEAL, host_ops={"x": {"layer": 3.0}})
+    for bad in ({"layer": 3.0}, {"layer": float("nan"), "step": 1.0}, {"layer": 1e300, "step": 1.0}):
+        with pytest.raises(KfsimError, match="host_ops of x must give layer and step"):
+            dataclasses.replace(IDEAL, host_ops={"x": bad})
 
 
 def test_host_ops_table_and_cli(tmp_path):
@@ -529,10 +530,11 @@ def test_counted_kv_passes_pick_the_path_of_each_point():
     # a windowed model of a family counted without a window path is not priced by the family's full path
     only_full = dataclasses.replace(IDEAL, kv_passes={"llama-3-8b": KV_PASSES["llama-3-8b"]})
     assert only_full.counted_kv_passes(mistral, 1, 1024) is None
-    numbers = "kv_passes of x must give each path as streamed and strided numbers >= 0"
+    numbers = "kv_passes of x must give each path as streamed and strided numbers from 0 to 100"
     for bad, why in (({"window": {"streamed": 1.0, "strided": 0.0}}, "kv_passes of x has no path full"),
                      ({"full": {"streamed": -1.0, "strided": 0}}, numbers),
                      ({"full": {"streamed": float("nan"), "strided": 0}}, numbers),
+                     ({"full": {"streamed": 2.8e297, "strided": 0}}, numbers),  # overflowed a step (fuzzed)
                      ({"full": {"streamed": 1.0}}, numbers),
                      ({"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}, "kv_passes of x has path 'half'; allowed")):
         with pytest.raises(KfsimError, match=why):
