@@ -293,7 +293,7 @@ def read_host_ops(path) -> dict[str, dict]:
         if scorers:
             counts["scorer_layer"] = max(0.0, max(scorers))
         table[str(model)] = counts
-    return table
+    return _as_engine_has_it(path, host_ops=table)
 
 
 def _read_counts(path, what: str, keys: tuple, numbers: tuple):
@@ -330,11 +330,16 @@ def read_kv_passes(path) -> dict[str, dict]:
                                                                  "strided": float(r["strided"])}
                                                for _, r in rows.iterrows()}}
              for model, family, rows in _by_model(df, path)}
+    return _as_engine_has_it(path, kv_passes=table)
+
+
+def _as_engine_has_it(path, **field):
+    """The one table in `field`, once Engine's own check of it passed (its error prefixed with the file read)."""
     try:
-        dataclasses.replace(IDEAL, kv_passes=table)  # Engine's own check of the table
+        dataclasses.replace(IDEAL, **field)
     except KfsimError as e:
         raise KfsimError(f"{path}: {e}") from None
-    return table
+    return next(iter(field.values()))
 
 
 def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measurements",

@@ -504,6 +504,10 @@ def test_host_ops_table_and_cli(tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
                                  str(tmp_path / "text.csv")])
     assert r.exit_code != 0 and "counts must be numbers >= 0" in r.output and "Traceback" not in r.output
+    (tmp_path / "huge.csv").write_text("model,policy,ops_per_layer,ops_per_step\nllama-3-8b,full,1e300,22\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--host-dispatch", "--host-ops",
+                                 str(tmp_path / "huge.csv")])
+    assert r.exit_code == 2 and f"{tmp_path / 'huge.csv'}: engine ideal: host_ops of llama-3-8b" in r.output
 
 
 #: bytes moved per attended KV byte, counted per model (measure.kv_passes; transformers 5.17 eager)
