@@ -54,7 +54,7 @@ PREFILL_PARAMETERS = {
     "keyformer_prefill_logit_passes": (0.0, 100.0, 5.0),
 }
 #: what each parameter needs in the rows to be identifiable
-NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes": "unfused scorer",
+NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes": "uncounted scorer",
          "keyformer_flops_per_kv_byte": "fused scorer",
          "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored",
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
@@ -102,19 +102,23 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
     rows at batches up to the engine's matvec_max_batch; host dispatch needs an eager decoder; KV traffic an eager
     decoder or `kv_traffic`, and full-cache rows of a model whose passes were not counted (Engine.kv_passes; grouped
     heads' expansion: uncounted rows of models with and without grouped KV heads); strided copies' bandwidth, a
-    counted model whose rows make them; rotary kernels need a profile with their time, `profiled_names` its
-    fitted groups)."""
+    counted model whose rows make them; an unfused scorer's logit passes, scored rows whose cache was not counted
+    (Engine.counted_scored_passes); rotary kernels need a profile with their time, `profiled_names` its fitted
+    groups)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
     traffic = host_dispatch or kv_traffic
     counted = {id(g): None if g.setup.policy.evicts else
                g.setup.engine.counted_kv_passes(g.setup.workload, g.batch, g.cached) for g in groups}
-    uncounted = [g for g in groups if counted[id(g)] is None]
+    counted_scored = {id(g) for g in groups if g.setup.policy.scored
+                      and g.setup.engine.counted_scored_passes(g.setup.workload, g.setup.policy.kind) is not None}
+    uncounted = [g for g in groups if counted[id(g)] is None and id(g) not in counted_scored]
     have = {"scored": scored, "fused scorer": scored and fused_scorer, "unfused scorer": scored and not fused_scorer,
+            "uncounted scorer": scored and not fused_scorer and any(g.setup.policy.scored for g in uncounted),
             "matvec": matvec, "host dispatch": host_dispatch,
             "kv traffic": traffic and any(not g.setup.policy.evicts for g in uncounted),
-            "evicting kv traffic": traffic and any(g.setup.policy.evicts for g in groups),
+            "evicting kv traffic": traffic and any(g.setup.policy.evicts for g in uncounted),
             "grouped kv traffic": traffic and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
                                                    for g in uncounted}) == 2,
             "strided copies": any(c is not None and np.any(c[1] > 0) for c in counted.values()),
@@ -326,9 +330,19 @@ def _by_model(df, path):
 def read_kv_passes(path) -> dict[str, dict]:
     """measure.kv_passes's table as Engine.kv_passes: each model's passes over its attended KV per path."""
     df = _read_counts(path, "a KV-passes table of measure.kv_passes", ("model", "path"), ("streamed", "strided"))
-    table = {str(model): {"family": family, **{str(r["path"]): {"streamed": float(r["streamed"]),
-                                                                 "strided": float(r["strided"])}
-                                               for _, r in rows.iterrows()}}
+    import pandas as pd
+
+    if "scorer" in df.columns:  # scored paths only: empty on the others, and absent from a table of full caches
+        raw, df["scorer"] = df["scorer"], pd.to_numeric(df["scorer"], errors="coerce")
+        if (bad := raw[df["scorer"].isna() & raw.notna()]).size:
+            raise KfsimError(f"{path}: scorer {bad.iloc[0]!r} is not a number of passes")
+
+    def passes(r) -> dict:
+        scorer = r.get("scorer")
+        return {"streamed": float(r["streamed"]), "strided": float(r["strided"]),
+                **({} if scorer is None or pd.isna(scorer) else {"scorer": float(scorer)})}
+
+    table = {str(model): {"family": family, **{str(r["path"]): passes(r) for _, r in rows.iterrows()}}
              for model, family, rows in _by_model(df, path)}
     return _as_engine_has_it(path, kv_passes=table)
 

@@ -19,9 +19,11 @@ from .loader import rng
 
 #: Op kinds whose kernel counts an engine scales (see ops.py for which op is which kind).
 OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer", "positional")
-#: paths of a model's counted KV traffic (Engine.kv_passes): the full cache, and a full sliding window; each at
-#: batch > 1, and at batch 1 where one sequence's views are contiguous
-KV_PATHS = ("full", "full_batch1", "window", "window_batch1")
+#: paths of a model's counted KV traffic (Engine.kv_passes): the full cache, and a full sliding window, each at
+#: batch > 1, and at batch 1 where one sequence's views are contiguous; and the evicting caches of the scored
+#: policies (their kept tokens, with the scorer's own passes apart)
+SCORED_PATHS = ("keyformer", "h2o")
+KV_PATHS = ("full", "full_batch1", "window", "window_batch1") + SCORED_PATHS
 #: a kind an engine is silent on counts as this one (rotary embeddings were elementwise kernels before they were a
 #: kind of their own, so an older engine prices them as it always did)
 FALLBACK = {"positional": "elementwise"}
@@ -41,10 +43,13 @@ def _kv_passes_problem(counts: dict) -> str:
         return f"has path {bad[0]!r}; allowed: {', '.join(KV_PATHS)}"
     if "full" not in counts:
         return "has no path full (the full cache every other path refines)"
-    if any(not isinstance(v, dict) or set(v) != {"streamed", "strided"}
+    if any(not isinstance(v, dict) or not {"streamed", "strided"} <= set(v) <= {"streamed", "strided", "scorer"}
            or any(not isinstance(x, (int, float)) or not 0 <= x <= MAX_KV_PASSES for x in v.values())
            for v in counts.values()):
-        return f"must give each path as streamed and strided numbers from 0 to {MAX_KV_PASSES:g}"
+        return (f"must give each path as streamed and strided numbers (and scorer, on paths "
+                f"{' and '.join(SCORED_PATHS)}) from 0 to {MAX_KV_PASSES:g}")
+    if any("scorer" in v for k, v in counts.items() if k not in SCORED_PATHS):
+        return f"gives scorer passes on a path that does not score; only {', '.join(SCORED_PATHS)} do"
     return ""
 
 
@@ -126,8 +131,10 @@ class Engine:
     grouped_kv_expansion: float = rng(0.0, hi=1.0, default=0.0)
     #: bytes a decode step moves per attended KV byte, counted for each model it was counted on (measure.kv_passes,
     #: on a CPU): model -> {"family", path: {"streamed": passes at kv_bandwidth_fraction, "strided": passes at
-    #: strided_copy_bandwidth_fraction}}, paths KV_PATHS. Where a model (or one of its family with the path) is
-    #: counted, its full cache is priced by these instead of kv_traffic_factor and grouped_kv_expansion
+    #: strided_copy_bandwidth_fraction, "scorer" (scored paths): the scorer's passes}}, paths KV_PATHS. Where a
+    #: model (or one of its family with the path) is counted, its full cache is priced by these instead of
+    #: kv_traffic_factor and grouped_kv_expansion, and its Keyformer or H2O cache instead of
+    #: evicting_kv_traffic_factor and keyformer_logit_passes
     kv_passes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: achieved fraction of HBM bandwidth of a concatenation with a strided input (PyTorch's generic per-element
     #: copy: a sliding window's cache view, or a new token cut from a fused QKV output at batch > 1)
@@ -181,15 +188,27 @@ class Engine:
         per_layer = counts["layer"] + (counts.get("scorer_layer", 0.0) if scored else 0.0)
         return float(counts["step"] + workload.n_layers * per_layer)
 
+    def _counted_paths(self, workload, needed: set) -> dict | None:
+        """kv_passes of `workload`: the model's count, else the first of its family that has every `needed` path;
+        None where neither has them."""
+        paths = self.kv_passes.get(workload.name) or next(
+            (c for c in self.kv_passes.values() if c.get("family") == workload.family and needed <= set(c)), None)
+        return paths if paths is not None and needed <= set(paths) else None
+
+    def counted_scored_passes(self, workload, kind: str) -> tuple[float, float] | None:
+        """(attention, scorer) passes per kept KV byte of `workload`'s evicting cache of policy `kind` (keyformer or
+        h2o) from kv_passes, or None where it was not counted: the cache's attention streams its kept tokens, the
+        scorer's work (noise, softmax, accumulation, eviction) moves `scorer` more."""
+        paths = self._counted_paths(workload, {kind}) if kind in SCORED_PATHS else None
+        return None if paths is None else (paths[kind]["streamed"], paths[kind].get("scorer", 0.0))
+
     def counted_kv_passes(self, workload, batch, cached):
         """(streamed, strided) passes per attended KV byte of `workload`'s full cache at `batch` sequences attending
         `cached` tokens (arrays), from kv_passes: the model's count, else the first of its family that has every
         path the model needs; None where neither was counted."""
         windowed = bool(workload.sliding_window)
-        needed = {"full"} | ({"window"} if windowed else set())
-        paths = self.kv_passes.get(workload.name) or next(
-            (c for c in self.kv_passes.values() if c.get("family") == workload.family and needed <= set(c)), None)
-        if paths is None or not needed <= set(paths):
+        paths = self._counted_paths(workload, {"full"} | ({"window"} if windowed else set()))
+        if paths is None:
             return None
         one = np.asarray(batch, dtype=float) == 1
         past = np.asarray(cached, dtype=float) >= workload.sliding_window if windowed else np.zeros_like(one)

@@ -11,11 +11,11 @@ from .rows import group_rows
 
 def rates(df, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Bytes moved and FLOPs of every row's step as kfsim counts them (in row order)."""
-    from .predict import traffic
+    from .predict import logit_passes_of, traffic
 
     moved, flops = np.empty(len(df)), np.empty(len(df))
     for g in group_rows(df, engine):
-        tr = traffic(g.ops, g.setup.engine)
+        tr = traffic(g.ops, logit_passes_of(g.setup))
         moved[g.index] = np.broadcast_to(tr["moved"], g.batch.shape)
         flops[g.index] = np.broadcast_to(tr["flops"], g.batch.shape)
     return moved, flops

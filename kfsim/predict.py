@@ -30,20 +30,36 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     batch_heads = np.asarray(batch, dtype=float) * s.workload.n_kv_heads
     split = s.engine.evicting_attention_split_tokens if s.policy.evicts else s.engine.attention_split_tokens
     traffic = s.engine.evicting_kv_traffic_factor if s.policy.evicts else None
-    counted = None if s.policy.evicts else s.engine.counted_kv_passes(s.workload, batch, cached)
-    if counted is not None:
+    strided = logit_passes = None
+    scored = s.engine.counted_scored_passes(s.workload, s.policy.kind) if s.policy.scored else None
+    counted = None if s.policy.evicts or scored else s.engine.counted_kv_passes(s.workload, batch, cached)
+    if scored is not None:
+        traffic, logit_passes = scored[0], logit_passes_of(s)
+    elif counted is not None:
         traffic, strided = counted
-    else:
-        strided = None
-        if s.engine.grouped_kv_expansion:
-            group = s.workload.n_heads / s.workload.n_kv_heads
-            traffic = (traffic or s.engine.kv_traffic_factor) * (1.0 + s.engine.grouped_kv_expansion * (group - 1.0))
+    elif s.engine.grouped_kv_expansion:
+        group = s.workload.n_heads / s.workload.n_kv_heads
+        traffic = (traffic or s.engine.kv_traffic_factor) * (1.0 + s.engine.grouped_kv_expansion * (group - 1.0))
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
-                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic, kv_strided=strided)
+                 fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic, kv_strided=strided,
+                 logit_passes=logit_passes)
     t = with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored),
                   s.host_launch_us)
     return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes, s.engine) if s.tp > 1 else 0.0)
+
+
+def logit_passes_of(s: Setup) -> float:
+    """Passes a decode step's scorer makes over its fp32 logits: the engine's, or where the engine counted the
+    model's scored cache (Engine.counted_scored_passes) its scorer's passes per kept KV byte in that unit (ops:
+    one fp32 logit per query head and kept token, beside the score buffer's 8 bytes per KV head that the
+    scoring op already counts)."""
+    scored = s.engine.counted_scored_passes(s.workload, s.policy.kind) if s.policy.scored else None
+    if scored is None:
+        return s.engine.keyformer_logit_passes
+    w = s.workload
+    kv_token = 2 * w.n_kv_heads * w.head_dim * s.dtypes.kv.bytes  # K and V of one token in one layer
+    return max(0.0, scored[1] * kv_token - 8.0 * w.n_kv_heads) / (4.0 * w.n_heads)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
@@ -76,12 +92,12 @@ def request_peak_cached(s: Setup, prompt: int, cached: np.ndarray) -> int:
     return max(int(prompt_cached), int(cached.max()) if cached.size else 0)
 
 
-def traffic(ops, engine) -> dict:
-    """A step's bytes by kind and its FLOPs, summed over `ops`; `other` includes the engine's passes over
-    materialised scoring logits, and `moved` is every byte."""
+def traffic(ops, logit_passes: float) -> dict:
+    """A step's bytes by kind and its FLOPs, summed over `ops`; `other` includes `logit_passes` over materialised
+    scoring logits (logit_passes_of), and `moved` is every byte."""
     total = lambda attr: sum(getattr(o, attr) for o in ops)  # noqa: E731
     out = {k: total(f"{k}_bytes") for k in ("weight", "kv_read", "kv_write", "other")}
-    out["other"] = out["other"] + engine.keyformer_logit_passes * total("logit_pass_bytes")
+    out["other"] = out["other"] + logit_passes * total("logit_pass_bytes")
     out["moved"] = out["weight"] + out["kv_read"] + out["kv_write"] + out["other"]
     out["flops"] = total("flops")
     return out
@@ -91,7 +107,7 @@ def _step_fields(s: Setup, batch, seq) -> dict:
     cached = attended_tokens(s.workload, s.policy, seq)
     ops = decode_ops(s.workload, s.policy, s.dtypes, batch, cached)
     t = step_time(s, batch, cached, ops)
-    tr = traffic(ops, s.engine)
+    tr = traffic(ops, logit_passes_of(s))
     weight, kv_read, kv_write, other, moved, flops = (tr[k] for k in ("weight", "kv_read", "kv_write", "other",
                                                                       "moved", "flops"))
     B = np.asarray(batch, dtype=float) * np.ones_like(t.seconds)

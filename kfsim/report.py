@@ -10,7 +10,7 @@ import numpy as np
 
 from .inputs import make_setup
 from .ops import attended_tokens, decode_ops
-from .predict import predict, step_time
+from .predict import logit_passes_of, predict, step_time
 
 CONTEXTS = np.unique(np.geomspace(256, 32768, 40).astype(int))
 BATCHES = np.unique(np.geomspace(1, 512, 30).astype(int))
@@ -48,7 +48,7 @@ def fig_roofline(ax, gpu, model, engine, batch, context, tp=1):
         t = step_time(s, batch, cached)
         for op in decode_ops(s.workload, s.policy, s.dtypes, batch, cached):
             moved = float(op.weight_bytes + op.kv_read_bytes + op.kv_write_bytes + op.other_bytes
-                          + s.engine.keyformer_logit_passes * op.logit_pass_bytes)
+                          + logit_passes_of(s) * op.logit_pass_bytes)
             if moved <= 0 or float(op.flops) <= 0:
                 continue
             ax.scatter(float(op.flops) / moved, float(op.flops) / float(t.per_op[op.name]) / 1e12, marker=marker,

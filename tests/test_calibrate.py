@@ -12,7 +12,7 @@ from kfsim.cli import cli
 from kfsim.engine import IDEAL, get_engine
 from kfsim.errors import KfsimError
 from kfsim.inputs import make_setup
-from kfsim.predict import step_time
+from kfsim.predict import predict, step_time
 from kfsim.rows import predict_frame
 
 TRUE = dataclasses.replace(
@@ -534,15 +534,69 @@ def test_counted_kv_passes_pick_the_path_of_each_point():
     # a windowed model of a family counted without a window path is not priced by the family's full path
     only_full = dataclasses.replace(IDEAL, kv_passes={"llama-3-8b": KV_PASSES["llama-3-8b"]})
     assert only_full.counted_kv_passes(mistral, 1, 1024) is None
-    numbers = "kv_passes of x must give each path as streamed and strided numbers from 0 to 100"
+    numbers = "kv_passes of x must give each path as streamed and strided numbers"
     for bad, why in (({"window": {"streamed": 1.0, "strided": 0.0}}, "kv_passes of x has no path full"),
                      ({"full": {"streamed": -1.0, "strided": 0}}, numbers),
                      ({"full": {"streamed": float("nan"), "strided": 0}}, numbers),
                      ({"full": {"streamed": 2.8e297, "strided": 0}}, numbers),  # overflowed a step (fuzzed)
                      ({"full": {"streamed": 1.0}}, numbers),
-                     ({"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}, "kv_passes of x has path 'half'; allowed")):
+                     ({"full": {"streamed": 1.0, "strided": 0.0}, "half": {}}, "kv_passes of x has path 'half'; allowed"),
+                     ({"full": {"streamed": 1.0, "strided": 0.0, "scorer": 1.0}}, "scorer passes on a path that "
+                      "does not score; only keyformer, h2o"),
+                     ({"full": {"streamed": 1.0, "strided": 0.0},
+                       "keyformer": {"streamed": 1.0, "strided": 0.0, "scorer": -1.0}}, numbers)):
         with pytest.raises(KfsimError, match=why):
             dataclasses.replace(IDEAL, kv_passes={"x": bad})
+
+
+#: the same with each model's Keyformer cache counted: its attention's passes over the kept tokens, and its scorer's
+#: passes per kept KV byte (measure.kv_passes on transformers 5.17: grouped heads' logits weigh more per KV byte)
+SCORED_PASSES = {m: {**paths, "keyformer": {"streamed": s, "strided": 0.0, "scorer": c}}
+                 for (m, paths), (s, c) in zip(KV_PASSES.items(), ((1.33, 0.76), (1.07, 0.15), (1.23, 0.29),
+                                                                    (1.33, 0.76)))}
+
+
+def test_a_counted_keyformer_cache_replaces_the_fitted_scorer_passes():
+    """Engine.counted_scored_passes prices a counted Keyformer cache: its attention's passes replace the evicting
+    traffic factor (and grouped heads' expansion), its scorer's passes the engine's logit passes; a model or policy
+    not counted keeps the engine's."""
+    from kfsim.inputs import make_setup
+    from kfsim.predict import logit_passes_of
+    from kfsim.workload import get_workload
+
+    e = dataclasses.replace(TRUE, kv_passes=SCORED_PASSES, grouped_kv_expansion=1.0, evicting_kv_traffic_factor=5.0)
+    assert e.counted_scored_passes(get_workload("llama-3-8b"), "keyformer") == (1.33, 0.76)
+    assert e.counted_scored_passes(get_workload("llama-2-13b"), "keyformer") == (1.33, 0.76)  # its family's
+    assert e.counted_scored_passes(get_workload("llama-3-8b"), "h2o") is None
+    assert e.counted_scored_passes(get_workload("cerebras-gpt-6.7b"), "keyformer") is None
+
+    def setup(model, engine):
+        return dataclasses.replace(make_setup(gpu="h100-sxm", model=model, policy="keyformer", kv_ratio=0.5),
+                                   engine=engine)
+
+    # Llama-3-8B: a token's K and V are 2 x 8 heads x 128 x 2 bytes = 4,096 per layer; 0.76 of that, less the
+    # score buffer's 8 bytes per KV head (64), over 32 query heads' fp32 logits (128 bytes): 23.8 passes
+    assert logit_passes_of(setup("llama-3-8b", e)) == pytest.approx((0.76 * 4096 - 64) / 128)
+    assert logit_passes_of(setup("cerebras-gpt-6.7b", e)) == TRUE.keyformer_logit_passes
+    # the counted cache is not the evicting traffic factor's: changing that factor moves only uncounted models
+    more = dataclasses.replace(e, evicting_kv_traffic_factor=10.0)
+    for model, moves in (("llama-3-8b", False), ("cerebras-gpt-6.7b", True)):
+        a, b = (float(predict(setup(model, x), 64, 16384)["step_ms"]) for x in (e, more))
+        assert (b > a * 1.01) == moves, model
+
+
+def test_counted_keyformer_caches_fitted_on_two_models_predict_two_never_timed():
+    """--kv-passes with scored paths: Keyformer rows of a stack whose cache and scorer are counted fit no logit
+    passes or evicting traffic of their own, and predict the Keyformer steps of models never timed."""
+    true = dataclasses.replace(TRUE, kv_passes=SCORED_PASSES, strided_copy_bandwidth_fraction=0.2)
+    df = synthetic(true, models=tuple(SCORED_PASSES))
+    df = df[df["phase"] == "decode"]
+    seen = df["model"].isin(["gpt-j-6b", "llama-3-8b"])
+    fit = calibrate.fit(df[seen], "eager", start=dataclasses.replace(IDEAL, kv_passes=SCORED_PASSES),
+                        kv_traffic=True, bounds={"kv_bandwidth_fraction": 0.7})
+    assert not {"keyformer_logit_passes", "evicting_kv_traffic_factor", "grouped_kv_expansion"} & set(fit.fitted)
+    unseen = df[~seen & (df["policy"] == "keyformer")]
+    assert np.abs(predict_frame(unseen, fit.engine) / unseen["step_ms"] - 1).max() < 0.05
 
 
 def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
@@ -570,6 +624,11 @@ def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
 
 def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
     table = tmp_path / "passes.csv"
+    pd.DataFrame([dict(model=m, path=p, **v)
+                  for m, paths in SCORED_PASSES.items() for p, v in paths.items() if p != "family"]).to_csv(table,
+                                                                                                          index=False)
+    assert calibrate.read_kv_passes(table) == SCORED_PASSES  # scorer only on the scored paths (empty elsewhere)
+    table = tmp_path / "full-only.csv"
     pd.DataFrame([dict(model=m, path=p, streamed=v["streamed"], strided=v["strided"])
                   for m, paths in KV_PASSES.items() for p, v in paths.items() if p != "family"]).to_csv(table,
                                                                                                        index=False)
@@ -591,3 +650,7 @@ def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(tmp_path / "bad.csv")])
     assert r.exit_code != 0 and "has path 'half'; allowed: full, full_batch1" in r.output
     assert "Traceback" not in r.output
+    (tmp_path / "word.csv").write_text("model,path,streamed,strided,scorer\nllama-3-8b,full,3,0,\n"
+                                       "llama-3-8b,keyformer,1.3,0,lots\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(tmp_path / "word.csv")])
+    assert r.exit_code != 0 and "scorer 'lots' is not a number of passes" in r.output and "Traceback" not in r.output

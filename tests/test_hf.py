@@ -336,3 +336,24 @@ def test_kv_passes_match_a_hand_count(model, batch, window, streamed, strided):
 
     got = kv_passes.passes(model, batch, window=window)
     assert got[0] == pytest.approx(streamed, abs=0.06) and got[1] == pytest.approx(strided, abs=1e-9)
+
+
+@pytest.mark.parametrize("policy,scorer", [
+    # per kept token of a 2-KV-head tiny Llama (8 query heads of 128; K and V 1,024 bytes a token): the scorer reads
+    # the 8 query heads' fp32 probabilities (32) to sum them per KV head (8 written), adds that to the score (8 + 8
+    # + 8), compares the int64 positions (2 x 8 bytes) twice to make the recent-window mask (16 + 2, 16 + 2, and
+    # 2 + 2 + 2 for the or), masks the rank twice (8 + 2 + 8, with the empty-slot compare 16 + 2) and reads it for
+    # the arg-min (8): 168 bytes
+    ("h2o", 168 / 1024),
+    # Keyformer adds Gumbel noise first: drawn (32 written), clamped, two logs and two negations (5 x 64), added to
+    # the logits (96), divided by tau (64), softmaxed (64): 576 more
+    ("keyformer", (168 + 576) / 1024),
+])
+def test_scored_kv_passes_match_a_hand_count(policy, scorer):
+    """measure.kv_passes on KeyformerCache: its attention reads K (512 bytes a token), writes bf16 logits (16),
+    casts them to fp32 (16 + 32), scales (32 + 32), masks empty slots (32 + 2 + 32, the mask from the int64
+    positions 16 + 2), softmaxes (32 + 32), casts back (32 + 16) and reads V (16 + 512): 1,364 bytes."""
+    from measure import kv_passes
+
+    streamed, strided, counted = kv_passes.passes("llama-3-8b", 2, policy=policy)
+    assert streamed == pytest.approx(1364 / 1024) and strided == 0.0 and counted == pytest.approx(scorer)
