@@ -137,9 +137,7 @@ def main():
         f"({span(hf['measured H200 speedup'], 'x')}), not 1.3-2x faster. The hf-eager engine predicts "
         f"{span(hf['hf-eager predicted H200'], 'x')} on the H200, pricing the scorer by the operations it "
         f"dispatches, and {span(hf['hf-eager predicted A100'], 'x')} on the A100, whose full cache's GPU work is "
-        "slower against the same host. These Keyformer steps were timed while the cache still waited for the GPU "
-        "at every layer (twice for MPT-7B: its position and ALiBi slopes were copied to the GPU each step; removed "
-        "since, not yet measured again). The paper's gains need a step that is not host-bound (graphs or larger "
+        "slower against the same host. The paper's gains need a step that is not host-bound (graphs or larger "
         "batches) and a KV-dominated one.",
         "",
         "Figures: [report.html](report.html) (self-contained) or [report.md](report.md).", "",

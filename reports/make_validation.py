@@ -21,10 +21,11 @@ then reports/validation-summary.json with every figure quoted in the README.
    (a random half validated on the other) and reports/hf-eager-GPU-unseen-models/ (fitted on GPT-J-6B and
    Llama-3-8B, validated on Mistral-7B and MPT-7B); reports/hf-eager-h200-to-h100/: the shipped engine on the
    H100 rows (`--only hf-eager`).
-   engines/hf-compiled.yaml and reports/hf-compiled-h100-holdout/: transformers' static cache under
-   torch.compile (data/h100-sxm-hf-compiled), fitted with --kv-traffic on the GPT-J-6B and Llama-3-8B rows (whose
-   steps replay CUDA graphs), a random half validated on the other; reports/hf-compiled-h100-unseen-models/:
-   Mistral-7B predicted; reports/hf-compiled-h100-to-h200/: the H200 rows (`--only hf-compiled`).
+   engines/hf-compiled.yaml: transformers' static cache under torch.compile (data/h200-hf-compiled), fitted with
+   --kv-traffic on the GPT-J-6B and Llama-3-8B rows (whose steps replay CUDA graphs);
+   reports/hf-compiled-h200-unseen-models/: the H200's Mistral-7B predicted by it; reports/hf-compiled-h200-to-h100/:
+   the H100 rows (data/h100-sxm-hf-compiled); on those, reports/hf-compiled-h100-holdout/ (a random half of every
+   row validated on the other) and reports/hf-compiled-h100-unseen-models/ (`--only hf-compiled`).
 8. reports/plain-h200-unseen-models/ and reports/plain-h200-models-holdout/: the plain decoder on five
    architectures (data/h200-plain-models; MPT-7B's full cache from data/h200-mpt-bias): fitted on GPT-J-6B and Llama-3-8B, validated on MPT-7B (ALiBi),
    Mistral-7B (sliding window) and Cerebras-GPT-6.7B (learned positions); and a random half validated on the
@@ -259,19 +260,19 @@ def hf_eager_engine() -> None:
 
 def hf_compiled_engine() -> None:
     """Step 7b: transformers' static cache under torch.compile, fitted with its KV traffic and no host dispatch on
-    the H100's GPT-J-6B and Llama-3-8B rows (data/h100-sxm-hf-compiled; the H200's 16 such rows are too few for the
-    engine's 9 parameters): a random half of every H100 row validated on the other; fitted on GPT-J-6B and
-    Llama-3-8B, Mistral-7B validated (MPT-7B does not compile); the shipped engine on the H200 rows."""
-    rows = measurements.load([ROOT / HF_GRIDS["h100"].format(stack="hf-compiled") / "rows.csv"], "hf-compiled").drop(columns="source")
-    # the engine is fitted where the compiled step replays its CUDA graph: Mistral-7B's steps are host-bound and
-    # uneven at batch 1-16 (manifest), and are predicted, not fitted; the random half takes every row (a half of the
-    # replayed rows alone, 16, is too few for the engine's 9 parameters)
-    hold = REPORTS / "hf-compiled-h100-holdout"
-    hold.mkdir(parents=True, exist_ok=True)
-    replayed = hold / "replayed.csv"
-    rows[rows["model"].isin(["gpt-j-6b", "llama-3-8b"])].to_csv(replayed, index=False)
-    hf_engine("hf-compiled", "Hugging Face transformers, compiled", "Mistral-7B", home="h100", checked=("h100",),
-              engine_rows=replayed)
+    the H200's GPT-J-6B and Llama-3-8B rows (data/h200-hf-compiled: 27, whose steps replay CUDA graphs), which
+    predict the H200's Mistral-7B (host-bound: no graph is recorded) and every H100 row; on the H100's grid a random
+    half of every row validated on the other (a half of the H200's rows, 15, is too few for the engine's 9
+    parameters), and Mistral-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B (MPT-7B does not
+    compile)."""
+    rows = measurements.load([ROOT / HF_GRIDS["h200"].format(stack="hf-compiled") / "rows.csv"],
+                             "hf-compiled").drop(columns="source")
+    unseen = REPORTS / "hf-compiled-h200-unseen-models"
+    what = "Hugging Face transformers, compiled"
+    two_models(rows, DATA / "h200-plain" / "microbench.csv", unseen, "hf-compiled-h200-two-models",
+               f"{what}: Mistral-7B predicted by the engine fitted on GPT-J-6B and Llama-3-8B (H200)",
+               STACK_FLAGS["hf-compiled"])
+    hf_engine("hf-compiled", what, "Mistral-7B", home="h200", checked=("h100",), engine_rows=unseen / "fit.csv")
 
 
 #: each GPU's campaign folder of a transformers stack
