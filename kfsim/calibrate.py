@@ -44,7 +44,7 @@ PARAMETERS = {
     "evicting_kv_traffic_factor": (1.0, 20.0, 1.5),
     "grouped_kv_expansion": (0.0, 1.0, 0.2),
     # concatenations with a strided input (counted per model: Engine.kv_passes), PyTorch's generic copy
-    "strided_copy_bandwidth_fraction": (0.05, 1.0, 0.3),
+    "strided_copy_gbps_per_sm": (0.5, 50.0, 5.0),
 }
 #: fitted on prefill rows, after the decode parameters
 PREFILL_PARAMETERS = {
@@ -62,7 +62,7 @@ NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes":
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
          "host_step_us": "host dispatch", "kv_traffic_factor": "kv traffic",
          "evicting_kv_traffic_factor": "evicting kv traffic", "grouped_kv_expansion": "grouped kv traffic",
-         "strided_copy_bandwidth_fraction": "strided copies"}
+         "strided_copy_gbps_per_sm": "strided copies"}
 MIN_ROWS_PER_PARAMETER = 2
 #: A scorer fused into the attention kernel (measure/fused_attention.py) is not fitted for its logit traffic and
 #: launches: it writes one fp32 z per query head and cached token and reads it back once (2 passes), and its
@@ -243,12 +243,12 @@ def ceilings(micro, hw) -> dict[str, float]:
     return out
 
 
-def copy_fractions(micro, hw) -> dict[str, float]:
-    """Engine values measured outright by microbenchmarks on the same GPU: the achieved fraction of a
-    concatenation with a strided input (benches cat_strided and cat_strided_token, their median); {} without."""
+def copy_rates(micro, hw) -> dict[str, float]:
+    """Engine values measured outright by microbenchmarks on the same GPU: the GB/s per SM of a concatenation
+    with a strided input (benches cat_strided and cat_strided_token, their median); {} without."""
     gbps = micro.loc[micro["bench"].isin(["cat_strided", "cat_strided_token"]), "gbps"].astype(float)
     gbps = gbps[np.isfinite(gbps) & (gbps > 0)]
-    return {"strided_copy_bandwidth_fraction": float(gbps.median()) / hw.hbm_bandwidth_gbps} if len(gbps) else {}
+    return {"strided_copy_gbps_per_sm": float(gbps.median()) / hw.sm_count} if len(gbps) else {}
 
 
 def fit_interconnect(micro, hw) -> dict[str, float]:

@@ -446,7 +446,7 @@ def _kernels_of(rows) -> str:
               help="The bytes the measured stack moves per attended KV byte for each model, counted on a CPU "
                    "(python -m measure.kv_passes --out FILE): a counted model's full cache is priced by its count "
                    "(streamed passes at kv_bandwidth_fraction, concatenations with a strided input at "
-                   "strided_copy_bandwidth_fraction, from rows that make them or else the cat_strided "
+                   "strided_copy_gbps_per_sm on each SM, from rows that make them or else the cat_strided "
                    "microbenchmark) instead of a fitted kv_traffic_factor, so models counted but never timed are "
                    "predicted from their own code's traffic.")
 @click.option("--profile", "profile_file", metavar="FILE",
@@ -517,7 +517,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         mb["gbps"] = pd.to_numeric(mb["gbps"], errors="coerce")
         for k, v in cal.ceilings(mb, get_hardware(gpu)).items():
             bounds[k] = min(v, bounds.get(k, v))
-        measured.update(cal.copy_fractions(mb, get_hardware(gpu)))
+        measured.update(cal.copy_rates(mb, get_hardware(gpu)))
         try:
             interconnect = cal.fit_interconnect(mb, get_hardware(gpu)) or interconnect
         except KfsimError as exc:

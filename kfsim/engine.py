@@ -131,14 +131,16 @@ class Engine:
     grouped_kv_expansion: float = rng(0.0, hi=1.0, default=0.0)
     #: bytes a decode step moves per attended KV byte, counted for each model it was counted on (measure.kv_passes,
     #: on a CPU): model -> {"family", path: {"streamed": passes at kv_bandwidth_fraction, "strided": passes at
-    #: strided_copy_bandwidth_fraction, "scorer" (scored paths): the scorer's passes}}, paths KV_PATHS. Where a
+    #: strided_copy_gbps_per_sm, "scorer" (scored paths): the scorer's passes}}, paths KV_PATHS. Where a
     #: model (or one of its family with the path) is counted, its full cache is priced by these instead of
     #: kv_traffic_factor and grouped_kv_expansion, and its Keyformer or H2O cache instead of
     #: evicting_kv_traffic_factor and keyformer_logit_passes
     kv_passes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: achieved fraction of HBM bandwidth of a concatenation with a strided input (PyTorch's generic per-element
-    #: copy: a sliding window's cache view, or a new token cut from a fused QKV output at batch > 1)
-    strided_copy_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
+    #: achieved GB/s per SM of a concatenation with a strided input (PyTorch's generic per-element copy: a sliding
+    #: window's cache view, or a new token cut from a fused QKV output at batch > 1). It runs at the SMs' pace, not
+    #: HBM's: `kfsim microbench` cat_strided took 686-708 GB/s on the H100 SXM and 661-667 on the H200 (both 132
+    #: SMs at 1,980 MHz; 3.35 and 4.8 TB/s of HBM). None: at the kv_bandwidth_fraction of HBM like other passes
+    strided_copy_gbps_per_sm: float | None = rng(above=0, hi=100.0, default=None)
     #: one all-reduce's fixed time between tensor-parallel GPUs (the collective library's launch and handshake
     #: plus the link's latency), microseconds; None: the GPU profile's interconnect_latency_us
     allreduce_latency_us: float | None = rng(0, default=None)

@@ -54,7 +54,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own); `batch` (decode
     only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch; `kv_traffic` overrides
     the engine's kv_traffic_factor (an evicting cache's, or a model's counted passes); `kv_strided`: passes over
-    the attended KV through strided copies, at the engine's strided_copy_bandwidth_fraction.
+    the attended KV through strided copies, at the engine's strided_copy_gbps_per_sm on each of hw's SMs.
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
     kv_traffic = engine.kv_traffic_factor if kv_traffic is None else kv_traffic
@@ -77,6 +77,8 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         matvec = np.broadcast_to(np.asarray(batch, dtype=float) <= engine.matvec_max_batch, zero.shape)
     weight_frac = np.where(matvec, engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)
     per_op = {}
+    per_sm = engine.strided_copy_gbps_per_sm
+    strided_bw = per_sm * 1e9 * hw.sm_count if per_sm else bw * engine.kv_bandwidth_fraction
     attention_s, attention_kv_bytes = zero, zero
     for op in ops:
         tw = op.weight_bytes / (bw * weight_frac)
@@ -85,7 +87,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         kv_bw = bw * engine.kv_bandwidth_fraction
         tk = kv_traffic * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         if kv_strided is not None:  # copies, not attention's reads: not throttled by its parallelism
-            tk = tk + kv_strided * op.kv_read_bytes / (bw * engine.strided_copy_bandwidth_fraction)
+            tk = tk + kv_strided * op.kv_read_bytes / strided_bw
         other = op.other_bytes + passes * op.logit_pass_bytes
         to = other / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to

@@ -588,7 +588,7 @@ def test_a_counted_keyformer_cache_replaces_the_fitted_scorer_passes():
 def test_counted_keyformer_caches_fitted_on_two_models_predict_two_never_timed():
     """--kv-passes with scored paths: Keyformer rows of a stack whose cache and scorer are counted fit no logit
     passes or evicting traffic of their own, and predict the Keyformer steps of models never timed."""
-    true = dataclasses.replace(TRUE, kv_passes=SCORED_PASSES, strided_copy_bandwidth_fraction=0.2)
+    true = dataclasses.replace(TRUE, kv_passes=SCORED_PASSES, strided_copy_gbps_per_sm=STRIDED_PER_SM)
     df = synthetic(true, models=tuple(SCORED_PASSES))
     df = df[df["phase"] == "decode"]
     seen = df["model"].isin(["gpt-j-6b", "llama-3-8b"])
@@ -599,18 +599,23 @@ def test_counted_keyformer_caches_fitted_on_two_models_predict_two_never_timed()
     assert np.abs(predict_frame(unseen, fit.engine) / unseen["step_ms"] - 1).max() < 0.05
 
 
+#: GB/s per SM of PyTorch's per-element copy: 670 GB/s over the H100 SXM's 132 SMs, a fifth of its HBM bandwidth
+#: (kfsim microbench cat_strided ran at 686-708 GB/s there, 661-667 on the H200)
+STRIDED_PER_SM = 670.0 / 132
+
+
 def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
     """--kv-passes: a stack whose concatenations with a strided input run at a fifth of HBM bandwidth; fitted on
     MPT-7B's rows (whose appends are strided at batch > 1) and Llama-3-8B's, the counted passes predict Mistral-7B
     past its window and GPT-J-6B; a single fitted KV traffic factor cannot."""
-    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_bandwidth_fraction=0.2)
+    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_gbps_per_sm=STRIDED_PER_SM)
     df = synthetic(true, models=tuple(KV_PASSES))
     df = df[(df["phase"] == "decode") & (df["policy"] == "full")]
     seen = df["model"].isin(["mpt-7b", "llama-3-8b"])
     caps = {"kv_bandwidth_fraction": 0.7}
     counted = calibrate.fit(df[seen], "eager", start=dataclasses.replace(IDEAL, kv_passes=KV_PASSES),
                             kv_traffic=True, bounds=caps)
-    assert counted.engine.strided_copy_bandwidth_fraction == pytest.approx(0.2, rel=0.05)
+    assert counted.engine.strided_copy_gbps_per_sm == pytest.approx(STRIDED_PER_SM, rel=0.05)
     assert "kv_traffic_factor" not in counted.fitted  # every full cache fitted is counted
     unseen = df[~seen]
     assert np.abs(predict_frame(unseen, counted.engine) / unseen["step_ms"] - 1).max() < 0.05
@@ -619,7 +624,24 @@ def test_strided_copies_fitted_on_two_models_predict_two_never_timed():
     # rows without a strided copy cannot inform its bandwidth: it is not fitted (a microbenchmark gives it)
     plain = calibrate.fit(df[df["model"].isin(["llama-3-8b", "gpt-j-6b"])], "eager",
                           start=dataclasses.replace(IDEAL, kv_passes=KV_PASSES), kv_traffic=True, bounds=caps)
-    assert "strided_copy_bandwidth_fraction" not in plain.fitted
+    assert "strided_copy_gbps_per_sm" not in plain.fitted
+
+
+def test_strided_copies_run_at_the_sms_pace_on_another_gpu():
+    """An engine fitted on the H100's rows prices the H200's strided copies at the same rate per SM (both have 132
+    SMs), not at the H100's fraction of the H200's faster HBM: MPT-7B's full cache at batch > 1 is recovered."""
+    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_gbps_per_sm=STRIDED_PER_SM)
+    rows = lambda gpu: synthetic(true, gpu=gpu, models=("mpt-7b", "llama-3-8b")).query(  # noqa: E731
+        "phase == 'decode' and policy == 'full'")
+    fit = calibrate.fit(rows("h100-sxm"), "eager", start=dataclasses.replace(IDEAL, kv_passes=KV_PASSES),
+                        kv_traffic=True, bounds={"kv_bandwidth_fraction": 0.7})
+    h200 = rows("h200")
+    assert np.abs(predict_frame(h200, fit.engine) / h200["step_ms"] - 1).max() < 0.05
+    # the copy's share of MPT-7B's step at batch 64 x 16,384 on the H200 is large enough to tell the two apart:
+    # priced as a fifth of the H200's 4,800 GB/s it would run 1.43 times too fast
+    mpt = h200.query("model == 'mpt-7b' and batch == 64 and context == 16384")
+    as_fraction = dataclasses.replace(fit.engine, strided_copy_gbps_per_sm=0.2 * 4800 / 132)
+    assert float(predict_frame(mpt, as_fraction)[0]) < 0.9 * float(mpt["step_ms"].iloc[0])
 
 
 def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
@@ -633,7 +655,7 @@ def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
                   for m, paths in KV_PASSES.items() for p, v in paths.items() if p != "family"]).to_csv(table,
                                                                                                        index=False)
     assert calibrate.read_kv_passes(table) == KV_PASSES
-    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_bandwidth_fraction=0.2)
+    true = dataclasses.replace(TRUE, kv_passes=KV_PASSES, strided_copy_gbps_per_sm=STRIDED_PER_SM)
     rows, micro, out = tmp_path / "rows.csv", tmp_path / "micro.csv", tmp_path / "e.yaml"
     synthetic(true, models=("llama-3-8b", "gpt-j-6b")).to_csv(rows, index=False)
     # H100 SXM: 3,350 GB/s by its datasheet (hw_profiles/h100-sxm.yaml); 670 GB/s is a fifth of it
@@ -644,8 +666,8 @@ def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
                                  "--microbench", str(micro)])
     assert r.exit_code == 0, r.output
     e = get_engine(str(out))
-    assert e.kv_passes == KV_PASSES and e.strided_copy_bandwidth_fraction == pytest.approx(0.2, rel=1e-3)
-    assert "--kv-passes" in e.source["fit"] and "cat_strided" in e.source["strided_copy_bandwidth_fraction"]
+    assert e.kv_passes == KV_PASSES and e.strided_copy_gbps_per_sm == pytest.approx(670 / 132, rel=1e-3)
+    assert "--kv-passes" in e.source["fit"] and "cat_strided" in e.source["strided_copy_gbps_per_sm"]
     (tmp_path / "bad.csv").write_text("model,path,streamed,strided\nllama-3-8b,half,1,0\n")
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(tmp_path / "bad.csv")])
     assert r.exit_code != 0 and "has path 'half'; allowed: full, full_batch1" in r.output
