@@ -43,7 +43,7 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, batch_heads=batch_heads, cached=cached,
                  fixed_s=fixed_us * 1e-6, split_tokens=split, batch=batch, kv_traffic=traffic, kv_strided=strided,
-                 logit_passes=logit_passes)
+                 logit_passes=logit_passes, scorer_streams=scored is not None)
     t = with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored),
                   s.host_launch_us)
     return with_comm(t, comm_s(s.workload, s.hw, s.tp, batch, s.dtypes.compute.bytes, s.engine) if s.tp > 1 else 0.0)

@@ -47,14 +47,16 @@ def attention_occupancy(engine: Engine, work_items) -> np.ndarray:
 
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
              fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None,
-             logit_passes: float | None = None, batch=None, kv_traffic=None, kv_strided=None) -> StepTime:
+             logit_passes: float | None = None, batch=None, kv_traffic=None, kv_strided=None,
+             scorer_streams: bool = False) -> StepTime:
     """Price `ops` on `hw` under `engine`.
 
     `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
     `kernel_us` and `logit_passes` override the engine's decode values (prefill has its own); `batch` (decode
     only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch; `kv_traffic` overrides
     the engine's kv_traffic_factor (an evicting cache's, or a model's counted passes); `kv_strided`: passes over
-    the attended KV through strided copies, at the engine's strided_copy_gbps_per_sm on each of hw's SMs.
+    the attended KV through strided copies, at the engine's strided_copy_gbps_per_sm on each of hw's SMs;
+    `scorer_streams`: the scorer's logit passes were counted (Engine.kv_passes) and run at kv_bandwidth_fraction.
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
     kv_traffic = engine.kv_traffic_factor if kv_traffic is None else kv_traffic
@@ -88,8 +90,10 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         tk = kv_traffic * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         if kv_strided is not None:  # copies, not attention's reads: not throttled by its parallelism
             tk = tk + kv_strided * op.kv_read_bytes / strided_bw
-        other = op.other_bytes + passes * op.logit_pass_bytes
-        to = other / (bw * engine.other_bandwidth_fraction)
+        if scorer_streams:  # a counted scorer: its passes stream as the stack's other counted passes do
+            to = op.other_bytes / (bw * engine.other_bandwidth_fraction) + passes * op.logit_pass_bytes / kv_bw
+        else:
+            to = (op.other_bytes + passes * op.logit_pass_bytes) / (bw * engine.other_bandwidth_fraction)
         t_mem = tw + tk + to
         if op.tensor:
             frac = engine.attention_compute_fraction if op.kind == "attention" else engine.gemm_compute_fraction
