@@ -34,7 +34,7 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
     scored = s.engine.counted_scored_passes(s.workload, s.policy.kind) if s.policy.scored else None
     counted = None if s.policy.evicts or scored else s.engine.counted_kv_passes(s.workload, batch, cached)
     if scored is not None:
-        traffic, logit_passes = scored[0], logit_passes_of(s)
+        traffic, logit_passes = scored[0], _counted_logit_passes(s, scored[1])
     elif counted is not None:
         traffic, strided = counted
     elif s.engine.grouped_kv_expansion:
@@ -51,15 +51,17 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
 
 def logit_passes_of(s: Setup) -> float:
     """Passes a decode step's scorer makes over its fp32 logits: the engine's, or where the engine counted the
-    model's scored cache (Engine.counted_scored_passes) its scorer's passes per kept KV byte in that unit (ops:
-    one fp32 logit per query head and kept token, beside the score buffer's 8 bytes per KV head that the
-    scoring op already counts)."""
+    model's scored cache (Engine.counted_scored_passes) its scorer's own."""
     scored = s.engine.counted_scored_passes(s.workload, s.policy.kind) if s.policy.scored else None
-    if scored is None:
-        return s.engine.keyformer_logit_passes
+    return s.engine.keyformer_logit_passes if scored is None else _counted_logit_passes(s, scored[1])
+
+
+def _counted_logit_passes(s: Setup, scorer: float) -> float:
+    """`scorer` passes per kept KV byte as passes over fp32 logits, the unit the scoring op is priced in (ops: one
+    fp32 logit per query head and kept token, beside the score buffer's 8 bytes per KV head the op counts)."""
     w = s.workload
     kv_token = 2 * w.n_kv_heads * w.head_dim * s.dtypes.kv.bytes  # K and V of one token in one layer
-    return max(0.0, scored[1] * kv_token - 8.0 * w.n_kv_heads) / (4.0 * w.n_heads)
+    return max(0.0, scorer * kv_token - 8.0 * w.n_kv_heads) / (4.0 * w.n_heads)
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
