@@ -45,6 +45,7 @@ def _slowest_rank(rank, port, queue):
         slow = tp_campaign._slowest([1.0 + rank, 10.0 - rank], "cpu")
         agree = tp_campaign._all_agree(rank == 0, "cpu"), tp_campaign._all_agree(True, "cpu")
         queue.put((rank, slow, agree))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
