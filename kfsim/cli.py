@@ -447,8 +447,9 @@ def _kernels_of(rows) -> str:
                    "(python -m measure.kv_passes --out FILE): a counted model's full cache is priced by its count "
                    "(streamed passes at kv_bandwidth_fraction, concatenations with a strided input at "
                    "strided_copy_gbps_per_sm on each SM, from rows that make them or else the cat_strided "
-                   "microbenchmark) instead of a fitted kv_traffic_factor, so models counted but never timed are "
-                   "predicted from their own code's traffic.")
+                   "microbenchmark) instead of a fitted kv_traffic_factor, and its Keyformer or H2O cache by the "
+                   "counted passes of that cache and its scorer (paths keyformer, h2o) instead of fitted logit "
+                   "passes, so models counted but never timed are predicted from their own code's traffic.")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "
