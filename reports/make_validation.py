@@ -38,6 +38,7 @@ then reports/validation-summary.json with every figure quoted in the README.
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -265,11 +266,10 @@ def hf_compiled_engine() -> None:
     half of every row validated on the other (a half of the H200's rows, 15, is too few for the engine's 9
     parameters), and Mistral-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B (MPT-7B does not
     compile)."""
-    rows = measurements.load([ROOT / HF_GRIDS["h200"].format(stack="hf-compiled") / "rows.csv"],
-                             "hf-compiled").drop(columns="source")
+    rows = measurements.load([hf_folder("hf-compiled", "h200") / "rows.csv"], "hf-compiled").drop(columns="source")
     unseen = REPORTS / "hf-compiled-h200-unseen-models"
     what = "Hugging Face transformers, compiled"
-    two_models(rows, DATA / "h200-plain" / "microbench.csv", unseen, "hf-compiled-h200-two-models",
+    two_models(rows, hf_micro("hf-compiled", "h200"), unseen, "hf-compiled-h200-two-models",
                f"{what}: Mistral-7B predicted by the engine fitted on GPT-J-6B and Llama-3-8B (H200)",
                STACK_FLAGS["hf-compiled"])
     hf_engine("hf-compiled", what, "Mistral-7B", home="h200", checked=("h100",), engine_rows=unseen / "fit.csv")
@@ -279,18 +279,23 @@ def hf_compiled_engine() -> None:
 HF_GRIDS = {"h100": "data/h100-sxm-{stack}", "h200": "data/h200-{stack}"}
 
 
+def hf_folder(stack: str, gpu: str) -> Path:
+    return ROOT / HF_GRIDS[gpu].format(stack=stack)
+
+
+def hf_micro(stack: str, gpu: str) -> Path:
+    """The stack's own lease's microbenchmark on `gpu` where it has one (its copy rates), else the plain one's."""
+    folder = hf_folder(stack, gpu)
+    plain = DATA / f"{folder.name.rsplit('-' + stack, 1)[0]}-plain" / "microbench.csv"
+    return folder / "microbench.csv" if (folder / "microbench.csv").exists() else plain
+
+
 def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str, ...],
               engine_rows: Path | None = None) -> None:
     """engines/STACK.yaml fitted on `home`'s rows (of `engine_rows` where given), and checks: on each `checked`
     GPU a random half validated on the other and `unseen` models predicted by an engine fitted on GPT-J-6B and
     Llama-3-8B; the shipped engine on the other GPU's rows."""
-    def folder(gpu):
-        return ROOT / HF_GRIDS[gpu].format(stack=stack)
-
-    def micro(gpu):  # the stack's own lease's microbenchmark where it has one (its copy rates), else the plain one's
-        own = folder(gpu) / "microbench.csv"
-        return own if own.exists() else DATA / f"{folder(gpu).name.rsplit('-' + stack, 1)[0]}-plain" / "microbench.csv"
-
+    folder, micro = functools.partial(hf_folder, stack), functools.partial(hf_micro, stack)
     engine = ROOT / "engines" / f"{stack}.yaml"
     kfsim("calibrate", rel(engine_rows or folder(home) / "rows.csv"), "--measured-engine", stack, "--microbench",
           rel(micro(home)), "--name", stack, "--out", rel(engine), *STACK_FLAGS[stack])
