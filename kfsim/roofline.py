@@ -79,14 +79,14 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         matvec = np.broadcast_to(np.asarray(batch, dtype=float) <= engine.matvec_max_batch, zero.shape)
     weight_frac = np.where(matvec, engine.matvec_bandwidth_fraction, engine.weight_bandwidth_fraction)
     per_op = {}
+    kv_bw = bw * engine.kv_bandwidth_fraction
     per_sm = engine.strided_copy_gbps_per_sm
-    strided_bw = per_sm * 1e9 * hw.sm_count if per_sm else bw * engine.kv_bandwidth_fraction
+    strided_bw = per_sm * 1e9 * hw.sm_count if per_sm else kv_bw
     attention_s, attention_kv_bytes = zero, zero
     for op in ops:
         tw = op.weight_bytes / (bw * weight_frac)
         # occupancy throttles the split reads only: the one new token's write does not split, and charging it
         # there would make time per token fall as a longer cache adds splits
-        kv_bw = bw * engine.kv_bandwidth_fraction
         tk = kv_traffic * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         if kv_strided is not None:  # copies, not attention's reads: not throttled by its parallelism
             tk = tk + kv_strided * op.kv_read_bytes / strided_bw
