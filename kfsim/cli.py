@@ -250,8 +250,8 @@ _TP_DEGREE = click.Choice(["1", "2", "4", "8"])
               help="Whose decoder: kfsim's own (--engine), or Hugging Face transformers' model classes and caches "
                    "(hf: rows with engine hf-eager or hf-compiled; Keyformer as measure.hf.KeyformerCache).")
 @click.option("--hf-mode", type=click.Choice(["eager", "compiled"]), default="eager", show_default=True,
-              help="--backend hf: eager PyTorch with the dynamic cache, or the static cache under torch.compile "
-                   "(full cache only).")
+              help="--backend hf: eager PyTorch with the dynamic cache, or under torch.compile with the static "
+                   "cache (full) or KeyformerCache (keyformer, h2o below kv-ratio 1).")
 @click.option("--checkpoint", metavar="DIR", help="--backend hf: a local model folder to load instead of random "
               "weights of the --model's shape (timing does not depend on weight values).")
 @click.option("--prefill", "prefill_prompts", default="", metavar="LIST",

@@ -9,7 +9,9 @@ attention hook it needs is installed by `enable_keyformer(model)`, after which
     model.generate(input_ids, past_key_values=KeyformerCache(kv_ratio=0.5), max_new_tokens=...)
 
 decodes with Keyformer (any other cache still attends through the model's own attention). Keyformer's hook covers
-models whose attention goes through transformers' attention interface (Llama, Mistral and their kin) and GPT-J.
+models whose attention goes through transformers' attention interface (Llama, Mistral and their kin), GPT-J and MPT.
+Its decode step has fixed shapes and never waits for the GPU, so it also runs under torch.compile (`hf-compiled`)
+in one CUDA graph, below kv-ratio 1 (at 1 the cache grows, a host-side decision).
 """
 from __future__ import annotations
 
@@ -108,10 +110,14 @@ def _cache_classes():
 
         def start(self, batch: int, kv_heads: int, head_dim: int, prompt: int, dtype, device) -> EvictingCache:
             budget = self.budget_for(prompt)
-            self.evicting = EvictingCache(self.kind, batch, kv_heads, budget, round(self.window * budget), head_dim,
-                                          dtype, device)
-            self.position = torch.full((), prompt, dtype=torch.long, device=device)
-            return self.evicting
+            ev = EvictingCache(self.kind, batch, kv_heads, budget, round(self.window * budget), head_dim, dtype,
+                               device)
+            self.evicting, self.position = ev, torch.full((), prompt, dtype=torch.long, device=device)
+            for t in (ev.k, ev.v, ev.pos, ev.score, ev.free, ev.step, self.position):
+                # fixed addresses, as transformers' StaticCache marks its tensors: a compiled step updates them in
+                # place inside its CUDA graph instead of the graph being re-recorded for each mutated input
+                torch._dynamo.mark_static_address(t)
+            return ev
 
         def update(self, key_states, value_states, *args, **kwargs):
             """Hold the new keys and values for the hook (which writes them into the kept slots)."""

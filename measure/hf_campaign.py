@@ -22,14 +22,14 @@ MAX_POSITIONS = 32768 + 512
 
 
 class HfRunner(Runner):
-    """Runner for `kfsim measure --backend hf`: `mode` eager (dynamic cache) or compiled (static cache under
-    torch.compile, full cache only); `checkpoint`: a local model folder instead of random weights."""
+    """Runner for `kfsim measure --backend hf`: `mode` eager (dynamic cache) or compiled (static cache, or
+    KeyformerCache, under torch.compile); `checkpoint`: a local model folder instead of random weights."""
 
     def __init__(self, mode="eager", checkpoint=None, steps=30, warmup=5, window=0.3, nvml=None, profile=False):
         super().__init__(steps=steps, warmup=warmup, window=window, nvml=nvml, engine=hf.ENGINES[mode],
                          profile=profile)
         self.mode, self.checkpoint, self.graph = mode, checkpoint, False
-        self.uncompiled: dict[str, str] = {}  # model -> why torch.compile could not compile it
+        self.uncompiled: dict[tuple, str] = {}  # (model, cache) -> why torch.compile could not compile it
 
     @classmethod
     def steps_only(cls, mode="eager", window=0.3, steps=5, warmup=1) -> "HfRunner":
@@ -63,21 +63,24 @@ class HfRunner(Runner):
                 return super().measure(pt, power)
             except torch._dynamo.exc.TorchDynamoException as exc:  # the model's code, not this point: skip the model
                 why = f"torch.compile cannot compile this model's forward: {first_line(exc)}"[:200]
-                self.uncompiled[pt.model] = why
+                self.uncompiled[_compiled_key(pt)] = why
         return {**self.row_head(pt), "status": "unsupported", "error": why}
 
     def _supported(self, pt: Point) -> str | None:
         """Why transformers cannot measure `pt` here (None: it can)."""
         w = get_workload(pt.model)
-        if pt.model in self.uncompiled:
-            return self.uncompiled[pt.model]
+        if _compiled_key(pt) in self.uncompiled:
+            return self.uncompiled[_compiled_key(pt)]
         if pt.phase != "decode":
             return "prefill is not measured through transformers yet"
         if pt.context + self.steps + self.warmup + 8 > MAX_POSITIONS:
             return f"context {pt.context} is past the {MAX_POSITIONS} positions the models are built with"
-        if pt.policy != "full" and (self.mode == "compiled" or w.family not in hf.KEYFORMER_FAMILIES):
-            return (f"{pt.policy} through transformers runs eagerly on Llama-, Mistral-, GPT-J- and MPT-style models only "
-                    f"({w.family} model, mode {self.mode})")
+        if pt.policy != "full" and w.family not in hf.KEYFORMER_FAMILIES:
+            return (f"{pt.policy} through transformers runs on Llama-, Mistral-, GPT-J- and MPT-style models only "
+                    f"({w.family} model)")
+        if pt.policy != "full" and self.mode == "compiled" and pt.kv_ratio >= 1:
+            return (f"{pt.policy} at kv-ratio 1 grows its cache, a decision on the host that torch.compile cannot "
+                    f"capture: measured with --hf-mode eager only")
         if self.mode == "compiled" and w.sliding_window and pt.context + 1 > w.sliding_window:
             return (f"the static cache of a sliding window ({w.sliding_window} slots) rolls instead of holding "
                     f"context {pt.context} + 1: not measured here")
@@ -115,6 +118,8 @@ class HfRunner(Runner):
         if pt.policy != "full":
             cache = hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)
             cache.steady(pt.batch, w.n_kv_heads, w.head_dim, w.n_layers, pt.context, torch.bfloat16, device)
+            if self.mode == "compiled":
+                return self._compiled_keyformer_step(cache, pt, tokens, device)
             return (lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
                     cache, lambda: None)
         if self.mode == "compiled":
@@ -156,6 +161,30 @@ class HfRunner(Runner):
         return (lambda: self.compiled(input_ids=tokens, past_key_values=cache, position_ids=position,
                                       cache_position=cache_position, use_cache=True, logits_to_keep=1),
                 cache, rewind)
+
+
+    def _compiled_keyformer_step(self, cache, pt, tokens, device):
+        """The compiled Keyformer step: positions go on as tensors (as in the eager step), while the tokens-seen
+        count is put back after each step, as the static cache's is (a count that grew would give the compiled
+        graph a new size every step; Keyformer's attention does not read it)."""
+        position = torch.full((pt.batch, 1), pt.context, device=device)
+        cache_position = torch.tensor([pt.context], device=device)
+
+        def rewind():
+            position.add_(1)
+            cache_position.add_(1)
+            for layer in cache.layers:
+                layer.seen = pt.context
+
+        return (lambda: self.compiled(input_ids=tokens, past_key_values=cache, position_ids=position,
+                                      cache_position=cache_position, use_cache=True, logits_to_keep=1),
+                cache, rewind)
+
+
+def _compiled_key(pt: Point) -> tuple:
+    """What one torch.compile attempt covers: a model with transformers' own cache, or with KeyformerCache (MPT's
+    own attention does not compile; Keyformer's does)."""
+    return pt.model, pt.policy == "full"
 
 
 def cached_tokens(cache, w, pt: Point) -> int:

@@ -185,6 +185,41 @@ def test_static_cache_steps_rewind_to_their_context():
     assert cache.layers[0].keys.shape == (2, 2, 101, 16)
 
 
+@pytest.mark.parametrize("family", ["llama", "gptj", "mpt"])
+def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
+    """--hf-mode compiled's Keyformer step: torch.compile traces it whole (fullgraph), compiles it once for every
+    step (nothing on the host changes shape or size between steps), and gives the eager step's logits and
+    evictions."""
+    from torch._dynamo.utils import counters
+
+    extra = {"llama": {}, "gptj": dict(family="gptj", n_kv_heads=4, rotary_dim=8),
+             "mpt": dict(family="mpt", n_kv_heads=4, position="alibi", rotary_dim=0)}[family]
+    w = _tiny_workload(**extra)
+    model = hf.build_model(w, 512, device="cpu")
+    hf.enable_keyformer(model)
+    pt = Point(w.name, "decode", 2, 100, 0.5, "keyformer")
+    runs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for mode in ("eager", "compiled"):
+        r = _runner(mode)
+        r.compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=True)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            step, cache, rewind = r.steady_step(model, w, pt, device="cpu")
+            for layer in cache.layers:
+                layer.evicting.noise = torch.zeros_like  # Gumbel noise off: the same evictions both ways
+            logits = []
+            for _ in range(3):
+                logits.append(step().logits)
+                rewind()
+        runs[mode] = logits, [layer.evicting.free.clone() for layer in cache.layers]
+    assert counters["stats"]["unique_graphs"] == 1
+    for eager, compiled in zip(runs["eager"][0], runs["compiled"][0]):
+        assert torch.equal(eager, compiled)
+    assert all(torch.equal(a, b) for a, b in zip(runs["eager"][1], runs["compiled"][1]))
+
+
 def test_runner_says_what_transformers_cannot_measure():
     r = _runner()
     assert "prefill" in r._supported(Point("gpt-j-6b", "prefill", 1, 512, 1.0, "full"))
@@ -192,7 +227,8 @@ def test_runner_says_what_transformers_cannot_measure():
     assert r._supported(Point("mpt-7b", "decode", 1, 512, 0.5, "keyformer")) is None
     assert r._supported(Point("mpt-7b", "decode", 1, 512, 1.0, "full")) is None
     assert r._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer")) is None
-    assert "mode compiled" in _runner("compiled")._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer"))
+    assert _runner("compiled")._supported(Point("llama-3-8b", "decode", 1, 512, 0.5, "keyformer")) is None
+    assert "kv-ratio 1" in _runner("compiled")._supported(Point("llama-3-8b", "decode", 1, 512, 1.0, "keyformer"))
     assert "positions" in r._supported(Point("llama-3-8b", "decode", 1, 40000, 1.0, "full"))
     assert "sliding window" in _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 4096, 1.0, "full"))
     assert _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 1024, 1.0, "full")) is None
@@ -210,6 +246,38 @@ def test_keyformer_generate_on_the_gpu(family):
     plain = generate(model, ids)
     assert out.sequences.shape == (4, 70)
     assert torch.allclose(full.logits[0].float(), plain.logits[0].float(), atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_keyformer_steps_replay_a_cuda_graph():
+    """Under torch.compile(mode="reduce-overhead") the Keyformer step is captured in a CUDA graph (its cache's
+    tensors are marked static, so updating them in place does not make torch skip the graph) and still evicts as
+    the eager step does."""
+    from torch._dynamo.utils import counters
+
+    w = _tiny_workload()
+    model = hf.build_model(w, 512)
+    hf.enable_keyformer(model)
+    pt = Point(w.name, "decode", 2, 100, 0.5, "keyformer")
+    torch._dynamo.reset()
+    counters.clear()
+    frees = {}
+    for mode in ("eager", "compiled"):
+        r = _runner(mode)
+        r.compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=True)
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            step, cache, rewind = r.steady_step(model, w, pt)
+            for layer in cache.layers:
+                layer.evicting.noise = torch.zeros_like
+            for _ in range(6):
+                step()
+                rewind()
+        frees[mode] = [layer.evicting.free.clone() for layer in cache.layers]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(frees["eager"], frees["compiled"]))
 
 
 @pytest.mark.gpu
@@ -305,6 +373,7 @@ def test_a_model_torch_compile_refuses_is_recorded_and_skipped(monkeypatch):
     assert "torch.compile" in rows[1]["error"] and "PendingUnbackedSymbolNotFound" in rows[1]["error"]
     assert len(calls) == 1
     assert r._supported(Point("llama-3-8b", "decode", 1, 1024, 1.0, "full")) is None
+    assert r._supported(Point("mpt-7b", "decode", 1, 1024, 0.5, "keyformer")) is None  # Keyformer's own attention
 
 
 def test_a_reshape_that_copies_is_a_kernel_and_one_that_views_is_not():
