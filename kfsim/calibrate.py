@@ -300,9 +300,10 @@ def read_host_ops(path) -> dict[str, dict]:
     return _as_engine_has_it(path, host_ops=table)
 
 
-def _read_counts(path, what: str, keys: tuple, numbers: tuple):
+def _read_counts(path, what: str, keys: tuple, numbers: tuple, optional: tuple = ()):
     """A CSV of per-model counts with columns `keys` and `numbers` (text in a number column becomes NaN, for the
-    caller to refuse); a KfsimError naming the file where it is not one."""
+    caller to refuse) and, where present, `optional` number columns (empty cells NaN, text refused here); a
+    KfsimError naming the file where it is not one."""
     import pandas as pd
 
     try:
@@ -313,6 +314,10 @@ def _read_counts(path, what: str, keys: tuple, numbers: tuple):
         raise KfsimError(f"{path}: not {what} (no column {missing[0]})")
     for column in numbers:
         df[column] = pd.to_numeric(df[column], errors="coerce")
+    for column in (c for c in optional if c in df.columns):
+        raw, df[column] = df[column], pd.to_numeric(df[column], errors="coerce")
+        if (bad := raw[df[column].isna() & raw.notna()]).size:
+            raise KfsimError(f"{path}: {column} {bad.iloc[0]!r} is not a number")
     return df
 
 
@@ -329,13 +334,10 @@ def _by_model(df, path):
 
 def read_kv_passes(path) -> dict[str, dict]:
     """measure.kv_passes's table as Engine.kv_passes: each model's passes over its attended KV per path."""
-    df = _read_counts(path, "a KV-passes table of measure.kv_passes", ("model", "path"), ("streamed", "strided"))
+    # scorer: scored paths only, empty on the others and absent from a table of full caches
+    df = _read_counts(path, "a KV-passes table of measure.kv_passes", ("model", "path"), ("streamed", "strided"),
+                      optional=("scorer",))
     import pandas as pd
-
-    if "scorer" in df.columns:  # scored paths only: empty on the others, and absent from a table of full caches
-        raw, df["scorer"] = df["scorer"], pd.to_numeric(df["scorer"], errors="coerce")
-        if (bad := raw[df["scorer"].isna() & raw.notna()]).size:
-            raise KfsimError(f"{path}: scorer {bad.iloc[0]!r} is not a number of passes")
 
     def passes(r) -> dict:
         scorer = r.get("scorer")
