@@ -531,7 +531,9 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    policies = tuple(sorted(df.loc[df["phase"] == "decode", "policy"].astype(str).unique()))
     eng = cal.rounded(dataclasses.replace(f.engine, **interconnect), fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
+                      fitted_policies=policies,
                       description=f"fitted by kfsim calibrate on {', '.join(files)}"
                       + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline")
                       + _kernels_of(df),

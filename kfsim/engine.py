@@ -151,6 +151,9 @@ class Engine:
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)
     power_fraction_of_tdp: float = rng(above=0, hi=1.0, default=1.0)
     fitted_on: str = ""
+    #: the KV policies of the decode rows `kfsim calibrate` fitted it on; empty: not fitted on rows (ideal,
+    #: hand-written), or fitted before this was recorded
+    fitted_policies: tuple[str, ...] = ()
     source: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -250,6 +253,7 @@ class Engine:
 
     def to_yaml(self) -> str:
         data = dataclasses.asdict(self)
+        data["fitted_policies"] = list(self.fitted_policies)  # YAML's safe form of a tuple
         return yaml.safe_dump(data, sort_keys=False, width=120)
 
     def write(self, path: str | Path) -> None:

@@ -60,5 +60,9 @@ def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DE
         # a GPU without bf16 (V100) runs the model in fp16: the same bytes, its own tensor rate
         dtypes = Dtypes.of(w, "fp16", kv_dtype or ("fp16" if str(dtypes.kv) == "bf16" else None))
         notes = (f"{hw.name} has no bf16 tensor rate: weights, activations and KV in fp16 (the same bytes)",)
-    return Setup(hw, shard(w, tp), get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window),
-                 dtypes, tp, notes)
+    e, p = get_engine(engine or DEFAULT_ENGINE), make_policy(policy, kv_ratio, window)
+    if e.fitted_policies and p.kind not in e.fitted_policies and p.kind != "full":
+        notes += (f"engine {e.name} was fitted on no {p.kind} rows ({', '.join(e.fitted_policies)} only): the "
+                  f"{p.kind} cache's extra work (scoring, eviction) is priced at the engine's starting terms, not "
+                  f"measured ones",)
+    return Setup(hw, shard(w, tp), e, p, dtypes, tp, notes)

@@ -138,6 +138,23 @@ def test_calibrate_then_validate_cli(tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["engine"] == "fitted"
 
 
+def test_an_engine_says_which_policies_it_was_fitted_on(tmp_path):
+    """A prediction for a policy the engine saw no rows of says so (its scorer terms are starting values)."""
+    df = synthetic()
+    out = tmp_path / "full-only.yaml"
+    r = run("calibrate", write(tmp_path, df[df["policy"] == "full"]), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert get_engine(str(out)).fitted_policies == ("full",)
+    r = run("predict", "--gpu", "h200", "--seq", "4096", "--kv-ratio", "0.5", "--engine", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    assert any("fitted on no keyformer rows (full only)" in n for n in json.loads(r.output)["notes"])
+    both = tmp_path / "both.yaml"
+    assert run("calibrate", write(tmp_path, df), "--out", str(both)).exit_code == 0
+    assert get_engine(str(both)).fitted_policies == ("full", "keyformer")
+    r = run("predict", "--gpu", "h200", "--seq", "4096", "--kv-ratio", "0.5", "--engine", str(both), "--json")
+    assert not any("fitted on no" in n for n in json.loads(r.output)["notes"])
+
+
 def test_several_measured_engines_need_a_choice(tmp_path):
     df = synthetic()
     df["engine"] = ["torch-graph", "torch-eager"] * (len(df) // 2)
