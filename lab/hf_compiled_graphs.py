@@ -52,7 +52,8 @@ def run(name: str, batch: int, context: int, layers: int, steps: int, policy="fu
     del model, runner
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return {"model": name, "policy": policy, "kv_ratio": kv_ratio, "batch": batch, "context": context, "layers": layers, "median_ms": round(t.median_ms, 3),
+    return {"model": name, "policy": policy, "kv_ratio": kv_ratio, "batch": batch, "context": context,
+            "layers": layers, "median_ms": round(t.median_ms, 3),
             "p10_ms": round(t.p10_ms, 3), "p90_ms": round(t.p90_ms, 3), "graphs_before": before,
             "graphs_after": after, "counters_grew": ";".join(f"{k}+{v}" for k, v in grew.items()),
             "first_steps_ms": " ".join(f"{x:.2f}" for x in t.samples[:8])}

@@ -151,30 +151,36 @@ class HfRunner(Runner):
             layer.keys.normal_()
             layer.values.normal_()
             layer.cumulative_length.fill_(pt.context)
-        position = torch.full((pt.batch, 1), pt.context, device=device)
-        cache_position = torch.tensor([pt.context], device=device)
 
-        def rewind():
+        def put_back():
             for layer in cache.layers:
                 layer.cumulative_length.fill_(pt.context)
 
-        return (lambda: self.compiled(input_ids=tokens, past_key_values=cache, position_ids=position,
-                                      cache_position=cache_position, use_cache=True, logits_to_keep=1),
-                cache, rewind)
-
+        return self._compiled_step(cache, pt, tokens, device, put_back, advance=False)
 
     def _compiled_keyformer_step(self, cache, pt, tokens, device):
-        """The compiled Keyformer step: positions go on as tensors (as in the eager step), while the tokens-seen
-        count is put back after each step, as the static cache's is (a count that grew would give the compiled
-        graph a new size every step; Keyformer's attention does not read it)."""
+        """The compiled Keyformer step: positions go on (as in the eager step), while the tokens-seen count is put
+        back after each step, as the static cache's is (a count that grew would give the compiled graph a new
+        size every step; Keyformer's attention does not read it)."""
+
+        def put_back():
+            for layer in cache.layers:
+                layer.seen = pt.context
+
+        return self._compiled_step(cache, pt, tokens, device, put_back, advance=True)
+
+    def _compiled_step(self, cache, pt, tokens, device, put_back, advance: bool):
+        """(step, cache, rewind) of the compiled forward over `cache` at position `context`, given as tensors
+        (a Python int would be a new size to the graph each step): `put_back` after each step, and the
+        positions moved on by one where `advance`."""
         position = torch.full((pt.batch, 1), pt.context, device=device)
         cache_position = torch.tensor([pt.context], device=device)
 
         def rewind():
-            position.add_(1)
-            cache_position.add_(1)
-            for layer in cache.layers:
-                layer.seen = pt.context
+            put_back()
+            if advance:
+                position.add_(1)
+                cache_position.add_(1)
 
         return (lambda: self.compiled(input_ids=tokens, past_key_values=cache, position_ids=position,
                                       cache_position=cache_position, use_cache=True, logits_to_keep=1),
