@@ -127,7 +127,8 @@ class Engine:
     evicting_kv_traffic_factor: float | None = rng(1.0, hi=20.0, default=None)
     #: how far attention fails to share a KV head among its group of query heads (G = heads / KV heads): it reads
     #: the cache 1 + grouped_kv_expansion x (G - 1) times (0: grouped heads read once, as SDPA's GQA path does;
-    #: 1: every query head gets its own copy, as transformers' repeat_kv before attention does)
+    #: 1: every query head gets its own copy, as transformers' repeat_kv before attention does); the full cache's
+    #: path only: an evicting cache attends through its own (evicting_kv_traffic_factor)
     grouped_kv_expansion: float = rng(0.0, hi=1.0, default=0.0)
     #: bytes a decode step moves per attended KV byte, counted for each model it was counted on (measure.kv_passes,
     #: on a CPU): model -> {"family", path: {"streamed": passes at kv_bandwidth_fraction, "strided": passes at

@@ -37,7 +37,7 @@ def step_time(s: Setup, batch, cached, ops=None) -> StepTime:
         traffic, logit_passes = scored[0], _counted_logit_passes(s, scored[1])
     elif counted is not None:
         traffic, strided = counted
-    elif s.engine.grouped_kv_expansion:
+    elif s.engine.grouped_kv_expansion and not s.policy.evicts:  # an evicting cache attends through its own path
         group = s.workload.n_heads / s.workload.n_kv_heads
         traffic = (traffic or s.engine.kv_traffic_factor) * (1.0 + s.engine.grouped_kv_expansion * (group - 1.0))
     fixed_us = s.engine.step_overhead_us + s.workload.n_layers * s.engine.layer_overhead_us
