@@ -265,17 +265,22 @@ class EvictingCache:
         return torch.softmax(logits, dim=-1)  # h2o: plain accumulated attention
 
     # ---- one decode step ----
+    def write(self, k, v, pos: torch.Tensor) -> None:
+        """Put the new token's keys, values and position into each sequence and head's free slot, its score 0."""
+        B, Hkv, _, D = self.k.shape
+        idx = self.free.unsqueeze(-1).expand(B, Hkv, 1, D)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(2, self.free, pos.expand(B, Hkv, 1).to(self.pos.dtype))
+        self.score.scatter_(2, self.free, 0.0)
+
     def decode(self, q, k, v, pos: int | torch.Tensor, bias_fn=None):
         """Write the new token into the free slot, attend over all slots, score, choose the next slot to free."""
         B, Hkv, S, D = self.k.shape
         H = q.shape[1]
         G = H // Hkv
-        idx = self.free.unsqueeze(-1).expand(B, Hkv, 1, D)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
         pos_t = torch.as_tensor(pos, device=self.pos.device)
-        self.pos.scatter_(2, self.free, pos_t.expand(B, Hkv, 1).to(self.pos.dtype))
-        self.score.scatter_(2, self.free, 0.0)
+        self.write(k, v, pos_t)
         qg = split_heads_gqa(q, Hkv)  # [B, Hkv, G, D]
         logits = torch.matmul(qg, self.k.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, S]
         if bias_fn is not None:
