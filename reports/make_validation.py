@@ -263,6 +263,11 @@ def hf_eager_engine() -> None:
               checked=("h200", "h100"))
 
 
+#: the fewest rows in a fitted half: twice the nine parameters of a full cache's --kv-traffic fit (calibrate
+#: refuses a half too small for the parameters its rows bring)
+MIN_HALF_ROWS = 18
+
+
 def hf_compiled_engine() -> None:
     """Step 7b: transformers' static cache under torch.compile, fitted with its KV traffic and no host dispatch on
     the rows whose steps replay a CUDA graph: every row but Mistral-7B's full cache, which transformers 5.17 keeps in
@@ -285,10 +290,6 @@ def hf_compiled_engine() -> None:
               "--out", rel(out), "--title", f"{what}: Mistral-7B's full cache, whose steps replay no CUDA graph "
               f"({gpu.upper()}), predicted by the shipped engine")
 
-
-#: the fewest rows in a fitted half: twice the nine parameters of a full cache's --kv-traffic fit (calibrate
-#: refuses a half too small for the parameters its rows bring)
-MIN_HALF_ROWS = 18
 
 #: each GPU's campaign folder of a transformers stack
 HF_GRIDS = {"h100": "data/h100-sxm-{stack}", "h200": "data/h200-{stack}"}
