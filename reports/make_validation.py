@@ -59,6 +59,8 @@ from kfsim.validate import compare, metrics  # noqa: E402
 DATA = ROOT / "data"
 REPORTS = ROOT / "reports"
 MEASURED = "torch-graph"
+#: the models every "unseen models" check fits on; the others are predicted
+FITTED_MODELS = ["gpt-j-6b", "llama-3-8b"]
 
 
 def kfsim(*args: str) -> str:
@@ -139,6 +141,11 @@ def summary_row(name: str, cmp: pd.DataFrame, col: str = "error_pct") -> dict:
     return row
 
 
+def rows_of(path: Path, measured: str, **kw) -> pd.DataFrame:
+    """The `measured` engine's rows of a campaign file, without measurements.load's source column."""
+    return measurements.load([path], measured, **kw).drop(columns="source")
+
+
 def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
     """A mask choosing half of each phase's rows (so that both phases can be fitted)."""
     rng = np.random.default_rng(seed)
@@ -176,7 +183,7 @@ def hold_out(measured: str, name: str, grid: Path | pd.DataFrame, gpu: str, micr
     """Into `hold`: an engine fitted on a random half of `grid`'s `measured` rows (a rows file, or the rows
     themselves), validated on the other half."""
     hold.mkdir(parents=True, exist_ok=True)
-    rows = grid if isinstance(grid, pd.DataFrame) else measurements.load([grid], measured).drop(columns="source")
+    rows = grid if isinstance(grid, pd.DataFrame) else rows_of(grid, measured)
     rows = rows.reset_index(drop=True)
     mask = split_half(rows)
     rows[mask].to_csv(hold / "fit.csv", index=False)
@@ -244,7 +251,7 @@ def compiled_options_engine() -> None:
 
 def two_models(rows: pd.DataFrame, micro: Path, out: Path, name: str, title: str, flags=()) -> None:
     """Into `out`: an engine fitted on the GPT-J-6B and Llama-3-8B rows, validated on every other model's."""
-    seen = rows["model"].isin(["gpt-j-6b", "llama-3-8b"])
+    seen = rows["model"].isin(FITTED_MODELS)
     out.mkdir(parents=True, exist_ok=True)
     rows[seen].to_csv(out / "fit.csv", index=False)
     rows[~seen].to_csv(out / "test.csv", index=False)
@@ -307,7 +314,7 @@ def hf_micro(stack: str, gpu: str) -> Path:
 
 
 def hf_rows(stack: str, gpu: str) -> pd.DataFrame:
-    return measurements.load([hf_folder(stack, gpu) / "rows.csv"], stack).drop(columns="source")
+    return rows_of(hf_folder(stack, gpu) / "rows.csv", stack)
 
 
 def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str, ...],
@@ -329,7 +336,7 @@ def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str,
     for gpu in checked:
         df = rows[gpu] if gpu in rows else hf_rows(stack, gpu)
         hold_out(stack, stack, df, gpu.upper(), micro(gpu), REPORTS / f"{stack}-{gpu}-holdout", what)
-        if df["model"].isin(["gpt-j-6b", "llama-3-8b"]).all():
+        if df["model"].isin(FITTED_MODELS).all():
             continue
         two_models(df, micro(gpu), REPORTS / f"{stack}-{gpu}-unseen-models", f"{stack}-{gpu}-two-models",
                    f"{what}: {unseen} predicted by an engine fitted on GPT-J-6B and Llama-3-8B ({gpu.upper()})",
@@ -343,10 +350,10 @@ def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str,
 def plain_models() -> None:
     """Step 8: models the engine never saw. The fitted engines stay in the report folders (not shipped)."""
     grid, micro = DATA / "h200-plain-models" / "rows.csv", DATA / "h200-plain" / "microbench.csv"
-    rows = measurements.load([grid], MEASURED).drop(columns="source")
+    rows = rows_of(grid, MEASURED)
     # MPT-7B's full cache as the decoder now runs it (ALiBi bias rows in cuDNN attention, data/h200-mpt-bias), in
     # place of the grid's position-column rows; its Keyformer rows did not change
-    mpt = measurements.load([DATA / "h200-mpt-bias" / "rows.csv"], MEASURED, phase="decode").drop(columns="source")
+    mpt = rows_of(DATA / "h200-mpt-bias" / "rows.csv", MEASURED, phase="decode")
     rows = pd.concat([rows[~((rows["model"] == "mpt-7b") & (rows["policy"] == "full"))], mpt], ignore_index=True)
     unseen = REPORTS / "plain-h200-unseen-models"
     two_models(rows, micro, unseen, "plain-h200-two-models", "Plain decoder: MPT-7B, Mistral-7B and "
@@ -356,7 +363,7 @@ def plain_models() -> None:
     profiled = REPORTS / "plain-h200-unseen-models-profiled"
     profiled.mkdir(parents=True, exist_ok=True)
     prof = pd.read_csv(DATA / "h200-profile" / "rows-profile.csv")
-    fitted = prof["model"].isin(["gpt-j-6b", "llama-3-8b"]) & (prof["engine"] == MEASURED)
+    fitted = prof["model"].isin(FITTED_MODELS) & (prof["engine"] == MEASURED)
     prof[fitted].to_csv(profiled / "profile.csv", index=False)
     kfsim("calibrate", rel(unseen / "fit.csv"), "--microbench", rel(micro), "--profile", rel(profiled / "profile.csv"),
           "--name", "plain-h200-two-models-profiled", "--out", rel(profiled / "engine.yaml"))
