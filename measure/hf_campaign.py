@@ -81,7 +81,7 @@ class HfRunner(Runner):
         if pt.policy != "full" and self.mode == "compiled" and pt.kv_ratio >= 1:
             return (f"{pt.policy} at kv-ratio 1 grows its cache, a decision on the host that torch.compile cannot "
                     f"capture: measured with --hf-mode eager only")
-        if self.mode == "compiled" and w.sliding_window and pt.context + 1 > w.sliding_window:
+        if pt.policy == "full" and self.mode == "compiled" and w.sliding_window and pt.context + 1 > w.sliding_window:
             return (f"the static cache of a sliding window ({w.sliding_window} slots) rolls instead of holding "
                     f"context {pt.context} + 1: not measured here")
         if pt.policy not in ("full", "keyformer", "h2o"):

@@ -232,6 +232,8 @@ def test_runner_says_what_transformers_cannot_measure():
     assert "positions" in r._supported(Point("llama-3-8b", "decode", 1, 40000, 1.0, "full"))
     assert "sliding window" in _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 4096, 1.0, "full"))
     assert _runner("compiled")._supported(Point("mistral-7b", "decode", 1, 1024, 1.0, "full")) is None
+    # KeyformerCache keeps at most the window itself (max_budget), so no static sliding cache rolls
+    assert _runner("compiled")._supported(Point("mistral-7b", "decode", 16, 16384, 0.2, "keyformer")) is None
 
 
 @pytest.mark.gpu
