@@ -1,8 +1,9 @@
-"""Does torch.compile write an evicting cache's new token in place? EvictingCache.write uses scatter_, which
-inductor turns into an out-of-place scatter (a new copy of the whole keys and values, that attention then reads)
-and a copy back into the cache; index_put_ at the same slots stays in place. For each write and cache size: the
-whole-cache copies in the compiled graph and, on a GPU, the compiled decode step's time (mode reduce-overhead,
-CUDA events, median of --steps after warm-up), one layer of Llama-3-8B's attention shape by default.
+"""Does torch.compile write an evicting cache's new token in place? scatter_ (EvictingCache's write until this
+trial) becomes, under inductor, an out-of-place scatter (a new copy of the whole keys and values, that attention
+then reads) and a copy back into the cache; index_put_ at the same slots (EvictingCache.write's compiled path now)
+stays in place. For each write and cache size: the whole-cache copies in the compiled graph and, on a GPU, the
+compiled decode step's time (mode reduce-overhead, CUDA events, median of --steps after warm-up), one layer of
+Llama-3-8B's attention shape by default.
 
 Run (repository root): python -m lab.compiled_cache_write --out write.csv [--batch 16 --budgets 512,2048,8192]
 """
@@ -19,21 +20,19 @@ from measure import timing
 from measure.kv_policies import EvictingCache
 
 
-class InPlaceCache(EvictingCache):
-    """The same cache, its new token written with index_put_ (which inductor keeps in place)."""
+class ScatterCache(EvictingCache):
+    """The same cache, its new token written with scatter_ (which inductor turns into a copy of the whole cache)."""
 
     def write(self, k, v, pos: torch.Tensor) -> None:
-        B, Hkv = self.k.shape[:2]
-        seq = torch.arange(B, device=self.k.device)[:, None]
-        head = torch.arange(Hkv, device=self.k.device)[None, :]
-        at = (seq, head, self.free[..., 0])
-        self.k.index_put_(at, k[:, :, 0])
-        self.v.index_put_(at, v[:, :, 0])
-        self.pos.index_put_(at, pos.to(self.pos.dtype).expand(B, Hkv))
-        self.score.index_put_(at, torch.zeros((), device=self.k.device))
+        B, Hkv, _, D = self.k.shape
+        idx = self.free.unsqueeze(-1).expand(B, Hkv, 1, D)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(2, self.free, pos.expand(B, Hkv, 1).to(self.pos.dtype))
+        self.score.scatter_(2, self.free, 0.0)
 
 
-WRITES = {"scatter_": EvictingCache, "index_put_": InPlaceCache}
+WRITES = {"scatter_": ScatterCache, "index_put_": EvictingCache}
 
 
 @contextlib.contextmanager

@@ -266,8 +266,19 @@ class EvictingCache:
 
     # ---- one decode step ----
     def write(self, k, v, pos: torch.Tensor) -> None:
-        """Put the new token's keys, values and position into each sequence and head's free slot, its score 0."""
+        """Put the new token's keys, values and position into each sequence and head's free slot, its score 0.
+        Compiled, with index_put_: inductor keeps it in place, where it turns scatter_ into two copies of the whole
+        cache a step (lab.compiled_cache_write; H100, one layer at 16 x 8,192 kept: 253 against 992 us). Eager,
+        with scatter_, in place too and without the index tensors' five more dispatched ops a layer."""
         B, Hkv, _, D = self.k.shape
+        if torch.compiler.is_compiling():
+            at = (torch.arange(B, device=self.k.device)[:, None], torch.arange(Hkv, device=self.k.device)[None, :],
+                  self.free[..., 0])
+            self.k.index_put_(at, k[:, :, 0])
+            self.v.index_put_(at, v[:, :, 0])
+            self.pos.index_put_(at, pos.to(self.pos.dtype).expand(B, Hkv))
+            self.score.index_put_(at, torch.zeros((), device=self.score.device, dtype=self.score.dtype))
+            return
         idx = self.free.unsqueeze(-1).expand(B, Hkv, 1, D)
         self.k.scatter_(2, idx, k)
         self.v.scatter_(2, idx, v)

@@ -252,13 +252,14 @@ def test_keyformer_generate_on_the_gpu(family):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_keyformer_steps_replay_a_cuda_graph():
+@pytest.mark.parametrize("family", GENERATE)
+def test_compiled_keyformer_steps_replay_a_cuda_graph(family):
     """Under torch.compile(mode="reduce-overhead") the Keyformer step is captured in a CUDA graph (its cache's
     tensors are marked static, so updating them in place does not make torch skip the graph) and still evicts as
-    the eager step does."""
+    the eager step does; GPT-J's through its own `_attn` hook as Llama's through the attention interface."""
     from torch._dynamo.utils import counters
 
-    w = _tiny_workload()
+    w = _tiny_workload() if family == "llama" else _tiny_workload(family="gptj", n_kv_heads=4)
     model = hf.build_model(w, 512)
     hf.enable_keyformer(model)
     pt = Point(w.name, "decode", 2, 100, 0.5, "keyformer")

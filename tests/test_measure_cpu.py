@@ -95,6 +95,30 @@ def test_planted_heavy_tokens_are_kept(kind, pos_dtype):
     assert len(kept - {-1, -2}) == cache.used == 9  # a full cache: budget + the newest token
 
 
+@pytest.mark.parametrize("kind", ["keyformer", "h2o"])
+def test_compiled_decode_writes_and_evicts_as_eager(kind):
+    """EvictingCache.write takes index_put_ under torch.compile and scatter_ eagerly: the same cache after
+    each step (the token written into the free slot, the same slot freed next)."""
+    torch.manual_seed(0)
+    q, k, v, _ = planted()
+    caches = []
+    for _ in range(2):
+        c = EvictingCache(kind, 1, 1, budget=8, window=4, head_dim=16, dtype=torch.float32, device="cpu")
+        c.noise = torch.zeros_like
+        c.prefill(q, k, v)
+        caches.append(c)
+    eager, compiled = caches
+    step = torch.compile(compiled.decode, fullgraph=True)
+    for t in range(4):
+        qn, kn, vn = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+        out_e = eager.decode(qn, kn, vn, torch.tensor(40 + t))
+        out_c = step(qn, kn, vn, torch.tensor(40 + t))
+        assert torch.allclose(out_e, out_c, atol=1e-5)
+        for name in ("k", "v", "pos", "free"):
+            assert torch.equal(getattr(eager, name), getattr(compiled, name)), (t, name)
+        assert torch.allclose(eager.score, compiled.score, atol=1e-5)
+
+
 def test_window_keeps_most_recent():
     q, k, v, _ = planted()
     cache = EvictingCache("window", 1, 1, budget=8, window=8, head_dim=16, dtype=torch.float32, device="cpu")
