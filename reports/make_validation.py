@@ -280,7 +280,9 @@ def hf_compiled_engine() -> None:
     the rows whose steps replay a CUDA graph: every row but Mistral-7B's full cache, which transformers 5.17 keeps in
     a sliding-window layer whose length is a Python int, so that no graph is recorded (docs/validation.md); those
     are predicted apart (reports/hf-compiled-GPU-sliding-window/). Checked as hf-eager is, on each GPU with enough
-    replayed rows for a half to fit the engine."""
+    replayed rows for a half to fit the engine. The compiled Keyformer cache is measured on the H100 only (no H200
+    started for it): the shipped engine borrows those rows, so that its Keyformer terms are measured ones, and is
+    checked across GPUs on the H100's full-cache rows."""
     what = "Hugging Face transformers, compiled"
     rows, graphless = {}, {}
     for gpu in HF_GRIDS:
@@ -288,7 +290,9 @@ def hf_compiled_engine() -> None:
         apart = (every["model"] == "mistral-7b") & (every["policy"] == "full")
         rows[gpu], graphless[gpu] = every[~apart], every[apart]
     checked = tuple(g for g in HF_GRIDS if len(rows[g]) >= 2 * MIN_HALF_ROWS)
-    hf_engine("hf-compiled", what, "Mistral-7B and MPT-7B", home="h200", checked=checked, rows=rows)
+    h100 = rows["h100"]
+    hf_engine("hf-compiled", what, "Mistral-7B's Keyformer cache", home="h200", checked=checked, rows=rows,
+              borrowed=h100[h100["policy"] != "full"])
     for gpu, df in graphless.items():
         out = REPORTS / f"hf-compiled-{gpu}-sliding-window"
         out.mkdir(parents=True, exist_ok=True)
@@ -318,21 +322,34 @@ def hf_rows(stack: str, gpu: str) -> pd.DataFrame:
 
 
 def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str, ...],
-              rows: dict[str, pd.DataFrame] | None = None) -> None:
+              rows: dict[str, pd.DataFrame] | None = None, borrowed: pd.DataFrame | None = None) -> None:
     """engines/STACK.yaml fitted on `home`'s rows, and checks: on each `checked` GPU a random half validated on the
     other and `unseen` models predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the shipped engine on the
     other GPU's rows. `rows`: each GPU's rows where not every row of its campaign (the home's then fitted from
-    reports/STACK-HOME-rows/)."""
+    reports/STACK-HOME-rows/). `borrowed`: rows of the other GPU fitted with the home's (what the home has not
+    measured; reports/STACK-OTHER-borrowed/), and left out of the check on that GPU."""
     micro = functools.partial(hf_micro, stack)
     rows = rows or {}
+    other = next(g for g in HF_GRIDS if g != home)
     files = {gpu: hf_folder(stack, gpu) / "rows.csv" for gpu in HF_GRIDS}
     for gpu, df in rows.items():
         files[gpu] = REPORTS / f"{stack}-{gpu}-rows" / "rows.csv"
         files[gpu].parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(files[gpu], index=False)
+    fit, micros = [rel(files[home])], ["--microbench", rel(micro(home))]
+    if borrowed is not None:
+        lent = REPORTS / f"{stack}-{other}-borrowed" / "rows.csv"
+        lent.parent.mkdir(parents=True, exist_ok=True)
+        borrowed.to_csv(lent, index=False)
+        fit.append(rel(lent))
+        micros += ["--microbench", rel(micro(other))]
+        rest = (rows[other] if other in rows else hf_rows(stack, other)).drop(borrowed.index)
+        files[other] = REPORTS / f"{stack}-{home}-to-{other}" / "test.csv"
+        files[other].parent.mkdir(parents=True, exist_ok=True)
+        rest.to_csv(files[other], index=False)
     engine = ROOT / "engines" / f"{stack}.yaml"
-    kfsim("calibrate", rel(files[home]), "--measured-engine", stack, "--microbench", rel(micro(home)),
-          "--name", stack, "--out", rel(engine), *STACK_FLAGS[stack])
+    kfsim("calibrate", *fit, "--measured-engine", stack, *micros, "--name", stack, "--out", rel(engine),
+          *STACK_FLAGS[stack])
     for gpu in checked:
         df = rows[gpu] if gpu in rows else hf_rows(stack, gpu)
         hold_out(stack, stack, df, gpu.upper(), micro(gpu), REPORTS / f"{stack}-{gpu}-holdout", what)
@@ -341,7 +358,6 @@ def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str,
         two_models(df, micro(gpu), REPORTS / f"{stack}-{gpu}-unseen-models", f"{stack}-{gpu}-two-models",
                    f"{what}: {unseen} predicted by an engine fitted on GPT-J-6B and Llama-3-8B ({gpu.upper()})",
                    STACK_FLAGS[stack])
-    other = next(g for g in HF_GRIDS if g != home)
     kfsim("validate", rel(files[other]), "--measured-engine", stack, "--engine", rel(engine),
           "--out", rel(REPORTS / f"{stack}-{home}-to-{other}"),
           "--title", f"{what}: {other.upper()} rows predicted by the engine fitted on the {home.upper()}")
