@@ -314,11 +314,14 @@ def enable_keyformer(model) -> None:
 def _gptj_attn(attn):
     """GPT-J's `_attn(query, key, value, attention_mask)` with Keyformer where its cache handed over new tokens."""
     plain = attn._keyformer_plain
+    # a Python number here, once: GPT-J keeps sqrt(head_dim) as a CPU tensor, which read inside a compiled step
+    # puts a CPU op in its graph
+    scale = float(1.0 / attn.scale_attn)
 
     def keyformer_attn(query, key, value, attention_mask=None):
         layer = _take_pending()
         if layer is None:
             return plain(query, key, value, attention_mask)
-        return layer.attend(query, float(1.0 / attn.scale_attn)), None
+        return layer.attend(query, scale), None
 
     return keyformer_attn

@@ -190,6 +190,7 @@ def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
     """--hf-mode compiled's Keyformer step: torch.compile traces it whole (fullgraph), compiles it once for every
     step (nothing on the host changes shape or size between steps), and gives the eager step's logits and
     evictions."""
+    from torch._dynamo.backends.debugging import aot_eager
     from torch._dynamo.utils import counters
 
     extra = {"llama": {}, "gptj": dict(family="gptj", n_kv_heads=4, rotary_dim=8),
@@ -198,12 +199,17 @@ def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
     model = hf.build_model(w, 512, device="cpu")
     hf.enable_keyformer(model)
     pt = Point(w.name, "decode", 2, 100, 0.5, "keyformer")
-    runs = {}
+    runs, inputs = {}, []
+
+    def backend(gm, example_inputs):
+        inputs.extend(n.name for n in gm.graph.nodes if n.op == "placeholder")
+        return aot_eager(gm, example_inputs)
+
     torch._dynamo.reset()
     counters.clear()
     for mode in ("eager", "compiled"):
         r = _runner(mode)
-        r.compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=True)
+        r.compiled = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=True)
         torch.manual_seed(1)
         with torch.no_grad():
             step, cache, rewind = r.steady_step(model, w, pt, device="cpu")
@@ -215,6 +221,8 @@ def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
                 rewind()
         runs[mode] = logits, [layer.evicting.free.clone() for layer in cache.layers]
     assert counters["stats"]["unique_graphs"] == 1
+    # GPT-J's sqrt(head_dim) is a CPU tensor: read in the graph, it would keep the step from a CUDA graph
+    assert not [name for name in inputs if "scale_attn" in name]
     for eager, compiled in zip(runs["eager"][0], runs["compiled"][0]):
         assert torch.equal(eager, compiled)
     assert all(torch.equal(a, b) for a, b in zip(runs["eager"][1], runs["compiled"][1]))
