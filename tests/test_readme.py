@@ -124,7 +124,7 @@ def test_trust_table_matches_the_reports():
         "hf-compiled": f"H100 GPT-J-6B rows {_model_mape('hf-compiled-h200-to-h100', 'h100-sxm', 'gpt-j-6b'):.1f} %, "
                        f"Llama-3-8B rows {_model_mape('hf-compiled-h200-to-h100', 'h100-sxm', 'llama-3-8b'):.1f} %; "
                        f"H100 held-out half, Keyformer included {_held_out_mape('hf-compiled-h100-holdout'):.1f} %; "
-                       f"Mistral-7B's Keyformer cache (fitted on GPT-J-6B and Llama-3-8B, H100) "
+                       f"Mistral-7B's and MPT-7B's Keyformer caches (fitted on GPT-J-6B and Llama-3-8B, H100) "
                        f"{_held_out_mape('hf-compiled-h100-unseen-models'):.1f} %; "
                        f"Mistral-7B's full cache (no CUDA graph) "
                        f"{_held_out_mape('hf-compiled-h200-sliding-window'):.1f} %",
