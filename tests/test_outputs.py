@@ -57,6 +57,13 @@ def test_engine_line_says_where_it_was_measured(gpu, extrapolated):
     assert ("extrapolated: not measured on this GPU" in " ".join(r.output.split())) == extrapolated
 
 
+@pytest.mark.parametrize("gpu, extrapolated", [("h100", False), ("h200", False), ("a100", True)])
+def test_an_engine_fitted_on_two_gpus_is_measured_on_both(gpu, extrapolated):
+    r = run("predict", "--gpu", gpu, "--seq", "2048", "--engine", "hf-compiled")
+    assert "fitted on h100-sxm, h200" in r.output
+    assert ("extrapolated: not measured on this GPU" in " ".join(r.output.split())) == extrapolated
+
+
 def test_ideal_engine_says_it_is_not_fitted():
     r = run("predict", "--gpu", "h100", "--seq", "2048", "--engine", "ideal")
     assert "engine ideal: pure roofline" in r.output
