@@ -291,8 +291,8 @@ def hf_compiled_engine() -> None:
         rows[gpu], graphless[gpu] = every[~apart], every[apart]
     checked = tuple(g for g in HF_GRIDS if len(rows[g]) >= 2 * MIN_HALF_ROWS)
     h100 = rows["h100"]
-    hf_engine("hf-compiled", what, "Mistral-7B's and MPT-7B's Keyformer caches", home="h200", checked=checked, rows=rows,
-              borrowed=h100[h100["policy"] != "full"])
+    hf_engine("hf-compiled", what, "Mistral-7B's and MPT-7B's Keyformer caches", home="h200", checked=checked,
+              rows=rows, borrowed=h100[h100["policy"] != "full"])
     for gpu, df in graphless.items():
         out = REPORTS / f"hf-compiled-{gpu}-sliding-window"
         out.mkdir(parents=True, exist_ok=True)
