@@ -471,6 +471,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     from pathlib import Path
 
     from . import calibrate as cal
+    from .engine import fitted_on_text
     from .fmt import table
     from .hardware import get_hardware
     from .measurements import load
@@ -528,11 +529,12 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     f = cal.fit(df, name=name, start=start, where=", ".join(files), bounds=bounds, fused_scorer=fused_scorer,
                 matvec_max_batch=matvec_max_batch, host_dispatch=host_dispatch, profile=profile,
                 profile_where=profile_file or "profile", kv_traffic=kv_traffic)
-    gpus = ", ".join(sorted(df["gpu"].astype(str).unique()))
+    gpus = sorted(df["gpu"].astype(str).unique())
     counts = df["phase"].value_counts().to_dict()
     described = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     policies = tuple(sorted(df.loc[df["phase"] == "decode", "policy"].astype(str).unique()))
-    eng = cal.rounded(dataclasses.replace(f.engine, **interconnect), fitted_on=f"{gpus} ({measured_engine or 'all engines'}): {f.n} rows ({described})",
+    eng = cal.rounded(dataclasses.replace(f.engine, **interconnect),
+                      fitted_on=fitted_on_text(gpus, measured_engine, f.n, described),
                       fitted_policies=policies,
                       description=f"fitted by kfsim calibrate on {', '.join(files)}"
                       + ("" if "prefill" in counts else "; no prefill rows, so prefill is the ideal roofline")
@@ -564,7 +566,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
     for k, where in edges.items():
         click.echo(f"warning: {k} ended at its {where}: the rows pull it further (or cannot inform it); "
                    "its value is a limit, not a measurement", err=True)
-    click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {gpus}; in-sample MAPE {m['mape']:.2f}%, "
+    click.echo(f"fitted {len(f.fitted)} parameters on {f.n} rows from {', '.join(gpus)}; in-sample MAPE {m['mape']:.2f}%, "
                f"median {m['median_ape']:.2f}%, worst {m['max_ape']:.2f}%")
     if profile is not None:
         click.echo(f"and on {f.profiled} profiled group times from {profile_file} (projections, attention, keyformer, "

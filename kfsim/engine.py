@@ -151,11 +151,17 @@ class Engine:
     workspace_gb: float = rng(0, default=0.0)
     #: mean board power while decoding, as a fraction of the profile's TDP (for energy per token)
     power_fraction_of_tdp: float = rng(above=0, hi=1.0, default=1.0)
+    #: what `kfsim calibrate` fitted it on: "GPU, GPU (measured engine): N rows (...)" (fitted_on_text)
     fitted_on: str = ""
     #: the KV policies of the decode rows `kfsim calibrate` fitted it on; empty: not fitted on rows (ideal,
     #: hand-written), or fitted before this was recorded
     fitted_policies: tuple[str, ...] = ()
     source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fitted_gpus(self) -> set[str]:
+        """The GPU profiles `fitted_on` names (empty: not fitted on measurements)."""
+        return {gpu.strip() for gpu in self.fitted_on.split(" (", 1)[0].split(",")} - {""}
 
     def __post_init__(self):
         for name in ("kernels_per_op", "matvec_kernels_per_op"):
@@ -264,6 +270,11 @@ class Engine:
 
 
 IDEAL = Engine(name="ideal", description="pure roofline: datasheet bandwidth and FLOP/s, no fixed cost")
+
+
+def fitted_on_text(gpus: list[str], measured_engine: str | None, n_rows: int, described: str) -> str:
+    """Engine.fitted_on as `kfsim calibrate` writes it (Engine.fitted_gpus reads its GPUs back)."""
+    return f"{', '.join(gpus)} ({measured_engine or 'all engines'}): {n_rows} rows ({described})"
 
 
 def get_engine(name_or_path: str) -> Engine:

@@ -86,8 +86,7 @@ def engine_line(s: Setup) -> str:
     e = s.engine
     if not e.fitted_on:
         return f"engine {e.name}: {e.description or 'not fitted on measurements'}"
-    measured = {gpu.strip() for gpu in e.fitted_on.split(" (", 1)[0].split(",")}  # "GPU, GPU (engine): ..."
-    note = "" if s.hw.name in measured else "; extrapolated: not measured on this GPU"
+    note = "" if s.hw.name in e.fitted_gpus else "; extrapolated: not measured on this GPU"
     return f"engine {e.name}: fitted on {e.fitted_on}{note}"
 
 

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (ROOT / "reports" / "keyformer-paper" / "headline.md").read_text()
 
 
-def _script():
+@pytest.fixture(scope="module")
+def script():
     spec = importlib.util.spec_from_file_location("make_paper_context", ROOT / "reports" / "make_paper_context.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -17,8 +18,8 @@ def _script():
 
 
 @pytest.mark.parametrize("table", ["request_rows", "transformers_rows"])
-def test_headline_tables_are_what_the_engines_predict_today(table):
-    rows = getattr(_script(), table)()
+def test_headline_tables_are_what_the_engines_predict_today(script, table):
+    rows = getattr(script, table)()
     for values in rows.itertuples(index=False):
         line = "| " + " | ".join(str(v) for v in values) + " |"
         assert line in HEADLINE, f"reports/keyformer-paper/headline.md lacks {line}: run reports/make_paper_context.py"
