@@ -16,6 +16,7 @@ import yaml
 from . import catalog
 from .errors import KfsimError
 from .loader import rng
+from .policy import POLICIES
 
 #: Op kinds whose kernel counts an engine scales (see ops.py for which op is which kind).
 OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer", "positional")
@@ -51,6 +52,39 @@ def _kv_passes_problem(counts: dict) -> str:
     if any("scorer" in v for k, v in counts.items() if k not in SCORED_PATHS):
         return f"gives scorer passes on a path that does not score; only {', '.join(SCORED_PATHS)} do"
     return ""
+
+
+@dataclass(frozen=True)
+class Caveat:
+    """Where an engine is known, by measurement, to miss: said beside every prediction it covers."""
+
+    #: what the engine misses there and by how much, in words
+    note: str
+    #: the policy kinds it covers; empty: every policy
+    policies: tuple[str, ...] = ()
+    #: true: only workloads with a sliding window; false: only those without; None: either
+    sliding_window: bool | None = None
+    #: the model names it covers; empty: every model
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.note.strip():
+            raise KfsimError("a caveat's note is empty: say what the engine misses")
+        if bad := [p for p in self.policies if p not in POLICIES]:
+            raise KfsimError(f"caveat policy {bad[0]!r} is not a policy; allowed: {', '.join(POLICIES)}")
+
+    def covers(self, workload, policy_kind: str) -> bool:
+        return ((not self.policies or policy_kind in self.policies)
+                and (self.sliding_window is None or self.sliding_window == bool(workload.sliding_window))
+                and (not self.models or workload.name in self.models))
+
+    def to_dict(self) -> dict:
+        """The YAML form: the note and the conditions that narrow it (defaults left out)."""
+        out = {"note": self.note}
+        out.update({k: list(v) for k, v in (("policies", self.policies), ("models", self.models)) if v})
+        if self.sliding_window is not None:
+            out["sliding_window"] = self.sliding_window
+        return out
 
 
 @dataclass(frozen=True)
@@ -157,11 +191,18 @@ class Engine:
     #: hand-written), or fitted before this was recorded
     fitted_policies: tuple[str, ...] = ()
     source: dict[str, str] = field(default_factory=dict)
+    #: cases measured where this engine misses (a stack's path that its terms do not describe), said beside the
+    #: predictions they cover; `kfsim calibrate` writes none (reports/make_validation.py adds the measured ones)
+    caveats: tuple[Caveat, ...] = ()
 
     @property
     def fitted_gpus(self) -> set[str]:
         """The GPU profiles `fitted_on` names (empty: not fitted on measurements)."""
         return {gpu.strip() for gpu in self.fitted_on.split(" (", 1)[0].split(",")} - {""}
+
+    def caveats_for(self, workload, policy_kind: str) -> list[str]:
+        """The notes of the caveats that cover `workload` under a `policy_kind` cache."""
+        return [c.note for c in self.caveats if c.covers(workload, policy_kind)]
 
     def __post_init__(self):
         for name in ("kernels_per_op", "matvec_kernels_per_op"):
@@ -261,6 +302,9 @@ class Engine:
     def to_yaml(self) -> str:
         data = dataclasses.asdict(self)
         data["fitted_policies"] = list(self.fitted_policies)  # YAML's safe form of a tuple
+        data["caveats"] = [c.to_dict() for c in self.caveats]
+        if not self.caveats:
+            del data["caveats"]
         return yaml.safe_dump(data, sort_keys=False, width=120)
 
     def write(self, path: str | Path) -> None:

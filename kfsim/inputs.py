@@ -65,4 +65,5 @@ def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DE
         notes += (f"engine {e.name} was fitted on no {p.kind} rows ({', '.join(e.fitted_policies)} only): the "
                   f"{p.kind} cache's extra work (scoring, eviction) is priced at the engine's starting terms, not "
                   f"measured ones",)
+    notes += tuple(f"engine {e.name}: {note}" for note in e.caveats_for(w, p.kind))
     return Setup(hw, shard(w, tp), e, p, dtypes, tp, notes)

@@ -64,6 +64,16 @@ def test_an_engine_fitted_on_two_gpus_is_measured_on_both(gpu, extrapolated):
     assert ("extrapolated: not measured on this GPU" in " ".join(r.output.split())) == extrapolated
 
 
+@pytest.mark.parametrize("model, policy, warned", [("mistral-7b", "full", True), ("mistral-7b", "keyformer", False),
+                                                    ("llama-3-8b", "full", False)])
+def test_a_measured_miss_is_said_beside_the_predictions_it_covers(model, policy, warned):
+    """hf-compiled's terms describe replayed CUDA graphs; a sliding-window full cache replays none (measured)."""
+    r = run("predict", "--gpu", "h200", "--model", model, "--seq", "1024", "--engine", "hf-compiled",
+            "--policy", policy, "--kv-ratio", "1" if policy == "full" else "0.5", "--json")
+    notes = " ".join(json.loads(r.output)["notes"])
+    assert ("records no CUDA graph for a sliding-window model's full static cache" in notes) == warned
+
+
 def test_ideal_engine_says_it_is_not_fitted():
     r = run("predict", "--gpu", "h100", "--seq", "2048", "--engine", "ideal")
     assert "engine ideal: pure roofline" in r.output

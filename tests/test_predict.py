@@ -6,6 +6,7 @@ from kfsim import predict as predict_module
 from kfsim.errors import KfsimError
 from kfsim.inputs import make_setup
 from kfsim.predict import predict, request_cached
+from kfsim.workload import get_workload
 
 
 def test_ideal_batch1_is_weights_over_bandwidth(setup_of):
@@ -174,6 +175,26 @@ def test_slower_matrix_vector_kernels_are_refused(tmp_path):
     path.write_text("name: slow\nmatvec_max_batch: 1\nmatvec_kernels_per_op: {gemv: 0}\n")
     with pytest.raises(KfsimError, match="unknown op kind 'gemv' in matvec_kernels_per_op"):
         get_engine(str(path))
+
+
+def test_an_engine_file_s_caveats_are_checked_and_written_back(tmp_path):
+    """A caveat names real policies and says something; an engine writes its caveats back as it read them."""
+    from kfsim.engine import get_engine
+
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\ncaveats: [{note: slow here, policies: [ful]}]\n")
+    with pytest.raises(KfsimError, match="caveat policy 'ful' is not a policy; allowed: full, keyformer"):
+        get_engine(str(path))
+    path.write_text("name: e\ncaveats: [{note: ' '}]\n")
+    with pytest.raises(KfsimError, match="caveat's note is empty"):
+        get_engine(str(path))
+    path.write_text("name: e\ncaveats: [{note: slow here, policies: [full], sliding_window: true}]\n")
+    engine = get_engine(str(path))
+    engine.write(tmp_path / "again.yaml")
+    assert get_engine(str(tmp_path / "again.yaml")) == engine
+    assert engine.caveats_for(get_workload("mistral-7b"), "full") == ["slow here"]
+    assert engine.caveats_for(get_workload("llama-3-8b"), "full") == []
+    assert "caveats" not in get_engine("default").to_yaml()
 
 
 @pytest.mark.parametrize("engine, policy, ratio", [("default", None, 1.0), ("hf-eager", "keyformer", 0.3),
