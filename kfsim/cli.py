@@ -744,6 +744,7 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
     progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))
     df = sw.sweep(window=window, on_progress=progress, **lists)
     progress.close()
+    say_caveats(df.attrs["caveats"])
     if out:
         sw.write(df, out)
         click.echo(f"wrote {len(df):,} points to {out}")
@@ -840,6 +841,7 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
                          weight_dtype=weight_dtype, kv_dtype=kv_dtype)
               for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
               for n in splits]
+    say_caveats(note for s in setups for note in s.caveats)
     if rate is not None:
         return _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json)
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
@@ -867,11 +869,17 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
                             "usd/Mtok", "J/token", "note"]))
 
 
-def say(text: str) -> None:
-    """Print a sentence wrapped at 100 columns."""
+def say(text: str, err: bool = False) -> None:
+    """Print a sentence wrapped at 100 columns (on stderr with `err`)."""
     import textwrap
 
-    click.echo(textwrap.fill(text, 100, subsequent_indent="  "))
+    click.echo(textwrap.fill(text, 100, subsequent_indent="  ", break_on_hyphens=False), err=err)
+
+
+def say_caveats(notes) -> None:
+    """Each engine caveat once, on stderr, so that a table or JSON on stdout stays as it was."""
+    for note in dict.fromkeys(notes):
+        say(f"note: {note}", err=True)
 
 
 def _options_head(options, as_json: bool, none_text: str):
@@ -1000,12 +1008,14 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     out = sim.summary(result, req, slo_ttft_ms, slo_tpot_ms, times.capacity)
     head = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "tp": tp,
             "policy": s.policy.kind if s.policy.evicts else "full", "kv_ratio": s.policy.kv_ratio,
-            "max_batch": cap, "chunk_tokens": chunk_tokens}
+            "max_batch": cap, "chunk_tokens": chunk_tokens, "notes": list(s.notes)}
     if as_json:
         click.echo(json.dumps({**head, **out}, indent=2))
         return
     click.echo(f"{s.workload.name} on {tp} x {s.hw.name}, engine {s.engine.name}, policy {head['policy']} "
                f"(kv-ratio {kv_ratio:g}); {out['requests']:,} requests over {out['makespan_s']:,.1f} s")
+    for note in s.notes:
+        say(f"note: {note}")
     rows = [[name, *(f"{out[f'{key}_p{p}_ms']:,.1f}" for p in (50, 90, 99))]
             for name, key in (("time to first token", "ttft"), ("time per output token", "tpot"),
                               ("end to end", "e2e"))]
@@ -1048,8 +1058,8 @@ def report(model, gpus, engine, batch, seq, tp, out):
 
     output_path(out, "out", folder=True)
     gpu_list = parse_list(gpus, "gpus", str)
-    for g in gpu_list:  # resolve every name first: a bad one is a one-line error before any figure is drawn
-        make_setup(gpu=g, model=model, engine=engine, tp=tp)
+    # resolve every name first: a bad one is a one-line error before any figure is drawn
+    say_caveats(note for g in gpu_list for note in make_setup(gpu=g, model=model, engine=engine, tp=tp).caveats)
     path = build(model, gpu_list, engine, out, batch, seq, tp)
     click.echo(f"wrote {path} and report.md with 7 figures")
 

@@ -33,6 +33,11 @@ class Setup:
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)
 
+    @property
+    def caveats(self) -> list[str]:
+        """The engine's measured misses that cover this model and policy, as notes (Engine.caveats)."""
+        return [f"engine {self.engine.name}: {note}" for note in self.engine.caveats_for(self.workload, self.policy.kind)]
+
 
 def _one_of(name, file, flag_name, file_flag, default=None):
     for flag, value in ((flag_name, name), (file_flag, file)):
@@ -65,5 +70,5 @@ def make_setup(gpu=None, hw_file=None, model=None, workload_file=None, engine=DE
         notes += (f"engine {e.name} was fitted on no {p.kind} rows ({', '.join(e.fitted_policies)} only): the "
                   f"{p.kind} cache's extra work (scoring, eviction) is priced at the engine's starting terms, not "
                   f"measured ones",)
-    notes += tuple(f"engine {e.name}: {note}" for note in e.caveats_for(w, p.kind))
-    return Setup(hw, shard(w, tp), e, p, dtypes, tp, notes)
+    s = Setup(hw, shard(w, tp), e, p, dtypes, tp, notes)
+    return dataclasses.replace(s, notes=notes + tuple(s.caveats))

@@ -30,25 +30,29 @@ def combos(policies, kv_ratios):
 
 def sweep(gpus, models, batches, seqs, kv_ratios=(1.0,), policies=("keyformer",), kv_dtypes=(None,),
           engines=("default",), window=0.3, on_progress: Callable[[int, int], None] | None = None, tps=(1,)):
-    """All combinations as a pandas DataFrame, one row per point with the `predict --json` fields."""
+    """All combinations as a pandas DataFrame, one row per point with the `predict --json` fields and `caveat`:
+    whether an engine caveat covers the point (their notes in the frame's attrs["caveats"])."""
     import pandas as pd
 
     B, S = np.meshgrid(np.asarray(batches, dtype=np.int64), np.asarray(seqs, dtype=np.int64), indexing="ij")
     B, S = B.ravel(), S.ravel()
     settings = list(itertools.product(gpus, models, engines, combos(policies, kv_ratios), kv_dtypes, tps))
-    frames = []
+    frames, caveats = [], {}
     for i, (gpu, model, engine, (policy, ratio), kv_dtype, tp) in enumerate(settings):
         s = make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=ratio, window=window,
                        kv_dtype=kv_dtype, tp=tp)
         out = predict(s, B, S)
         cols = {"gpu": s.hw.name, "model": s.workload.name, "engine": s.engine.name, "policy": s.policy.kind,
                 "kv_ratio": ratio, "window": window if s.policy.evicts else np.nan, "kv_dtype": str(s.dtypes.kv),
-                "batch": B, "seq": S}
+                "batch": B, "seq": S, "caveat": bool(s.caveats)}
         cols.update({k: np.broadcast_to(v, B.shape) for k, v in out.items()})
         frames.append(pd.DataFrame(cols))
+        caveats.update(dict.fromkeys(s.caveats))
         if on_progress:
             on_progress(i + 1, len(settings))
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs["caveats"] = list(caveats)  # the engines' measured misses that cover some rows (their `caveat`)
+    return df
 
 
 def check_out(path: str) -> None:

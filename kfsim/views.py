@@ -72,7 +72,8 @@ def predict_text(s: Setup, h: dict, out: dict) -> str:
     width = max(len(r[0]) for r in rows)
     body = [textwrap.fill(v, WIDTH, initial_indent=f"{k.ljust(width)}  ", subsequent_indent=" " * (width + 2))
             for k, v in rows]
-    return "\n".join([textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in lines] + [""] + body)
+    head = [textwrap.fill(line, WIDTH, subsequent_indent="  ", break_on_hyphens=False) for line in lines]
+    return "\n".join(head + [""] + body)
 
 
 #: the step's largest share of time, in the words the table prints

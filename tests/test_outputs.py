@@ -74,6 +74,29 @@ def test_a_measured_miss_is_said_beside_the_predictions_it_covers(model, policy,
     assert ("records no CUDA graph for a sliding-window model's full static cache" in notes) == warned
 
 
+def test_sweep_plan_and_simulate_say_the_caveats_that_cover_them():
+    """The note reaches every command that prices a covered point, on stderr where stdout is a table or JSON."""
+    runner = CliRunner()
+    phrase = "records no CUDA graph"
+    sweep = runner.invoke(cli, ["sweep", "--gpu", "h200", "--model", "mistral-7b,llama-3-8b", "--engine", "hf-compiled",
+                                "--batch", "1", "--seq", "1024", "--kv-ratio", "1,0.5"])
+    assert sweep.exit_code == 0 and phrase in " ".join(sweep.stderr.split()) and phrase not in sweep.stdout
+    from kfsim.sweep import sweep as sweep_points
+
+    df = sweep_points(["h200"], ["mistral-7b", "llama-3-8b"], [1], [1024], kv_ratios=[1, 0.5], engines=["hf-compiled"])
+    assert df.loc[df["caveat"], ["model", "policy"]].drop_duplicates().values.tolist() == [["mistral-7b", "full"]]
+    plan = runner.invoke(cli, ["plan", "--model", "mistral-7b", "--prompt-len", "1024", "--gen-len", "64",
+                               "--target-tokens-per-s", "1000", "--engine", "hf-compiled", "--gpus", "h200", "--json"])
+    assert plan.exit_code == 0 and phrase in " ".join(plan.stderr.split())
+    json.loads(plan.stdout)
+    sim = runner.invoke(cli, ["simulate", "--gpu", "h200", "--model", "mistral-7b", "--engine", "hf-compiled",
+                              "--rate", "1", "--requests", "20", "--prompt-len", "512", "--gen-len", "16", "--json"])
+    assert sim.exit_code == 0 and phrase in " ".join(json.loads(sim.stdout)["notes"])
+    quiet = runner.invoke(cli, ["plan", "--model", "llama-3-8b", "--prompt-len", "1024", "--gen-len", "64",
+                                "--target-tokens-per-s", "1000", "--engine", "hf-compiled", "--gpus", "h200"])
+    assert quiet.exit_code == 0 and phrase not in quiet.output
+
+
 def test_ideal_engine_says_it_is_not_fitted():
     r = run("predict", "--gpu", "h100", "--seq", "2048", "--engine", "ideal")
     assert "engine ideal: pure roofline" in r.output
