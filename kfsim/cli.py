@@ -155,6 +155,8 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
         seq = prompt_len + gen_len - 1
     from .predict import predict as run
 
+    if prompt_len is not None:
+        s = s.with_requests()
     out = run(s, batch, seq, prompt_len, gen_len)
     if s.policy.evicts:
         from .predict import largest_batch
@@ -744,7 +746,7 @@ def sweep(gpus, models, batch, seq, kv_ratio, policy, kv_dtype, engine, window, 
     progress = sw.Progress(lambda n: click.progressbar(length=n, label="sweeping", file=sys.stderr))
     df = sw.sweep(window=window, on_progress=progress, **lists)
     progress.close()
-    say_caveats(df.attrs["caveats"])
+    say_notes(df.attrs["caveats"])
     if out:
         sw.write(df, out)
         click.echo(f"wrote {len(df):,} points to {out}")
@@ -799,7 +801,7 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
     """
     from .fmt import table
     from .hardware import get_hardware
-    from .inputs import make_setup
+    from .inputs import make_setup, unfitted_prefill
     from .plan import plan as make_plan
     from .values import parse_list
 
@@ -841,7 +843,7 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
                          weight_dtype=weight_dtype, kv_dtype=kv_dtype)
               for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
               for n in splits]
-    say_caveats(note for s in setups for note in s.caveats)
+    say_notes(note for s in setups for note in s.caveats + unfitted_prefill(s.engine))
     if rate is not None:
         return _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json)
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
@@ -876,8 +878,8 @@ def say(text: str, err: bool = False) -> None:
     click.echo(textwrap.fill(text, 100, subsequent_indent="  ", break_on_hyphens=False), err=err)
 
 
-def say_caveats(notes) -> None:
-    """Each engine caveat once, on stderr, so that a table or JSON on stdout stays as it was."""
+def say_notes(notes) -> None:
+    """Each note once, on stderr, so that a table or JSON on stdout stays as it was."""
     for note in dict.fromkeys(notes):
         say(f"note: {note}", err=True)
 
@@ -991,7 +993,7 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     if (rate is None) == (trace is None):
         raise KfsimError("give either --rate R (Poisson arrivals) or --trace FILE.csv")
     s = make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=kv_ratio, window=window,
-                   weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
+                   weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp).with_requests()
     req = sim.read_trace(trace) if trace else sim.poisson_requests(rate, n_requests, prompt_len, gen_len, seed)
     longest = int((req.prompt + req.gen).max())
     cap = sim.batch_cap(s, int(req.prompt.min()), max_batch)
@@ -1050,7 +1052,7 @@ def report(model, gpus, engine, batch, seq, tp, out):
     Example: kfsim report --model llama-3-8b --gpus h100,h200 --out reports/llama-3-8b/
     """
     _need("report", "matplotlib")
-    from .inputs import make_setup
+    from .inputs import make_setup, unfitted_prefill
     from .report import build
     from .values import parse_list
 
@@ -1059,7 +1061,8 @@ def report(model, gpus, engine, batch, seq, tp, out):
     output_path(out, "out", folder=True)
     gpu_list = parse_list(gpus, "gpus", str)
     # resolve every name first: a bad one is a one-line error before any figure is drawn
-    say_caveats(note for g in gpu_list for note in make_setup(gpu=g, model=model, engine=engine, tp=tp).caveats)
+    setups = [make_setup(gpu=g, model=model, engine=engine, tp=tp) for g in gpu_list]
+    say_notes(note for s in setups for note in s.caveats + unfitted_prefill(s.engine))  # report serves requests
     path = build(model, gpu_list, engine, out, batch, seq, tp)
     click.echo(f"wrote {path} and report.md with 7 figures")
 

@@ -200,6 +200,12 @@ class Engine:
         """The GPU profiles `fitted_on` names (empty: not fitted on measurements)."""
         return {gpu.strip() for gpu in self.fitted_on.split(" (", 1)[0].split(",")} - {""}
 
+    @property
+    def fitted_phases(self) -> set[str]:
+        """The phases (decode, prefill) of the rows `fitted_on` counts (empty: not fitted on measurements)."""
+        counted = self.fitted_on.rsplit("(", 1)[-1].rstrip(")") if self.fitted_on else ""
+        return {part.split()[-1] for part in counted.split(",") if part.strip()}
+
     def caveats_for(self, workload, policy_kind: str) -> list[str]:
         """The notes of the caveats that cover `workload` under a `policy_kind` cache."""
         return [c.note for c in self.caveats if c.covers(workload, policy_kind)]

@@ -33,10 +33,23 @@ class Setup:
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)
 
+    def with_requests(self) -> "Setup":
+        """The setup pricing whole requests (prefill too), noting an engine whose prefill terms are not measured."""
+        return dataclasses.replace(self, notes=self.notes + tuple(unfitted_prefill(self.engine)))
+
     @property
     def caveats(self) -> list[str]:
         """The engine's measured misses that cover this model and policy, as notes (Engine.caveats)."""
         return [f"engine {self.engine.name}: {note}" for note in self.engine.caveats_for(self.workload, self.policy.kind)]
+
+
+def unfitted_prefill(e: Engine) -> list[str]:
+    """A note where an engine fitted on measurements had no prefill rows: its time to first token is then the
+    roofline's, which no measured stack reaches."""
+    if not e.fitted_on or "prefill" in e.fitted_phases:
+        return []
+    return [f"engine {e.name} was fitted on no prefill rows: time to first token is the ideal roofline's (datasheet "
+            f"FLOP/s and bandwidth, no fixed cost), a lower bound"]
 
 
 def _one_of(name, file, flag_name, file_flag, default=None):

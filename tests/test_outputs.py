@@ -97,6 +97,25 @@ def test_sweep_plan_and_simulate_say_the_caveats_that_cover_them():
     assert quiet.exit_code == 0 and phrase not in quiet.output
 
 
+@pytest.mark.parametrize("engine, request_args, warned", [
+    ("hf-compiled", ("--prompt-len", "1024", "--gen-len", "64"), True),
+    ("hf-compiled", ("--seq", "1024"), False),  # a decode step alone: no prefill priced
+    ("default", ("--prompt-len", "1024", "--gen-len", "64"), False),  # fitted on 18 prefill rows
+    ("ideal", ("--prompt-len", "1024", "--gen-len", "64"), False)])  # says it is the roofline already
+def test_time_to_first_token_of_an_engine_without_prefill_rows_is_called_a_lower_bound(engine, request_args, warned):
+    r = run("predict", "--gpu", "h200", "--model", "llama-3-8b", "--engine", engine, *request_args, "--json")
+    notes = " ".join(json.loads(r.output)["notes"])
+    assert ("fitted on no prefill rows: time to first token is the ideal roofline's" in notes) == warned
+
+
+def test_an_engine_reads_back_the_phases_it_was_fitted_on():
+    from kfsim.engine import get_engine
+
+    assert get_engine("default").fitted_phases == {"decode", "prefill"}
+    assert get_engine("hf-eager").fitted_phases == {"decode"}
+    assert get_engine("ideal").fitted_phases == set()
+
+
 def test_ideal_engine_says_it_is_not_fitted():
     r = run("predict", "--gpu", "h100", "--seq", "2048", "--engine", "ideal")
     assert "engine ideal: pure roofline" in r.output
