@@ -71,8 +71,8 @@ class HfRunner(Runner):
         w = get_workload(pt.model)
         if _compiled_key(pt) in self.uncompiled:
             return self.uncompiled[_compiled_key(pt)]
-        if pt.phase != "decode":
-            return "prefill is not measured through transformers yet"
+        if pt.phase != "decode" and self.mode != "eager":
+            return "prefill through transformers is measured with --hf-mode eager (compiled, each prompt recompiles)"
         if pt.context + self.steps + self.warmup + 8 > MAX_POSITIONS:
             return f"context {pt.context} is past the {MAX_POSITIONS} positions the models are built with"
         if pt.policy != "full" and w.family not in hf.KEYFORMER_FAMILIES:
@@ -95,6 +95,28 @@ class HfRunner(Runner):
         rewind()
         return {**self._timing_fields(t), **(self._energy(lambda: (step(), rewind()), t.median_ms) if power else {}),
                 "cached_tokens": cached_tokens(cache, w, pt), "host_ops": ops}
+
+    def _prefill(self, model, w, pt, power=True) -> dict:
+        step, made = self.prefill_step(model, w, pt)
+        t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
+        return {**self._timing_fields(t), **(self._energy(step, t.median_ms) if power else {}),
+                "cached_tokens": cached_tokens(made[-1], w, pt)}
+
+    def prefill_step(self, model, w, pt, device="cuda"):
+        """(step, made): one prefill of `batch` prompts of `context` tokens into a new cache, as generate() runs it
+        before the first token (the library's dynamic cache, or a KeyformerCache that keeps kv_ratio x prompt,
+        scoring every prompt query), and the list that holds the last step's cache."""
+        from transformers import DynamicCache
+
+        tokens = torch.randint(0, w.vocab_size, (pt.batch, pt.context), device=device)
+        made = []
+
+        def step():
+            made[:] = [DynamicCache(config=model.config) if pt.policy == "full" else
+                       hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)]
+            return model(input_ids=tokens, past_key_values=made[0], use_cache=True, logits_to_keep=1)
+
+        return step, made
 
     def profile_point(self, pt: Point) -> dict:
         """An eager step of decode point `pt` by operation group (measure.profile.profile_step); eager mode only,

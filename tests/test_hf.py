@@ -229,9 +229,29 @@ def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
     assert all(torch.equal(a, b) for a, b in zip(runs["eager"][1], runs["compiled"][1]))
 
 
+@pytest.mark.parametrize("policy, ratio, window, kept", [("full", 1.0, None, 100), ("keyformer", 0.5, None, 50),
+                                                         ("full", 1.0, 48, 48), ("keyformer", 0.5, 16, 16)])
+def test_prefill_steps_fill_a_new_cache_each_time(policy, ratio, window, kept):
+    """A timed prefill is a whole prompt into an empty cache, every time: the library's dynamic cache holds the
+    prompt (its sliding window's last tokens), Keyformer's its budget of it (capped at the window)."""
+    w = _tiny_workload(sliding_window=window)
+    model = hf.build_model(w, 512, device="cpu")
+    if policy != "full":
+        hf.enable_keyformer(model)
+    pt = Point(w.name, "prefill", 2, 100, ratio, policy)
+    with torch.no_grad():
+        step, made = _runner().prefill_step(model, w, pt, device="cpu")
+        first = step()
+        caches = [made[-1], step() and made[-1]]
+    assert first.logits.shape == (2, 1, 97) and torch.isfinite(first.logits).all()
+    assert caches[0] is not caches[1] and cached_tokens(caches[1], w, pt) == kept
+    assert caches[1].get_seq_length() == 100
+
+
 def test_runner_says_what_transformers_cannot_measure():
     r = _runner()
-    assert "prefill" in r._supported(Point("gpt-j-6b", "prefill", 1, 512, 1.0, "full"))
+    assert r._supported(Point("gpt-j-6b", "prefill", 1, 512, 1.0, "full")) is None
+    assert "--hf-mode eager" in _runner("compiled")._supported(Point("gpt-j-6b", "prefill", 1, 512, 1.0, "full"))
     assert "gpt2 model" in r._supported(Point("cerebras-gpt-111m", "decode", 1, 512, 0.5, "keyformer"))
     assert r._supported(Point("mpt-7b", "decode", 1, 512, 0.5, "keyformer")) is None
     assert r._supported(Point("mpt-7b", "decode", 1, 512, 1.0, "full")) is None
