@@ -44,12 +44,12 @@ class Setup:
 
 
 def unfitted_prefill(e: Engine) -> list[str]:
-    """A note where an engine fitted on measurements had no prefill rows: its time to first token is then the
-    roofline's, which no measured stack reaches."""
+    """A note where an engine fitted on measurements had no prefill rows: its prefill is then priced at the
+    roofline's GPU terms, which no measured stack reaches (an eager stack's host dispatch is still priced)."""
     if not e.fitted_on or "prefill" in e.fitted_phases:
         return []
-    return [f"engine {e.name} was fitted on no prefill rows: time to first token is the ideal roofline's (datasheet "
-            f"FLOP/s and bandwidth, no fixed cost), a lower bound"]
+    return [f"engine {e.name} was fitted on no prefill rows: its prefill runs at the datasheet's FLOP/s and bandwidth "
+            f"with no fixed cost per kernel, so time to first token is a lower bound"]
 
 
 def _one_of(name, file, flag_name, file_flag, default=None):

@@ -65,10 +65,15 @@ def _counted_logit_passes(s: Setup, scorer: float) -> float:
 
 
 def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
-    """Time to first token: the whole prompt through the model (compute-bound at long prompts)."""
+    """Time to first token: the whole prompt through the model (compute-bound at long prompts). An eager stack's
+    host dispatches one forward's operations whatever the prompt's length, as for a decode step, so the host binds
+    short prompts (transformers, H100: 22-28 ms for 128-512 tokens of Llama-3-8B or GPT-J-6B, about a decode
+    step's time; data/h100-sxm-hf-prefill)."""
     ops = ops if ops is not None else prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
-    return op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us,
-                    logit_passes=s.engine.keyformer_prefill_logit_passes)
+    t = op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us,
+                 logit_passes=s.engine.keyformer_prefill_logit_passes)
+    return with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored),
+                     s.host_launch_us)
 
 
 def request_cached(s: Setup, prompt: int, gen: int) -> np.ndarray:

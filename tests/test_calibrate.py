@@ -354,6 +354,23 @@ def test_host_bound_steps_do_not_grow_with_the_cache_until_the_gpu_catches_up():
     assert float(big["step_ms"]) == pytest.approx(float(predict(s, 64, 16384)["step_ms"]))
 
 
+def test_an_eager_prefill_takes_the_longer_of_its_host_dispatch_and_its_gpu_work():
+    """One forward dispatches the same operations for a prompt of 128 tokens as for one decode token, so a short
+    prompt costs what a host-bound decode step costs; a long one is the GPU's work, as without a host."""
+    from kfsim.predict import prefill_time
+
+    s = make_setup(gpu="h200", model="llama-3-8b", engine="ideal")
+    counted = {"llama-3-8b": {"family": "llama", "layer": 40.0, "step": 12.0}}  # operations a forward dispatches
+    eager = dataclasses.replace(s, engine=dataclasses.replace(s.engine, host_us_per_kernel=20.0, host_step_us=3000.0,
+                                                              host_ops=counted))
+    short = prefill_time(eager, 1, 128)
+    host_s = (12 + 32 * 40) * 20e-6 + 3e-3
+    assert float(short.host_s) > 0 and float(short.seconds) == pytest.approx(host_s)
+    assert float(step_time(eager, 1, 1024).seconds) == pytest.approx(host_s)
+    assert float(prefill_time(eager, 1, 16384).seconds) == pytest.approx(float(prefill_time(s, 1, 16384).seconds))
+    assert float(prefill_time(s, 1, 128).seconds) < float(short.seconds) / 5
+
+
 def _profile_of(engine, points, attention_scale=1.0):
     """A profile (kfsim measure --profile) whose groups are `engine`'s own times at `points` (batch, context)."""
     from kfsim.breakdown import GROUPS, predicted_groups

@@ -105,7 +105,7 @@ def test_sweep_plan_and_simulate_say_the_caveats_that_cover_them():
 def test_time_to_first_token_of_an_engine_without_prefill_rows_is_called_a_lower_bound(engine, request_args, warned):
     r = run("predict", "--gpu", "h200", "--model", "llama-3-8b", "--engine", engine, *request_args, "--json")
     notes = " ".join(json.loads(r.output)["notes"])
-    assert ("fitted on no prefill rows: time to first token is the ideal roofline's" in notes) == warned
+    assert ("fitted on no prefill rows: its prefill runs at the datasheet's FLOP/s" in notes) == warned
 
 
 def test_an_engine_reads_back_the_phases_it_was_fitted_on():
