@@ -20,7 +20,8 @@ then reports/validation-summary.json with every figure quoted in the README.
    (data/hf-kv-passes); on the H200's and the H100's grids (data/h100-sxm-hf-eager) reports/hf-eager-GPU-holdout/
    (a random half validated on the other) and reports/hf-eager-GPU-unseen-models/ (fitted on GPT-J-6B and
    Llama-3-8B, validated on Mistral-7B and MPT-7B); reports/hf-eager-h200-to-h100/: the shipped engine on the
-   H100 rows (`--only hf-eager`).
+   H100 rows; reports/hf-eager-h100-slow-host/: on the H100's Keyformer rows of a slower host; and
+   reports/hf-eager-h100-prefill/: on the H100's prefill rows, which it was not fitted on (`--only hf-eager`).
    engines/hf-compiled.yaml: transformers' static cache under torch.compile (data/h200-hf-compiled), fitted with
    --kv-traffic on the rows whose steps replay CUDA graphs (reports/hf-compiled-GPU-rows/: all but Mistral-7B's
    full cache); reports/hf-compiled-h200-to-h100/: the H100's replayed rows (data/h100-sxm-hf-compiled, Keyformer
@@ -267,8 +268,21 @@ def hf_eager_engine() -> None:
     counted KV passes: the shipped engine on every H200 row (data/h200-hf-eager); on each GPU's grid a random half
     validated on the other and Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the
     shipped engine on the H100's rows (data/h100-sxm-hf-eager)."""
-    hf_engine("hf-eager", "Hugging Face transformers, eager", "Mistral-7B and MPT-7B", home="h200",
-              checked=("h200", "h100"))
+    what = "Hugging Face transformers, eager"
+    hf_engine("hf-eager", what, "Mistral-7B and MPT-7B", home="h200", checked=("h200", "h100"))
+    engine = rel(ROOT / "engines" / "hf-eager.yaml")
+    slow = DATA / "h100-sxm-hf-eager-slow-host" / "rows.csv"
+    launch = rows_of(slow, "hf-eager")["host_launch_us"]
+    kfsim("validate", rel(slow), "--engine", engine, "--out", rel(REPORTS / "hf-eager-h100-slow-host"), "--title",
+          f"{what}: the H100's Keyformer rows on a slower host (a CUDA launch {launch.min():.1f}-{launch.max():.1f} us "
+          f"against the {get_engine(engine).host_launch_us:.1f} the engine was fitted at), predicted by the shipped "
+          f"engine")
+    prefill = REPORTS / "hf-eager-h100-prefill"
+    prefill.mkdir(parents=True, exist_ok=True)
+    rows = rows_of(DATA / "h100-sxm-hf-prefill" / "rows.csv", "hf-eager", phase="prefill")
+    rows.to_csv(prefill / "test.csv", index=False)
+    kfsim("validate", rel(prefill / "test.csv"), "--engine", engine, "--out", rel(prefill), "--title",
+          f"{what}: prefill on the H100 (not fitted: the shipped engine's roofline GPU terms and its host dispatch)")
 
 
 #: the fewest rows in a fitted half: twice the nine parameters of a full cache's --kv-traffic fit (calibrate
