@@ -40,7 +40,8 @@ class Setup:
     @property
     def caveats(self) -> list[str]:
         """The engine's measured misses that cover this model and policy, as notes (Engine.caveats)."""
-        return [f"engine {self.engine.name}: {note}" for note in self.engine.caveats_for(self.workload, self.policy.kind)]
+        e = self.engine
+        return [f"engine {e.name}: {note}" for note in e.caveats_for(self.workload, self.policy.kind)]
 
 
 def unfitted_prefill(e: Engine) -> list[str]:

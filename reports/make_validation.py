@@ -267,16 +267,18 @@ def hf_eager_engine() -> None:
     """Step 7: transformers in eager PyTorch, fitted with the host's cost per counted operation and each model's
     counted KV passes: the shipped engine on every H200 row (data/h200-hf-eager); on each GPU's grid a random half
     validated on the other and Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the
-    shipped engine on the H100's rows (data/h100-sxm-hf-eager)."""
+    shipped engine on the H100's rows (data/h100-sxm-hf-eager), on the H100's Keyformer rows of a slower host (its
+    host scaling) and on the H100's prefill rows (not fitted: how far its time to first token falls short)."""
     what = "Hugging Face transformers, eager"
     hf_engine("hf-eager", what, "Mistral-7B and MPT-7B", home="h200", checked=("h200", "h100"))
-    engine = rel(ROOT / "engines" / "hf-eager.yaml")
+    shipped = ROOT / "engines" / "hf-eager.yaml"
+    engine = rel(shipped)
     slow = DATA / "h100-sxm-hf-eager-slow-host" / "rows.csv"
     launch = rows_of(slow, "hf-eager")["host_launch_us"]
     kfsim("validate", rel(slow), "--engine", engine, "--out", rel(REPORTS / "hf-eager-h100-slow-host"), "--title",
           f"{what}: the H100's Keyformer rows on a slower host (a CUDA launch {launch.min():.1f}-{launch.max():.1f} us "
-          f"against the {get_engine(engine).host_launch_us:.1f} the engine was fitted at), predicted by the shipped "
-          f"engine")
+          f"against the {get_engine(str(shipped)).host_launch_us:.1f} the engine was fitted at), predicted by the "
+          f"shipped engine")
     prefill = REPORTS / "hf-eager-h100-prefill"
     prefill.mkdir(parents=True, exist_ok=True)
     rows = rows_of(DATA / "h100-sxm-hf-prefill" / "rows.csv", "hf-eager", phase="prefill")
@@ -317,7 +319,7 @@ def hf_compiled_engine() -> None:
               "--out", rel(out), "--title", f"{what}: Mistral-7B's full cache, whose steps replay no CUDA graph "
               f"({gpu.upper()}), predicted by the shipped engine")
         predicted.append(pd.read_csv(out / "rows.csv"))
-    dataclasses.replace(get_engine(rel(engine)), caveats=(graphless_caveat(pd.concat(predicted)),)).write(engine)
+    dataclasses.replace(get_engine(str(engine)), caveats=(graphless_caveat(pd.concat(predicted)),)).write(engine)
 
 
 def graphless_caveat(rows: pd.DataFrame) -> Caveat:
