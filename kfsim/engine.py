@@ -202,9 +202,10 @@ class Engine:
 
     @property
     def fitted_phases(self) -> set[str]:
-        """The phases (decode, prefill) of the rows `fitted_on` counts (empty: not fitted on measurements)."""
+        """The phases (decode, prefill) of the rows `fitted_on` counts (empty: not fitted on measurements, or a
+        fitted_on written by hand in another form)."""
         counted = self.fitted_on.rsplit("(", 1)[-1].rstrip(")") if self.fitted_on else ""
-        return {part.split()[-1] for part in counted.split(",") if part.strip()}
+        return {part.split()[-1] for part in counted.split(",") if part.strip()} & {"decode", "prefill"}
 
     def caveats_for(self, workload, policy_kind: str) -> list[str]:
         """The notes of the caveats that cover `workload` under a `policy_kind` cache."""

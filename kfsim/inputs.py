@@ -47,7 +47,7 @@ class Setup:
 def unfitted_prefill(e: Engine) -> list[str]:
     """A note where an engine fitted on measurements had no prefill rows: its prefill is then priced at the
     roofline's GPU terms, which no measured stack reaches (an eager stack's host dispatch is still priced)."""
-    if not e.fitted_on or "prefill" in e.fitted_phases:
+    if "decode" not in e.fitted_phases or "prefill" in e.fitted_phases:  # not fitted by calibrate, or on prefill
         return []
     return [f"engine {e.name} was fitted on no prefill rows: its prefill runs at the datasheet's FLOP/s and bandwidth "
             f"with no fixed cost per kernel, so time to first token is a lower bound"]

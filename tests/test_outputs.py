@@ -1,6 +1,7 @@
 """What the CLI prints explains itself: a slower policy says why, Keyformer shows its memory dividend, the engine
 line says what it was fitted on and where it extrapolates, tables fit 100 columns, report figures show only what
 fits and say what they show."""
+import dataclasses
 import json
 
 import numpy as np
@@ -114,6 +115,7 @@ def test_an_engine_reads_back_the_phases_it_was_fitted_on():
     assert get_engine("default").fitted_phases == {"decode", "prefill"}
     assert get_engine("hf-eager").fitted_phases == {"decode"}
     assert get_engine("ideal").fitted_phases == set()
+    assert dataclasses.replace(get_engine("ideal"), fitted_on="our lab's H100 (by hand)").fitted_phases == set()
 
 
 def test_ideal_engine_says_it_is_not_fitted():
