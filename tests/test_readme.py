@@ -133,3 +133,18 @@ def test_trust_table_matches_the_reports():
                  f"{_summary('H200 (fitted on H100)', 'kfsim ideal roofline')['decode_mape']:.0f} %",
     }
     assert table == expect
+
+
+def test_the_shipped_caveat_is_what_the_reports_measure():
+    """engines/hf-compiled.yaml's caveat quotes measured figures: they must be those of the committed reports."""
+    import importlib.util
+
+    import pandas as pd
+
+    from kfsim.engine import get_engine
+
+    spec = importlib.util.spec_from_file_location("make_validation", ROOT / "reports" / "make_validation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "reports").glob("hf-compiled-*-sliding-window/rows.csv"))])
+    assert get_engine("hf-compiled").caveats == (script.graphless_caveat(rows),)
