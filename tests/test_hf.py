@@ -142,15 +142,21 @@ def _tiny_workload(**kw):
     return dataclasses.replace(get_workload("llama-3-8b"), **{**base, **kw})
 
 
+def _tiny_model(policy: str, window: int | None):
+    """A tiny Llama-style workload with `window` and its random-weight model, hooked for Keyformer unless full."""
+    w = _tiny_workload(sliding_window=window)
+    model = hf.build_model(w, 512, device="cpu")
+    if policy != "full":
+        hf.enable_keyformer(model)
+    return w, model
+
+
 @pytest.mark.parametrize("policy, ratio, window", [("full", 1.0, None), ("keyformer", 0.5, None),
                                                    ("full", 1.0, 48), ("keyformer", 0.5, 16)])
 def test_steady_steps_keep_their_context(policy, ratio, window):
     """A timed step attends the same tokens every time: the dynamic cache is cut back after each step (a
     sliding window trims itself), Keyformer's holds its budget (capped at the window)."""
-    w = _tiny_workload(sliding_window=window)
-    model = hf.build_model(w, 512, device="cpu")
-    if policy != "full":
-        hf.enable_keyformer(model)
+    w, model = _tiny_model(policy, window)
     pt = Point(w.name, "decode", 2, 100, ratio, policy)
     with torch.no_grad():
         step, cache, rewind = _runner().steady_step(model, w, pt, device="cpu")
@@ -234,10 +240,7 @@ def test_compiled_keyformer_steps_are_one_graph_with_the_eager_logits(family):
 def test_prefill_steps_fill_a_new_cache_each_time(policy, ratio, window, kept):
     """A timed prefill is a whole prompt into an empty cache, every time: the library's dynamic cache holds the
     prompt (its sliding window's last tokens), Keyformer's its budget of it (capped at the window)."""
-    w = _tiny_workload(sliding_window=window)
-    model = hf.build_model(w, 512, device="cpu")
-    if policy != "full":
-        hf.enable_keyformer(model)
+    w, model = _tiny_model(policy, window)
     pt = Point(w.name, "prefill", 2, 100, ratio, policy)
     with torch.no_grad():
         step, made = _runner().prefill_step(model, w, pt, device="cpu")
