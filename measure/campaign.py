@@ -181,9 +181,14 @@ class Runner:
                     c.length = 0
             model.prefill(tokens, caches)
 
+        return self._time_prefill(step, power, lambda: caches[0].cached_tokens)
+
+    def _time_prefill(self, step, power, cached) -> dict:
+        """A prefill point's row fields: `step` timed (fewer runs than a decode step's: each is a whole prompt),
+        its power, and `cached()`, the tokens its cache keeps, read after the timed runs."""
         t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
         return {**self._timing_fields(t), **(self._energy(step, t.median_ms) if power else {}),
-                "cached_tokens": caches[0].cached_tokens}
+                "cached_tokens": cached()}
 
     @staticmethod
     def _timing_fields(t: timing.Timing) -> dict:

@@ -98,9 +98,7 @@ class HfRunner(Runner):
 
     def _prefill(self, model, w, pt, power=True) -> dict:
         step, made = self.prefill_step(model, w, pt)
-        t = timing.time_steps(step, steps=max(5, self.steps // 10), warmup=2)
-        return {**self._timing_fields(t), **(self._energy(step, t.median_ms) if power else {}),
-                "cached_tokens": cached_tokens(made[-1], w, pt)}
+        return self._time_prefill(step, power, lambda: cached_tokens(made[-1], w, pt))
 
     def prefill_step(self, model, w, pt, device="cuda"):
         """(step, made): one prefill of `batch` prompts of `context` tokens into a new cache, as generate() runs it
@@ -112,8 +110,7 @@ class HfRunner(Runner):
         made = []
 
         def step():
-            made[:] = [DynamicCache(config=model.config) if pt.policy == "full" else
-                       hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)]
+            made[:] = [DynamicCache(config=model.config) if pt.policy == "full" else self._keyformer_cache(w, pt)]
             return model(input_ids=tokens, past_key_values=made[0], use_cache=True, logits_to_keep=1)
 
         return step, made
@@ -138,7 +135,7 @@ class HfRunner(Runner):
         back to `context` tokens after a step."""
         tokens = torch.randint(0, w.vocab_size, (pt.batch, 1), device=device)
         if pt.policy != "full":
-            cache = hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)
+            cache = self._keyformer_cache(w, pt)
             cache.steady(pt.batch, w.n_kv_heads, w.head_dim, w.n_layers, pt.context, torch.bfloat16, device)
             if self.mode == "compiled":
                 return self._compiled_keyformer_step(cache, pt, tokens, device)
@@ -163,6 +160,10 @@ class HfRunner(Runner):
 
         return (lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
                 cache, rewind)
+
+    def _keyformer_cache(self, w, pt):
+        """An empty KeyformerCache of `pt`'s policy and kv-ratio, holding at most `w`'s sliding window."""
+        return hf.KeyformerCache(pt.kv_ratio, self.window, pt.policy, max_budget=w.sliding_window)
 
     def _static_step(self, model, w, pt, tokens, device):
         from transformers import StaticCache
