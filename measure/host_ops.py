@@ -110,26 +110,35 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) ->
     return per_layer, counts[1] - per_layer
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_counts(argv, doc: str, columns: tuple, rows_of) -> None:
+    """The command line of every per-model count on a CPU (this module's, measure.kv_passes's,
+    measure.prefill_counts's): --models and --out; each model's rows (`rows_of(name)`, dicts) with the transformers
+    and torch versions that were counted, into a CSV of `columns`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import transformers
 
+    rows = [{**row, "transformers": transformers.__version__, "torch": torch.__version__}
+            for name in args.models.split(",") for row in rows_of(name)]
+    pd.DataFrame(rows, columns=columns).to_csv(args.out, index=False)
+
+
+def _rows(name: str):
     from . import hf
 
-    rows = []
-    for name in args.models.split(","):
-        family = get_workload(name).family
-        for policy in ("full", "keyformer"):
-            if policy != "full" and family not in hf.KEYFORMER_FAMILIES:
-                continue
-            layer, step = per_step(name, policy)
-            rows.append({"model": name, "family": family, "policy": policy, "ops_per_layer": layer,
-                         "ops_per_step": step, "transformers": transformers.__version__, "torch": torch.__version__})
-            print(f"{name:20s} {policy:9s} {layer:6.1f} ops per layer, {step:5.1f} per step", file=sys.stderr)
-    pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+    family = get_workload(name).family
+    for policy in ("full", "keyformer"):
+        if policy != "full" and family not in hf.KEYFORMER_FAMILIES:
+            continue
+        layer, step = per_step(name, policy)
+        print(f"{name:20s} {policy:9s} {layer:6.1f} ops per layer, {step:5.1f} per step", file=sys.stderr)
+        yield {"model": name, "family": family, "policy": policy, "ops_per_layer": layer, "ops_per_step": step}
+
+
+def main(argv=None) -> None:
+    write_counts(argv, __doc__, COLUMNS, _rows)
 
 
 if __name__ == "__main__":

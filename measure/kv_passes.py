@@ -19,13 +19,11 @@ byte, with the scorer's own bytes (its work under `kv_policies.scoring_range`) a
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import sys
 import unittest.mock
 
-import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -136,23 +134,16 @@ def paths(name: str) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=host_ops.MODELS)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    import transformers
+def _rows(name: str):
+    for path, (streamed, strided, scorer) in paths(name).items():
+        print(f"{name:20s} {path:13s} {streamed:6.2f} streamed, {strided:5.2f} strided, {scorer:5.2f} scorer passes",
+              file=sys.stderr)
+        yield {"model": name, "family": get_workload(name).family, "path": path, "streamed": round(streamed, 3),
+               "strided": round(strided, 3), "scorer": round(scorer, 3) if path in SCORED_PATHS else None}
 
-    rows = []
-    for name in args.models.split(","):
-        for path, (streamed, strided, scorer) in paths(name).items():
-            rows.append({"model": name, "family": get_workload(name).family, "path": path,
-                         "streamed": round(streamed, 3), "strided": round(strided, 3),
-                         "scorer": round(scorer, 3) if path in SCORED_PATHS else None,
-                         "transformers": transformers.__version__, "torch": torch.__version__})
-            print(f"{name:20s} {path:13s} {streamed:6.2f} streamed, {strided:5.2f} strided, {scorer:5.2f} scorer "
-                  "passes", file=sys.stderr)
-    pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+
+def main(argv=None) -> None:
+    host_ops.write_counts(argv, __doc__, COLUMNS, _rows)
 
 
 if __name__ == "__main__":

@@ -461,3 +461,20 @@ def test_scored_kv_passes_match_a_hand_count(policy, scorer):
 
     streamed, strided, counted = kv_passes.passes("llama-3-8b", 2, policy=policy)
     assert streamed == pytest.approx(1364 / 1024) and strided == 0.0 and counted == pytest.approx(scorer)
+
+
+@pytest.mark.parametrize("model,tensor,fp32,score_bytes", [
+    # SDPA with is_causal and no mask: the masked half skipped (2 x (128 + 128) / 2 FLOPs a score), no score written
+    ("llama-3-8b", 256.0, 0.0, 0.0),
+    # GPT-J casts queries and keys to fp32 for their product (2 x 256 fp32 FLOPs), then per head and score: writes
+    # the fp32 product (4), divides it by sqrt(d) (4 + 4), adds the mask (4 + 4), softmaxes (4 + 4), casts to bf16
+    # (4 + 2) and reads it into the product with V (2; 2 x 256 16-bit FLOPs): 40 bytes; the causal mask, one per
+    # sequence that every head shares, adds a little over its 16 heads
+    ("gpt-j-6b", 512.0, 512.0, pytest.approx(40.0, abs=1.0)),
+])
+def test_prefill_counts_match_a_hand_count(model, tensor, fp32, score_bytes):
+    from measure import prefill_counts
+
+    got = prefill_counts.per_score(model)
+    assert got == {"tensor_flops": tensor, "fp32_flops": fp32, "score_bytes": score_bytes}
+    assert got["score_bytes"] >= (40.0 if fp32 else 0.0)
