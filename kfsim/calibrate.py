@@ -52,11 +52,14 @@ PREFILL_PARAMETERS = {
     "attention_compute_fraction": (0.02, 1.0, 0.3),
     "prefill_kernel_overhead_us": (0.0, 500.0, 5.0),
     "keyformer_prefill_logit_passes": (0.0, 100.0, 5.0),
+    # passes over materialised attention scores, counted per model (Engine.prefill_attention)
+    "score_bandwidth_fraction": (0.05, 1.0, 0.7),
 }
 #: what each parameter needs in the rows to be identifiable
 NEEDS = {"kernels_per_op.keyformer": "unfused scorer", "keyformer_logit_passes": "uncounted scorer",
          "keyformer_flops_per_kv_byte": "fused scorer",
-         "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "scored",
+         "evicting_attention_split_tokens": "scored", "keyformer_prefill_logit_passes": "uncounted prefill scorer",
+         "score_bandwidth_fraction": "counted scores",
          "matvec_bandwidth_fraction": "matvec", "matvec_kernels_per_op.gemm": "matvec",
          "matvec_kernels_per_op.norm": "matvec", "matvec_kernels_per_op.elementwise": "matvec",
          "kernels_per_op.positional": "profiled positional", "host_us_per_kernel": "host dispatch",
@@ -104,7 +107,8 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
     heads' expansion: uncounted rows of models with and without grouped KV heads); strided copies' bandwidth, a
     counted model whose rows make them; an unfused scorer's logit passes, scored rows whose cache was not counted
     (Engine.counted_scored_passes); rotary kernels need a profile with their time, `profiled_names` its fitted
-    groups)."""
+    groups; prefill's logit passes, scored rows whose prefill attention was not counted (Engine.counted_prefill),
+    and the bandwidth over materialised scores, rows whose count has score bytes)."""
     scored = any(g.setup.policy.scored for g in groups)
     limit = groups[0].setup.engine.matvec_max_batch if groups else 0.0
     matvec = limit > 0 and any(np.any(g.batch <= limit) for g in groups)
@@ -122,7 +126,11 @@ def choose_parameters(groups: list[Group], table: dict, fused_scorer: bool = Fal
             "grouped kv traffic": traffic and len({g.setup.workload.n_heads == g.setup.workload.n_kv_heads
                                                    for g in uncounted}) == 2,
             "strided copies": any(c is not None and np.any(c[1] > 0) for c in counted.values()),
-            "profiled positional": "positional" in profiled_names}
+            "profiled positional": "positional" in profiled_names,
+            "uncounted prefill scorer": any(g.setup.policy.scored and g.setup.engine.counted_prefill(
+                g.setup.workload, g.setup.policy.kind) is None for g in groups),
+            "counted scores": any((c := g.setup.engine.counted_prefill(g.setup.workload, g.setup.policy.kind))
+                                  is not None and c["score_bytes"] > 0 for g in groups)}
     return [p for p in table if have.get(NEEDS.get(p, ""), True)]
 
 
@@ -349,6 +357,18 @@ def read_kv_passes(path) -> dict[str, dict]:
     return _as_engine_has_it(path, kv_passes=table)
 
 
+def read_prefill_counts(path) -> dict[str, dict]:
+    """measure.prefill_counts's table as Engine.prefill_attention: each model's prefill attention per score and
+    path."""
+    from .engine import PREFILL_COUNTS
+
+    df = _read_counts(path, "a prefill-counts table of measure.prefill_counts", ("model", "path"), PREFILL_COUNTS)
+    table = {str(model): {"family": family, **{str(r["path"]): {k: float(r[k]) for k in PREFILL_COUNTS}
+                                               for _, r in rows.iterrows()}}
+             for model, family, rows in _by_model(df, path)}
+    return _as_engine_has_it(path, prefill_attention=table)
+
+
 def _as_engine_has_it(path, **field):
     """The one table in `field`, once Engine's own check of it passed (its error prefixed with the file read)."""
     try:
@@ -373,7 +393,8 @@ def fit(df, name: str = "fitted", start: Engine = IDEAL, where: str = "measureme
     group, whose kernel times are fitted beside the rows' steps, each group against the model's time for it.
     """
     start = dataclasses.replace(start, matvec_max_batch=float(matvec_max_batch))
-    launch = host_launch_of(df) if host_dispatch else None  # the host terms are fitted at the rows' median host
+    # the host terms are fitted on the decode rows, at their median host
+    launch = host_launch_of(df[df["phase"] == "decode"]) if host_dispatch else None
     if launch:
         launch = _round(launch)
         start = dataclasses.replace(start, host_launch_us=launch)

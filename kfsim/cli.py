@@ -452,6 +452,14 @@ def _kernels_of(rows) -> str:
                    "microbenchmark) instead of a fitted kv_traffic_factor, and its Keyformer or H2O cache by the "
                    "counted passes of that cache and its scorer (paths keyformer, h2o) instead of fitted logit "
                    "passes, so models counted but never timed are predicted from their own code's traffic.")
+@click.option("--prefill-counts", "prefill_counts_file", metavar="FILE",
+              help="Prefill's attention as the measured stack's code runs it, counted per score (one sequence, "
+                   "query head, query and key of the prompt) for each model on a CPU (python -m "
+                   "measure.prefill_counts --out FILE): a counted model's prefill is priced by its 16-bit and "
+                   "fp32 matrix FLOPs and the bytes of the scores it materialises (at a fitted "
+                   "score_bandwidth_fraction), with its Keyformer or H2O scorer's work, instead of the "
+                   "roofline's causal half, so models counted but never timed are predicted from their own "
+                   "code's attention.")
 @click.option("--profile", "profile_file", metavar="FILE",
               help="A profile of kfsim measure --profile (OUT-profile.csv): also fit the kernel time of each "
                    "operation group (projections, attention, keyformer, ffn, positional, lm_head) against the model's "
@@ -460,7 +468,7 @@ def _kernels_of(rows) -> str:
                    "fixed cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
 def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, matvec_max_batch, host_dispatch,
-              kv_traffic, host_ops_file, kv_passes_file, profile_file, as_json):
+              kv_traffic, host_ops_file, kv_passes_file, prefill_counts_file, profile_file, as_json):
     """Fit an engine (efficiency parameters) to measured decode and prefill times.
 
     \b
@@ -483,7 +491,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
 
     output_path(out, "out", inputs=[*files, *micro, *([profile_file] if profile_file else []),
                                     *([host_ops_file] if host_ops_file else []),
-                                    *([kv_passes_file] if kv_passes_file else [])])
+                                    *([kv_passes_file] if kv_passes_file else []),
+                                    *([prefill_counts_file] if prefill_counts_file else [])])
     if host_ops_file and not host_dispatch:
         raise KfsimError("--host-ops counts what an eager stack dispatches: it needs --host-dispatch")
     start = cal.IDEAL
@@ -491,6 +500,8 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
         start = dataclasses.replace(start, host_ops=cal.read_host_ops(host_ops_file))
     if kv_passes_file:
         start = dataclasses.replace(start, kv_passes=cal.read_kv_passes(kv_passes_file))
+    if prefill_counts_file:
+        start = dataclasses.replace(start, prefill_attention=cal.read_prefill_counts(prefill_counts_file))
     df = load(files, measured_engine, phase)
     profile = None
     if profile_file is not None:
@@ -550,6 +561,7 @@ def calibrate(files, out, name, micro, measured_engine, phase, fused_scorer, mat
                                      + (" --kv-traffic" if kv_traffic and not host_dispatch else "")
                                      + (f" --host-ops {host_ops_file}" if host_ops_file else "")
                                      + (f" --kv-passes {kv_passes_file}" if kv_passes_file else "")
+                                     + (f" --prefill-counts {prefill_counts_file}" if prefill_counts_file else "")
                                      + (f" --profile {profile_file}" if profile_file else ""),
                               **({"interconnect": "fitted on the all-reduce microbenchmark"} if interconnect else {}),
                               **{k: "from the cat_strided microbenchmarks" for k in measured if k not in f.fitted},

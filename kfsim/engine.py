@@ -25,6 +25,11 @@ OP_KINDS = ("gemm", "attention", "norm", "elementwise", "keyformer", "positional
 #: policies (their kept tokens, with the scorer's own passes apart)
 SCORED_PATHS = ("keyformer", "h2o")
 KV_PATHS = ("full", "full_batch1", "window", "window_batch1") + SCORED_PATHS
+#: paths of a model's counted prefill attention (Engine.prefill_attention): the full cache's, and the evicting
+#: caches' whose scorers pass over every prompt query's logits
+PREFILL_PATHS = ("full",) + SCORED_PATHS
+#: what a prefill attention count gives per score (one sequence, query head, query and key of the prompt)
+PREFILL_COUNTS = ("tensor_flops", "fp32_flops", "score_bytes")
 #: a kind an engine is silent on counts as this one (rotary embeddings were elementwise kernels before they were a
 #: kind of their own, so an older engine prices them as it always did)
 FALLBACK = {"positional": "elementwise"}
@@ -36,6 +41,9 @@ MAX_KV_PASSES = 100.0
 #: the most operations per layer or per step a host_ops count may give: transformers 5.17 dispatches 22-52 a layer
 #: (data/hf-host-ops), so a hundred thousand is a broken file
 MAX_HOST_OPS = 1e5
+#: the most FLOPs or bytes per score a prefill_attention count may give: 1,024 FLOPs (4 x a head of 256 over the
+#: whole square) and 133 bytes are the most counted (data/hf-prefill-counts), so ten thousand is a broken file
+MAX_PREFILL_COUNT = 1e4
 
 
 def _kv_passes_problem(counts: dict) -> str:
@@ -51,6 +59,17 @@ def _kv_passes_problem(counts: dict) -> str:
                 f"{' and '.join(SCORED_PATHS)}) from 0 to {MAX_KV_PASSES:g}")
     if any("scorer" in v for k, v in counts.items() if k not in SCORED_PATHS):
         return f"gives scorer passes on a path that does not score; only {', '.join(SCORED_PATHS)} do"
+    return ""
+
+
+def _prefill_attention_problem(counts: dict) -> str:
+    """What is wrong with one model's prefill_attention paths, or ''."""
+    if bad := [k for k in counts if k not in PREFILL_PATHS]:
+        return f"has path {bad[0]!r}; allowed: {', '.join(PREFILL_PATHS)}"
+    if any(not isinstance(v, dict) or set(v) != set(PREFILL_COUNTS)
+           or any(not isinstance(x, (int, float)) or not 0 <= x <= MAX_PREFILL_COUNT for x in v.values())
+           for v in counts.values()):
+        return f"must give each path as {', '.join(PREFILL_COUNTS)}, numbers from 0 to {MAX_PREFILL_COUNT:g}"
     return ""
 
 
@@ -171,6 +190,17 @@ class Engine:
     #: kv_traffic_factor and grouped_kv_expansion, and its Keyformer or H2O cache instead of
     #: evicting_kv_traffic_factor and keyformer_logit_passes
     kv_passes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: prefill's attention as a stack's code runs it, counted per score (one sequence, query head, query and key
+    #: of the prompt's square) for each model it was counted on (measure.prefill_counts, on a CPU): model ->
+    #: {"family", path: {"tensor_flops": 16-bit matrix FLOPs, at attention_compute_fraction of the tensor peak;
+    #: "fp32_flops": fp32 matrix FLOPs, at the vector peak; "score_bytes": bytes of materialised scores, masks
+    #: and softmax, at score_bandwidth_fraction}}, paths PREFILL_PATHS (a scored path holds its scorer's work).
+    #: Where a model (or one of its family with the path) is counted, prefill's attention and scorer are priced
+    #: by these instead of the roofline's causal half and keyformer_prefill_logit_passes
+    prefill_attention: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: achieved fraction of HBM bandwidth while prefill passes over materialised attention scores (counted in
+    #: prefill_attention: an eager softmax, mask and casts over scores it wrote out)
+    score_bandwidth_fraction: float = rng(above=0, hi=1.5, default=1.0)
     #: achieved GB/s per SM of a concatenation with a strided input (PyTorch's generic per-element copy: a sliding
     #: window's cache view, or a new token cut from a fused QKV output at batch > 1). It runs at the SMs' pace, not
     #: HBM's: `kfsim microbench` cat_strided took 686-708 GB/s on the H100 SXM and 661-667 on the H200 (both 132
@@ -233,6 +263,10 @@ class Engine:
             if problem := _kv_passes_problem({k: v for k, v in paths.items() if k != "family"}):
                 raise KfsimError(f"engine {self.name}: kv_passes of {model} {problem}, got {paths}")
         object.__setattr__(self, "kv_passes", dict(self.kv_passes or {}))
+        for model, paths in (self.prefill_attention or {}).items():
+            if problem := _prefill_attention_problem({k: v for k, v in paths.items() if k != "family"}):
+                raise KfsimError(f"engine {self.name}: prefill_attention of {model} {problem}, got {paths}")
+        object.__setattr__(self, "prefill_attention", dict(self.prefill_attention or {}))
         full = {k: 1.0 for k in OP_KINDS if k not in FALLBACK}
         full.update(self.kernels_per_op)
         object.__setattr__(self, "kernels_per_op", full)
@@ -254,6 +288,18 @@ class Engine:
         paths = self.kv_passes.get(workload.name) or next(
             (c for c in self.kv_passes.values() if c.get("family") == workload.family and needed <= set(c)), None)
         return paths if paths is not None and needed <= set(paths) else None
+
+    def counted_prefill(self, workload, kind: str) -> dict[str, float] | None:
+        """`workload`'s prefill attention per score under a `kind` cache (a path of PREFILL_PATHS) from
+        prefill_attention: the model's count, else the first of its family with that path; None where neither was
+        counted, or for another policy."""
+        if kind not in PREFILL_PATHS:
+            return None
+        counts = self.prefill_attention.get(workload.name)
+        if counts is None or kind not in counts:
+            counts = next((c for c in self.prefill_attention.values()
+                           if c.get("family") == workload.family and kind in c), None)
+        return None if counts is None else counts[kind]
 
     def counted_scored_passes(self, workload, kind: str) -> tuple[float, float] | None:
         """(attention, scorer) passes per kept KV byte of `workload`'s evicting cache of policy `kind` (keyformer or

@@ -13,6 +13,7 @@ Conventions (hand-checked in tests/test_counts.py):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,3 +180,20 @@ def prefill_ops(w: Workload, policy: Policy, dt: Dtypes, batch, prompt) -> list[
     ops.append(_op("lm_head", "gemm", 1, shape, flops=2 * B * d * w.vocab_size, weight=w.lm_head_params * wb,
                    other=B * (d + w.vocab_size) * ab, tensor=True))
     return ops
+
+
+def counted_prefill_ops(ops: list[Op], w: Workload, counts: dict[str, float], batch, prompt) -> list[Op]:
+    """Prefill's `ops` (prefill_ops) with attention and scoring as a stack's code runs them, from its count per
+    score (Engine.counted_prefill; a score is one sequence, query head, query and key of the prompt's square):
+    16-bit matrix FLOPs on the tensor cores in place of the causal half's, and two ops of their own, kernels
+    apart from it, for fp32 matrix FLOPs on the vector units and the bytes of materialised scores. The count
+    holds a scorer's work, so the policy's scoring op goes."""
+    B = np.asarray(batch, dtype=float)
+    P = np.asarray(prompt, dtype=float)
+    shape = np.broadcast(B, P).shape
+    scores = w.n_layers * w.n_heads * B * P * P
+    out = [dataclasses.replace(op, flops=np.broadcast_to(counts["tensor_flops"] * scores, shape))
+           if op.kind == "attention" else op for op in ops if op.kind != "keyformer"]
+    out.append(_op("attention_fp32", "attention", 0, shape, flops=counts["fp32_flops"] * scores))
+    out.append(_op("attention_scores", "attention", 0, shape, other=counts["score_bytes"] * scores))
+    return out

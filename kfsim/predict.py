@@ -9,7 +9,7 @@ import numpy as np
 from . import memory
 from .errors import KfsimError
 from .inputs import Setup
-from .ops import attended_tokens, decode_ops, prefill_ops
+from .ops import attended_tokens, counted_prefill_ops, decode_ops, prefill_ops
 from .policy import Policy
 from .power import board_power_w
 from .parallel import comm_s
@@ -68,10 +68,14 @@ def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
     """Time to first token: the whole prompt through the model (compute-bound at long prompts). An eager stack's
     host dispatches one forward's operations whatever the prompt's length, as for a decode step, so the host binds
     short prompts (transformers, H100: 22-28 ms for 128-512 tokens of Llama-3-8B or GPT-J-6B, about a decode
-    step's time; data/h100-sxm-hf-prefill)."""
+    step's time; data/h100-sxm-hf-prefill). Where the engine counted the model's prefill attention
+    (Engine.prefill_attention), attention and scorer are priced by that count."""
     ops = ops if ops is not None else prefill_ops(s.workload, s.policy, s.dtypes, batch, prompt)
+    counts = s.engine.counted_prefill(s.workload, s.policy.kind)
+    if counts is not None:
+        ops = counted_prefill_ops(ops, s.workload, counts, batch, prompt)
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us,
-                 logit_passes=s.engine.keyformer_prefill_logit_passes)
+                 logit_passes=s.engine.keyformer_prefill_logit_passes, scores=counts is not None)
     return with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored),
                      s.host_launch_us)
 

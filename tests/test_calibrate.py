@@ -23,7 +23,7 @@ TRUE = dataclasses.replace(
     keyformer_prefill_logit_passes=8.0)
 
 
-def synthetic(engine=TRUE, gpu="h100-sxm", models=("gpt-j-6b", "llama-3-8b")):
+def synthetic(engine=TRUE, gpu="h100-sxm", models=("gpt-j-6b", "llama-3-8b"), prefill_batches=(1,)):
     rows = []
     for model in models:
         for policy, ratio in (("full", 1.0), ("keyformer", 0.5), ("keyformer", 0.2)):
@@ -32,8 +32,8 @@ def synthetic(engine=TRUE, gpu="h100-sxm", models=("gpt-j-6b", "llama-3-8b")):
                     rows.append(dict(gpu=gpu, model=model, batch=b, context=c, kv_ratio=ratio, policy=policy,
                                      phase="decode"))
             for p in (512, 2048, 8192):
-                rows.append(dict(gpu=gpu, model=model, batch=1, context=p, kv_ratio=ratio, policy=policy,
-                                 phase="prefill"))
+                rows += [dict(gpu=gpu, model=model, batch=b, context=p, kv_ratio=ratio, policy=policy,
+                              phase="prefill") for b in prefill_batches]
     df = pd.DataFrame(rows)
     df["step_ms"] = predict_frame(df, engine)
     return df
@@ -727,3 +727,89 @@ def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
                                        "llama-3-8b,keyformer,1.3,0,lots\n")
     r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--kv-passes", str(tmp_path / "word.csv")])
     assert r.exit_code != 0 and "scorer 'lots' is not a number" in r.output and "Traceback" not in r.output
+
+
+#: prefill's attention per score (measure.prefill_counts on transformers 5.17): SDPA's causal half without a score
+#: written (Llama-3-8B), SDPA over the whole square with a mask (Mistral-7B), fp32 query-key products and scores
+#: materialised (GPT-J-6B), 16-bit scores materialised with an ALiBi bias (MPT-7B)
+PREFILL_COUNTS = {
+    "llama-3-8b": {"family": "llama", "full": {"tensor_flops": 256.0, "fp32_flops": 0.0, "score_bytes": 0.0}},
+    "gpt-j-6b": {"family": "gptj", "full": {"tensor_flops": 512.0, "fp32_flops": 512.0, "score_bytes": 40.4}},
+    "mistral-7b": {"family": "llama", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 0.2}},
+    "mpt-7b": {"family": "mpt", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 28.1}},
+}
+
+
+def _prefill_setup(model, engine, policy="full", kv_ratio=1.0):
+    return dataclasses.replace(make_setup(gpu="h100-sxm", model=model, policy=policy, kv_ratio=kv_ratio),
+                               engine=engine)
+
+
+def test_counted_prefill_attention_matches_a_hand_count():
+    """GPT-J-6B's eager prefill of 8,192 tokens on the H100: 28 layers x 16 heads x 8,192^2 scores, each 512 fp32
+    FLOPs at the 67 TFLOP/s vector peak and 40.4 bytes at 3,350 GB/s, each its own kernels; the 16-bit products
+    at the tensor peak (989 TFLOP/s) in place of the roofline's causal half."""
+    from kfsim.predict import prefill_time
+    from kfsim.workload import get_workload
+
+    e = dataclasses.replace(IDEAL, prefill_attention=PREFILL_COUNTS)
+    scores = 28 * 16 * 8192.0 ** 2
+    per_op = prefill_time(_prefill_setup("gpt-j-6b", e), 1, 8192).per_op
+    assert float(per_op["attention_fp32"]) == pytest.approx(scores * 512 / 67e12)
+    assert float(per_op["attention_scores"]) == pytest.approx(scores * 40.4 / 3350e9)
+    assert float(per_op["attention"]) == pytest.approx(scores * 512 / 989e12, rel=0.01)  # + the Q, K, V bytes
+    slower = dataclasses.replace(e, score_bandwidth_fraction=0.5)
+    assert float(prefill_time(_prefill_setup("gpt-j-6b", slower), 1, 8192).per_op["attention_scores"]) == \
+        pytest.approx(2 * float(per_op["attention_scores"]))
+    # a model of a counted family takes its family's count; another policy, or a model of no counted family, the
+    # roofline's causal half
+    assert e.counted_prefill(get_workload("llama-2-13b"), "full") == PREFILL_COUNTS["llama-3-8b"]["full"]
+    assert e.counted_prefill(get_workload("llama-3-8b"), "keyformer") is None
+    assert e.counted_prefill(get_workload("llama-3-8b"), "window") is None
+    assert e.counted_prefill(get_workload("cerebras-gpt-6.7b"), "full") is None
+    roofline = prefill_time(_prefill_setup("cerebras-gpt-6.7b", e), 1, 8192)
+    assert "attention_fp32" not in roofline.per_op
+    # where counted, prefill grows as the square of the prompt once attention dominates
+    t = [float(prefill_time(_prefill_setup("gpt-j-6b", e), 1, p).seconds) for p in (16384, 32768)]
+    assert t[1] / t[0] > 3.5
+
+
+def test_counted_prefill_fitted_on_two_models_predicts_two_never_timed():
+    """--prefill-counts: a stack that materialises some models' scores (at 0.6 of HBM bandwidth) and runs flash
+    attention for others; fitted on GPT-J-6B's and Llama-3-8B's prefill, the counts predict Mistral-7B's and
+    MPT-7B's, where one attention efficiency for every model cannot."""
+    true = dataclasses.replace(TRUE, prefill_attention=PREFILL_COUNTS, score_bandwidth_fraction=0.6)
+    df = synthetic(true, models=tuple(PREFILL_COUNTS), prefill_batches=(1, 4))
+    df = df[df["policy"] == "full"]
+    seen = df["model"].isin(["gpt-j-6b", "llama-3-8b"])
+    counted = calibrate.fit(df[seen], "eager", start=dataclasses.replace(IDEAL, prefill_attention=PREFILL_COUNTS))
+    assert counted.engine.score_bandwidth_fraction == pytest.approx(0.6, rel=0.05)
+    assert "keyformer_prefill_logit_passes" not in counted.fitted
+    unseen = df[~seen & (df["phase"] == "prefill")]
+    assert np.abs(predict_frame(unseen, counted.engine) / unseen["step_ms"] - 1).max() < 0.05
+    blind = calibrate.fit(df[seen], "eager")
+    assert "score_bandwidth_fraction" not in blind.fitted
+    assert np.abs(predict_frame(unseen, blind.engine) / unseen["step_ms"] - 1).max() > 0.2
+
+
+def test_prefill_counts_table_in_the_cli(tmp_path):
+    table = tmp_path / "counts.csv"
+    pd.DataFrame([dict(model=m, path=p, **v) for m, paths in PREFILL_COUNTS.items() for p, v in paths.items()
+                  if p != "family"]).to_csv(table, index=False)
+    assert calibrate.read_prefill_counts(table) == PREFILL_COUNTS
+    rows, out = tmp_path / "rows.csv", tmp_path / "e.yaml"
+    synthetic(dataclasses.replace(TRUE, prefill_attention=PREFILL_COUNTS), models=("llama-3-8b", "gpt-j-6b"),
+              prefill_batches=(1, 4)).query("policy == 'full'").to_csv(rows, index=False)
+    r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--prefill-counts", str(table)])
+    assert r.exit_code == 0, r.output
+    e = get_engine(str(out))
+    assert e.prefill_attention == PREFILL_COUNTS and "--prefill-counts" in e.source["fit"]
+    for text, why in (("model,path,tensor_flops,fp32_flops,score_bytes\nllama-3-8b,half,1,0,0\n",
+                       "prefill_attention of llama-3-8b has path 'half'; allowed: full, keyformer, h2o"),
+                      ("model,path,tensor_flops,fp32_flops,score_bytes\nllama-3-8b,full,1,0,1e9\n",
+                       "must give each path as tensor_flops, fp32_flops, score_bytes, numbers from 0 to 10000"),
+                      ("model,path,tensor_flops,fp32_flops\nllama-3-8b,full,1,0\n", "(no column score_bytes)")):
+        (tmp_path / "bad.csv").write_text(text)
+        r = CliRunner().invoke(cli, ["calibrate", str(rows), "--out", str(out), "--prefill-counts",
+                                     str(tmp_path / "bad.csv")])
+        assert r.exit_code != 0 and why in r.output and "Traceback" not in r.output, r.output
