@@ -21,7 +21,9 @@ then reports/validation-summary.json with every figure quoted in the README.
    (a random half validated on the other) and reports/hf-eager-GPU-unseen-models/ (fitted on GPT-J-6B and
    Llama-3-8B, validated on Mistral-7B and MPT-7B); reports/hf-eager-h200-to-h100/: the shipped engine on the
    H100 rows; reports/hf-eager-h100-slow-host/: on the H100's Keyformer rows of a slower host; and
-   reports/hf-eager-h100-prefill/: on the H100's prefill rows, which it was not fitted on (`--only hf-eager`).
+   reports/hf-eager-h100-prefill/: on the H100's prefill rows (data/h100-sxm-hf-prefill), fitted beside the
+   H200's decode rows with the prefill attention counted per model (data/hf-prefill-counts), and
+   reports/hf-eager-h100-prefill-holdout/ and -unseen-models/: the same two checks on them (`--only hf-eager`).
    engines/hf-compiled.yaml: transformers' static cache under torch.compile (data/h200-hf-compiled), fitted with
    --kv-traffic on the rows whose steps replay CUDA graphs (reports/hf-compiled-GPU-rows/: all but Mistral-7B's
    full cache); reports/hf-compiled-h200-to-h100/: the H100's replayed rows (data/h100-sxm-hf-compiled, Keyformer
@@ -164,7 +166,7 @@ def split_half(rows: pd.DataFrame, seed: int = 0) -> np.ndarray:
 #: but attends its whole cache, grouped heads expanded first
 STACK_FLAGS = {"compiled": ["--fused-scorer", "--matvec-max-batch", "1"],
                "hf-eager": ["--host-dispatch", "--host-ops", "data/hf-host-ops/ops.csv", "--kv-passes",
-                            "data/hf-kv-passes/passes.csv"],
+                            "data/hf-kv-passes/passes.csv", "--prefill-counts", "data/hf-prefill-counts/counts.csv"],
                "hf-compiled": ["--kv-traffic"]}
 
 
@@ -264,13 +266,20 @@ def two_models(rows: pd.DataFrame, micro: Path, out: Path, name: str, title: str
 
 
 def hf_eager_engine() -> None:
-    """Step 7: transformers in eager PyTorch, fitted with the host's cost per counted operation and each model's
-    counted KV passes: the shipped engine on every H200 row (data/h200-hf-eager); on each GPU's grid a random half
-    validated on the other and Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the
-    shipped engine on the H100's rows (data/h100-sxm-hf-eager), on the H100's Keyformer rows of a slower host (its
-    host scaling) and on the H100's prefill rows (not fitted: how far its time to first token falls short)."""
+    """Step 7: transformers in eager PyTorch, fitted with the host's cost per counted operation, each model's
+    counted KV passes and its counted prefill attention: the shipped engine on every H200 decode row
+    (data/h200-hf-eager) and the H100's prefill rows (data/h100-sxm-hf-prefill; the H200 has none); on each GPU's
+    grid a random half validated on the other and Mistral-7B and MPT-7B predicted by an engine fitted on GPT-J-6B
+    and Llama-3-8B, and the same two checks on the prefill rows (prefill_checks); the shipped engine on the H100's
+    rows (data/h100-sxm-hf-eager), on the H100's Keyformer rows of a slower host (its host scaling) and on the
+    prefill rows it was fitted on."""
     what = "Hugging Face transformers, eager"
-    hf_engine("hf-eager", what, "Mistral-7B and MPT-7B", home="h200", checked=("h200", "h100"))
+    prefill = REPORTS / "hf-eager-h100-prefill"
+    prefill.mkdir(parents=True, exist_ok=True)
+    rows = rows_of(DATA / "h100-sxm-hf-prefill" / "rows.csv", "hf-eager", phase="prefill").reset_index(drop=True)
+    rows.to_csv(prefill / "fit.csv", index=False)
+    hf_engine("hf-eager", what, "Mistral-7B and MPT-7B", home="h200", checked=("h200", "h100"),
+              prefill=prefill / "fit.csv")
     shipped = ROOT / "engines" / "hf-eager.yaml"
     engine = rel(shipped)
     slow = DATA / "h100-sxm-hf-eager-slow-host" / "rows.csv"
@@ -279,12 +288,30 @@ def hf_eager_engine() -> None:
           f"{what}: the H100's Keyformer rows on a slower host (a CUDA launch {launch.min():.1f}-{launch.max():.1f} us "
           f"against the {get_engine(str(shipped)).host_launch_us:.1f} the engine was fitted at), predicted by the "
           f"shipped engine")
-    prefill = REPORTS / "hf-eager-h100-prefill"
-    prefill.mkdir(parents=True, exist_ok=True)
-    rows = rows_of(DATA / "h100-sxm-hf-prefill" / "rows.csv", "hf-eager", phase="prefill")
-    rows.to_csv(prefill / "test.csv", index=False)
-    kfsim("validate", rel(prefill / "test.csv"), "--engine", engine, "--out", rel(prefill), "--title",
-          f"{what}: prefill on the H100 (not fitted: the shipped engine's roofline GPU terms and its host dispatch)")
+    kfsim("validate", rel(prefill / "fit.csv"), "--engine", engine, "--out", rel(prefill), "--title",
+          f"{what}: prefill on the H100, by the shipped engine (fitted on these rows beside the H200's decode rows)")
+    prefill_checks(rows, what)
+
+
+def prefill_checks(rows: pd.DataFrame, what: str) -> None:
+    """The H100's transformers prefill rows, predicted where not fitted: a random half by an engine fitted on the
+    other (reports/hf-eager-h100-prefill-holdout/), and Mistral-7B and MPT-7B by one fitted on GPT-J-6B and
+    Llama-3-8B (reports/hf-eager-h100-prefill-unseen-models/); each fitted beside every H200 decode row, whose
+    terms the prefill fit starts from."""
+    decode = rel(hf_folder("hf-eager", "h200") / "rows.csv")
+    seen = rows["model"].isin(FITTED_MODELS)
+    for folder, mask, title in (("holdout", split_half(rows), "held-out half (engine fitted on the other half)"),
+                                ("unseen-models", seen, "Mistral-7B and MPT-7B predicted by an engine fitted on "
+                                                        "GPT-J-6B and Llama-3-8B")):
+        out = REPORTS / f"hf-eager-h100-prefill-{folder}"
+        out.mkdir(parents=True, exist_ok=True)
+        rows[mask].to_csv(out / "fit.csv", index=False)
+        rows[~mask].to_csv(out / "test.csv", index=False)
+        kfsim("calibrate", decode, rel(out / "fit.csv"), "--measured-engine", "hf-eager", "--microbench",
+              rel(hf_micro("hf-eager", "h200")), "--name", f"hf-eager-prefill-{folder}", "--out",
+              rel(out / "engine.yaml"), *STACK_FLAGS["hf-eager"])
+        kfsim("validate", rel(out / "test.csv"), "--engine", rel(out / "engine.yaml"), "--out", rel(out),
+              "--title", f"{what}: H100 prefill, {title}")
 
 
 #: the fewest rows in a fitted half: twice the nine parameters of a full cache's --kv-traffic fit (calibrate
@@ -357,12 +384,14 @@ def hf_rows(stack: str, gpu: str) -> pd.DataFrame:
 
 
 def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str, ...],
-              rows: dict[str, pd.DataFrame] | None = None, borrowed: pd.DataFrame | None = None) -> None:
+              rows: dict[str, pd.DataFrame] | None = None, borrowed: pd.DataFrame | None = None,
+              prefill: Path | None = None) -> None:
     """engines/STACK.yaml fitted on `home`'s rows, and checks: on each `checked` GPU a random half validated on the
     other and `unseen` models predicted by an engine fitted on GPT-J-6B and Llama-3-8B; the shipped engine on the
     other GPU's rows. `rows`: each GPU's rows where not every row of its campaign (the home's then fitted from
     reports/STACK-HOME-rows/). `borrowed`: rows of the other GPU fitted with the home's (what the home has not
-    measured; reports/STACK-OTHER-borrowed/), and left out of the check on that GPU."""
+    measured; reports/STACK-OTHER-borrowed/), and left out of the check on that GPU. `prefill`: prefill rows
+    (of a campaign of their own) fitted beside the home's decode rows."""
     micro = functools.partial(hf_micro, stack)
     rows = rows or {}
     other = next(g for g in HF_GRIDS if g != home)
@@ -382,6 +411,8 @@ def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str,
         files[other] = REPORTS / f"{stack}-{home}-to-{other}" / "test.csv"
         files[other].parent.mkdir(parents=True, exist_ok=True)
         rest.to_csv(files[other], index=False)
+    if prefill is not None:
+        fit.append(rel(prefill))
     engine = ROOT / "engines" / f"{stack}.yaml"
     kfsim("calibrate", *fit, "--measured-engine", stack, *micros, "--name", stack, "--out", rel(engine),
           *STACK_FLAGS[stack])

@@ -113,7 +113,8 @@ def test_an_engine_reads_back_the_phases_it_was_fitted_on():
     from kfsim.engine import get_engine
 
     assert get_engine("default").fitted_phases == {"decode", "prefill"}
-    assert get_engine("hf-eager").fitted_phases == {"decode"}
+    assert get_engine("hf-eager").fitted_phases == {"decode", "prefill"}
+    assert get_engine("hf-compiled").fitted_phases == {"decode"}
     assert get_engine("ideal").fitted_phases == set()
     assert dataclasses.replace(get_engine("ideal"), fitted_on="our lab's H100 (by hand)").fitted_phases == set()
 
