@@ -79,3 +79,28 @@ def test_breakdown_sums_to_step(c, batch, seq):
     out = predict(setup(c), batch, seq)
     parts = sum(out[k] for k in ("weights_ms", "kv_ms", "other_memory_ms", "compute_ms", "overhead_ms"))
     assert np.isclose(parts, out["step_ms"], rtol=1e-9)
+
+
+#: hf-eager prices prefill by each model's counted attention (Engine.prefill_attention)
+prefill_config = st.fixed_dictionaries({
+    "gpu": st.sampled_from(GPUS), "model": st.sampled_from(MODELS), "engine": st.sampled_from(ENGINES + ["hf-eager"]),
+    "policy": st.sampled_from(POLICIES),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=prefill_config, batch=st.integers(1, 64), prompts=st.lists(st.integers(1, 65_536), min_size=2, max_size=20),
+       bw=st.floats(100, 20_000), factor=st.floats(1.0, 10.0))
+def test_time_to_first_token_never_falls_as_the_prompt_grows_nor_rises_with_bandwidth(c, batch, prompts, bw, factor):
+    from kfsim.predict import prefill_time
+
+    s = setup(c)
+    prompts = np.sort(np.array(prompts))
+    ttft = prefill_time(s, batch, prompts).seconds
+    assert np.all(np.diff(ttft) >= -1e-12 * ttft[1:])
+    more = prefill_time(s, batch + 1, prompts).seconds
+    assert np.all(more >= ttft * (1 - 1e-12))
+    slow = dataclasses.replace(s, hw=dataclasses.replace(s.hw, hbm_bandwidth_gbps=bw))
+    fast = dataclasses.replace(s, hw=dataclasses.replace(s.hw, hbm_bandwidth_gbps=bw * factor))
+    faster, slower = (prefill_time(x, batch, prompts).seconds for x in (fast, slow))
+    assert np.all(faster <= slower * (1 + 1e-12))
