@@ -734,9 +734,9 @@ def test_kv_passes_table_and_microbenchmark_in_the_cli(tmp_path):
 #: materialised (GPT-J-6B), 16-bit scores materialised with an ALiBi bias (MPT-7B)
 PREFILL_COUNTS = {
     "llama-3-8b": {"family": "llama", "full": {"tensor_flops": 256.0, "fp32_flops": 0.0, "score_bytes": 0.0}},
-    "gpt-j-6b": {"family": "gptj", "full": {"tensor_flops": 512.0, "fp32_flops": 512.0, "score_bytes": 40.4}},
-    "mistral-7b": {"family": "llama", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 0.2}},
-    "mpt-7b": {"family": "mpt", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 28.1}},
+    "gpt-j-6b": {"family": "gptj", "full": {"tensor_flops": 512.0, "fp32_flops": 512.0, "score_bytes": 40.38}},
+    "mistral-7b": {"family": "llama", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 0.38}},
+    "mpt-7b": {"family": "mpt", "full": {"tensor_flops": 512.0, "fp32_flops": 0.0, "score_bytes": 48.25}},
 }
 
 
@@ -747,7 +747,7 @@ def _prefill_setup(model, engine, policy="full", kv_ratio=1.0):
 
 def test_counted_prefill_attention_matches_a_hand_count():
     """GPT-J-6B's eager prefill of 8,192 tokens on the H100: 28 layers x 16 heads x 8,192^2 scores, each 512 fp32
-    FLOPs at the 67 TFLOP/s vector peak and 40.4 bytes at 3,350 GB/s, each its own kernels; the 16-bit products
+    FLOPs at the 67 TFLOP/s vector peak and 40.38 bytes at 3,350 GB/s, each its own kernels; the 16-bit products
     at the tensor peak (989 TFLOP/s) in place of the roofline's causal half."""
     from kfsim.predict import prefill_time
     from kfsim.workload import get_workload
@@ -756,7 +756,7 @@ def test_counted_prefill_attention_matches_a_hand_count():
     scores = 28 * 16 * 8192.0 ** 2
     per_op = prefill_time(_prefill_setup("gpt-j-6b", e), 1, 8192).per_op
     assert float(per_op["attention_fp32"]) == pytest.approx(scores * 512 / 67e12)
-    assert float(per_op["attention_scores"]) == pytest.approx(scores * 40.4 / 3350e9)
+    assert float(per_op["attention_scores"]) == pytest.approx(scores * 40.38 / 3350e9)
     assert float(per_op["attention"]) == pytest.approx(scores * 512 / 989e12, rel=0.01)  # + the Q, K, V bytes
     slower = dataclasses.replace(e, score_bandwidth_fraction=0.5)
     assert float(prefill_time(_prefill_setup("gpt-j-6b", slower), 1, 8192).per_op["attention_scores"]) == \
