@@ -286,17 +286,24 @@ def fit_interconnect(micro, hw) -> dict[str, float]:
     return {"allreduce_latency_us": latency_s * 1e6, "interconnect_bandwidth_fraction": 1 / s_per_byte / one_way}
 
 
+#: a host-ops table's columns of every dispatched aten op (views included), read where present; an older table
+#: has only the kernel-launching ops' columns
+DISPATCHED = ("dispatched_per_layer", "dispatched_per_step")
+
+
 def read_host_ops(path) -> dict[str, dict]:
     """measure.host_ops's table as Engine.host_ops: each model's operations per layer and per step with the full
-    cache, and how many more per layer a scoring policy (keyformer, h2o) dispatches."""
+    cache, and how many more per layer a scoring policy (keyformer, h2o) dispatches: every aten op dispatched where
+    the table counts them (DISPATCHED), else the kernel-launching ones."""
     df = _read_counts(path, "a host-ops table of measure.host_ops", ("model", "policy"),
-                      ("ops_per_layer", "ops_per_step"))
+                      ("ops_per_layer", "ops_per_step"), optional=DISPATCHED)
+    columns = DISPATCHED if set(DISPATCHED) <= set(df.columns) else ("ops_per_layer", "ops_per_step")
     table = {}
     for model, family, rows in _by_model(df, path):
         by_policy = {str(p): r for p, r in rows.set_index("policy").iterrows()}
         if "full" not in by_policy:
             raise KfsimError(f"{path}: {model} has no full-cache row (the count every policy starts from)")
-        numbers = {p: (float(r["ops_per_layer"]), float(r["ops_per_step"])) for p, r in by_policy.items()}
+        numbers = {p: (float(r[columns[0]]), float(r[columns[1]])) for p, r in by_policy.items()}
         if any(not np.isfinite(v) or v < 0 for pair in numbers.values() for v in pair):
             raise KfsimError(f"{path}: {model}'s counts must be numbers >= 0, got {numbers}")
         layer, step = numbers["full"]

@@ -38,7 +38,7 @@ FALLBACK = {"positional": "elementwise"}
 #: the most passes per attended KV byte a kv_passes path may give: 12 is the most counted (Mistral-7B's window in
 #: transformers 5.17, data/hf-kv-passes), so a hundred is a broken file, not a stack
 MAX_KV_PASSES = 100.0
-#: the most operations per layer or per step a host_ops count may give: transformers 5.17 dispatches 22-52 a layer
+#: the most operations per layer or per step a host_ops count may give: transformers 5.17 dispatches 33-108 a layer
 #: (data/hf-host-ops), so a hundred thousand is a broken file
 MAX_HOST_OPS = 1e5
 #: the most FLOPs or bytes per score a prefill_attention count may give: 1,024 FLOPs (4 x a head of 256 over the

@@ -41,30 +41,34 @@ def launches_kernel(name: str, args, out) -> bool:
 
 #: the transformers model classes kfsim measures, one workload each
 MODELS = "llama-3-8b,mistral-7b,gpt-j-6b,mpt-7b,cerebras-gpt-6.7b"
-COLUMNS = ("model", "family", "policy", "ops_per_layer", "ops_per_step", "transformers", "torch")
+COLUMNS = ("model", "family", "policy", "ops_per_layer", "ops_per_step", "dispatched_per_layer",
+           "dispatched_per_step", "transformers", "torch")
 
 
 class _Counter(TorchDispatchMode):
-    """Counts the aten ops that reach a kernel while active."""
+    """Counts the aten ops that reach a kernel while active (`ops`), and every aten op (`dispatched`)."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.dispatched = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        self.dispatched += 1
         if launches_kernel(name, args, out):
             self.ops[name] += 1
         return out
 
 
-def count(step) -> int:
-    """Kernel-launching aten ops of one call of `step()`."""
+def count(step, every: bool = False) -> int:
+    """Kernel-launching aten ops of one call of `step()`; `every`: every aten op it dispatched, views and
+    metadata included (each costs the host a dispatch, whether or not it reaches a kernel)."""
     counter = _Counter()
     with counter:
         step()
-    return sum(counter.ops.values())
+    return counter.dispatched if every else sum(counter.ops.values())
 
 
 def tiny(w: Workload, n_layers: int, real_heads: bool = False) -> Workload:
@@ -85,9 +89,11 @@ def tiny(w: Workload, n_layers: int, real_heads: bool = False) -> Workload:
     return dataclasses.replace(w, **small)
 
 
-def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) -> tuple[float, float]:
+def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2, every: bool = False
+             ) -> tuple[float, float]:
     """(ops per layer, ops outside the layers) of one eager transformers decode step of `model_name` under
-    `policy` (full or keyformer at kv-ratio 0.5), from tiny models of 1 and 3 layers."""
+    `policy` (full or keyformer at kv-ratio 0.5), from tiny models of 1 and 3 layers; `every`: every aten op
+    dispatched (count)."""
     from . import hf
     from .campaign import Point
     from .hf_campaign import HfRunner
@@ -104,7 +110,7 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2) ->
             step, _, rewind = runner.steady_step(model, w, pt, device="cpu")
             step()  # first call: lazy initialisation
             rewind()
-            counts[layers] = count(step)
+            counts[layers] = count(step, every)
             rewind()
     per_layer = (counts[3] - counts[1]) / 2
     return per_layer, counts[1] - per_layer
@@ -133,8 +139,11 @@ def _rows(name: str):
         if policy != "full" and family not in hf.KEYFORMER_FAMILIES:
             continue
         layer, step = per_step(name, policy)
-        print(f"{name:20s} {policy:9s} {layer:6.1f} ops per layer, {step:5.1f} per step", file=sys.stderr)
-        yield {"model": name, "family": family, "policy": policy, "ops_per_layer": layer, "ops_per_step": step}
+        every_layer, every_step = per_step(name, policy, every=True)
+        print(f"{name:20s} {policy:9s} {layer:6.1f} kernel ops per layer, {step:5.1f} per step; dispatched "
+              f"{every_layer:6.1f} and {every_step:5.1f}", file=sys.stderr)
+        yield {"model": name, "family": family, "policy": policy, "ops_per_layer": layer, "ops_per_step": step,
+               "dispatched_per_layer": every_layer, "dispatched_per_step": every_step}
 
 
 def main(argv=None) -> None:

@@ -527,6 +527,11 @@ def test_host_ops_table_and_cli(tmp_path):
                  ).to_csv(table, index=False)
     assert calibrate.read_host_ops(table) == {"llama-3-8b": {"family": "llama", "layer": 40.0, "step": 22.0,
                                                              "scorer_layer": 33.0}}
+    # a table that counts every dispatched op (views included) is read by those counts
+    every = tmp_path / "every.csv"
+    pd.read_csv(table).assign(dispatched_per_layer=[54, 96], dispatched_per_step=[29, 29]).to_csv(every, index=False)
+    assert calibrate.read_host_ops(every) == {"llama-3-8b": {"family": "llama", "layer": 54.0, "step": 29.0,
+                                                             "scorer_layer": 42.0}}
     rows = tmp_path / "rows.csv"
     true = dataclasses.replace(EAGER, host_ops=HOST_OPS, host_us_per_kernel=12.0, host_step_us=500.0)
     synthetic(true, models=("llama-3-8b", "gpt-j-6b")).to_csv(rows, index=False)

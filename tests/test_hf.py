@@ -372,7 +372,8 @@ def test_profiler_ranges_find_each_group_in_transformers_models(family, policy):
 @pytest.mark.parametrize("model", ["llama-3-8b", "gpt-j-6b", "mpt-7b"])
 def test_host_ops_per_layer_and_per_step_add_up_to_a_whole_step(model):
     """measure.host_ops: the per-layer and per-step counts (from tiny models of 1 and 3 layers) give the count of
-    a 2-layer model's step; a Keyformer cache dispatches more per layer, and views launch nothing."""
+    a 2-layer model's step; a Keyformer cache dispatches more per layer, and views launch nothing (but are
+    dispatched)."""
     from measure import host_ops
 
     layer, step = host_ops.per_step(model, "full")
@@ -387,6 +388,9 @@ def test_host_ops_per_layer_and_per_step_add_up_to_a_whole_step(model):
     x = torch.ones(4, 4)
     assert host_ops.count(lambda: x.view(2, 8).t()) == 0
     assert host_ops.count(lambda: x + 1) == 1
+    # every dispatched op, views included: each costs the host a dispatch
+    assert host_ops.count(lambda: x.view(2, 8).t(), every=True) == 2
+    assert host_ops.per_step(model, "full", every=True)[0] > layer
 
 
 def test_a_model_torch_compile_refuses_is_recorded_and_skipped(monkeypatch):
