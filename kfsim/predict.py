@@ -75,7 +75,7 @@ def prefill_time(s: Setup, batch, prompt, ops=None) -> StepTime:
     if counts is not None:
         ops = counted_prefill_ops(ops, s.workload, counts, batch, prompt)
     t = op_times(ops, s.hw, s.engine, s.dtypes.compute, kernel_us=s.engine.prefill_kernel_overhead_us,
-                 logit_passes=s.engine.keyformer_prefill_logit_passes, scores=counts is not None)
+                 logit_passes=s.engine.keyformer_prefill_logit_passes)
     return with_host(t, s.engine, s.engine.host_step_us * 1e-6, s.engine.dispatched_ops(s.workload, s.policy.scored),
                      s.host_launch_us)
 

@@ -48,7 +48,7 @@ def attention_occupancy(engine: Engine, work_items) -> np.ndarray:
 def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_heads=None, cached=None,
              fixed_s: float = 0.0, split_tokens: float = 0.0, kernel_us: float | None = None,
              logit_passes: float | None = None, batch=None, kv_traffic=None, kv_strided=None,
-             scorer_streams: bool = False, scores: bool = False) -> StepTime:
+             scorer_streams: bool = False) -> StepTime:
     """Price `ops` on `hw` under `engine`.
 
     `batch_heads` and `cached` (arrays) size attention's parallelism, split along the cache every `split_tokens`;
@@ -56,9 +56,9 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
     only) picks the engine's matrix-vector kernels where it is at most matvec_max_batch; `kv_traffic` overrides
     the engine's kv_traffic_factor (an evicting cache's, or a model's counted passes); `kv_strided`: passes over
     the attended KV through strided copies, at the engine's strided_copy_gbps_per_sm on each of hw's SMs;
-    `scorer_streams`: the scorer's logit passes were counted (Engine.kv_passes) and run at kv_bandwidth_fraction;
-    `scores`: prefill's attention was counted (ops.counted_prefill_ops): its materialised scores (the other bytes
-    of op attention_scores) run at score_bandwidth_fraction.
+    `scorer_streams`: the scorer's logit passes were counted (Engine.kv_passes) and run at kv_bandwidth_fraction.
+    Op attention_scores (a counted prefill's materialised scores, ops.counted_prefill_ops) runs at
+    score_bandwidth_fraction.
     """
     passes = engine.keyformer_logit_passes if logit_passes is None else logit_passes
     kv_traffic = engine.kv_traffic_factor if kv_traffic is None else kv_traffic
@@ -92,7 +92,7 @@ def op_times(ops: list[Op], hw: Hardware, engine: Engine, compute: DType, batch_
         tk = kv_traffic * op.kv_read_bytes / (kv_bw * occupancy) + op.kv_write_bytes / kv_bw
         if kv_strided is not None:  # copies, not attention's reads: not throttled by its parallelism
             tk = tk + kv_strided * op.kv_read_bytes / strided_bw
-        if scores and op.name == "attention_scores":
+        if op.name == "attention_scores":
             to = op.other_bytes / (bw * engine.score_bandwidth_fraction)
         elif scorer_streams:  # a counted scorer: its passes stream as the stack's other counted passes do
             to = op.other_bytes / (bw * engine.other_bandwidth_fraction) + passes * op.logit_pass_bytes / kv_bw

@@ -94,6 +94,13 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2, ev
     """(ops per layer, ops outside the layers) of one eager transformers decode step of `model_name` under
     `policy` (full or keyformer at kv-ratio 0.5), from tiny models of 1 and 3 layers; `every`: every aten op
     dispatched (count)."""
+    return both_counts(model_name, policy, context, batch)[every]
+
+
+def both_counts(model_name: str, policy: str, context: int = 64, batch: int = 2
+                ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """per_step's (per layer, outside the layers) for kernel-launching ops and for every op dispatched, from the
+    same steps."""
     from . import hf
     from .campaign import Point
     from .hf_campaign import HfRunner
@@ -110,10 +117,17 @@ def per_step(model_name: str, policy: str, context: int = 64, batch: int = 2, ev
             step, _, rewind = runner.steady_step(model, w, pt, device="cpu")
             step()  # first call: lazy initialisation
             rewind()
-            counts[layers] = count(step, every)
+            counter = _Counter()
+            with counter:
+                step()
+            counts[layers] = (sum(counter.ops.values()), counter.dispatched)
             rewind()
-    per_layer = (counts[3] - counts[1]) / 2
-    return per_layer, counts[1] - per_layer
+
+    def split(i):
+        per_layer = (counts[3][i] - counts[1][i]) / 2
+        return per_layer, counts[1][i] - per_layer
+
+    return split(0), split(1)
 
 
 def write_counts(argv, doc: str, columns: tuple, rows_of) -> None:
@@ -138,8 +152,7 @@ def _rows(name: str):
     for policy in ("full", "keyformer"):
         if policy != "full" and family not in hf.KEYFORMER_FAMILIES:
             continue
-        layer, step = per_step(name, policy)
-        every_layer, every_step = per_step(name, policy, every=True)
+        (layer, step), (every_layer, every_step) = both_counts(name, policy)
         print(f"{name:20s} {policy:9s} {layer:6.1f} kernel ops per layer, {step:5.1f} per step; dispatched "
               f"{every_layer:6.1f} and {every_step:5.1f}", file=sys.stderr)
         yield {"model": name, "family": family, "policy": policy, "ops_per_layer": layer, "ops_per_step": step,
