@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -334,9 +335,8 @@ def hf_compiled_engine() -> None:
         apart = (every["model"] == "mistral-7b") & (every["policy"] == "full")
         rows[gpu], graphless[gpu] = every[~apart], every[apart]
     checked = tuple(g for g in HF_GRIDS if len(rows[g]) >= 2 * MIN_HALF_ROWS)
-    h100 = rows["h100"]
     hf_engine("hf-compiled", what, "Mistral-7B's and MPT-7B's Keyformer caches", home="h200", checked=checked,
-              rows=rows, borrowed=h100[h100["policy"] != "full"])
+              rows=rows, borrowed=unmeasured_policies(rows["h100"], rows["h200"]))
     engine, predicted = ROOT / "engines" / "hf-compiled.yaml", []
     for gpu, df in graphless.items():
         out = REPORTS / f"hf-compiled-{gpu}-sliding-window"
@@ -347,6 +347,14 @@ def hf_compiled_engine() -> None:
               f"({gpu.upper()}), predicted by the shipped engine")
         predicted.append(pd.read_csv(out / "rows.csv"))
     dataclasses.replace(get_engine(str(engine)), caveats=(graphless_caveat(pd.concat(predicted)),)).write(engine)
+
+
+def unmeasured_policies(other: pd.DataFrame, home: pd.DataFrame) -> pd.DataFrame | None:
+    """`other`'s rows of each model and KV policy that `home` has no row of (None: none), for the shipped engine
+    to borrow, so that every term it ships is fitted on some measurement."""
+    measured = set(zip(home["model"], home["policy"]))
+    lent = other[[m not in measured for m in zip(other["model"], other["policy"])]]
+    return lent if len(lent) else None
 
 
 def graphless_caveat(rows: pd.DataFrame) -> Caveat:
@@ -401,8 +409,11 @@ def hf_engine(stack: str, what: str, unseen: str, home: str, checked: tuple[str,
         files[gpu].parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(files[gpu], index=False)
     fit, micros = [rel(files[home])], ["--microbench", rel(micro(home))]
-    if borrowed is not None:
-        lent = REPORTS / f"{stack}-{other}-borrowed" / "rows.csv"
+    lent = REPORTS / f"{stack}-{other}-borrowed" / "rows.csv"
+    if borrowed is None:
+        shutil.rmtree(lent.parent, ignore_errors=True)  # a report of rows no longer borrowed would mislead
+        (REPORTS / f"{stack}-{home}-to-{other}" / "test.csv").unlink(missing_ok=True)
+    else:
         lent.parent.mkdir(parents=True, exist_ok=True)
         borrowed.to_csv(lent, index=False)
         fit.append(rel(lent))
