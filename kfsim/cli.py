@@ -156,7 +156,7 @@ def predict(gpu, hw_file, model, workload_file, batch, seq, kv_ratio, policy, wi
     from .predict import predict as run
 
     if prompt_len is not None:
-        s = s.with_requests()
+        s = s.with_requests(prompt_len)
     out = run(s, batch, seq, prompt_len, gen_len)
     if s.policy.evicts:
         from .predict import largest_batch
@@ -813,7 +813,7 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
     """
     from .fmt import table
     from .hardware import get_hardware
-    from .inputs import make_setup, unfitted_prefill
+    from .inputs import make_setup
     from .plan import plan as make_plan
     from .values import parse_list
 
@@ -855,7 +855,7 @@ def plan(model, prompt_len, gen_len, target_tokens_per_s, rate, max_ttft_ms, max
                          weight_dtype=weight_dtype, kv_dtype=kv_dtype)
               for g in parse_list(gpus, "gpus", str) for r in parse_list(kv_ratio, "kv-ratio", float, lo=1e-6, hi=1)
               for n in splits]
-    say_notes(note for s in setups for note in s.caveats + unfitted_prefill(s.engine))
+    say_notes(note for s in setups for note in s.caveats + s.request_notes(prompt_len))
     if rate is not None:
         return _plan_serving(setups, model, prompt_len, gen_len, rate, max_ttft_ms, max_tpot_ms, price, as_json)
     options = make_plan(setups, prompt_len, gen_len, target_tokens_per_s, max_step_ms, price)
@@ -1005,8 +1005,9 @@ def simulate(gpu, model, engine, tp, policy, kv_ratio, window, weight_dtype, kv_
     if (rate is None) == (trace is None):
         raise KfsimError("give either --rate R (Poisson arrivals) or --trace FILE.csv")
     s = make_setup(gpu=gpu, model=model, engine=engine, policy=policy, kv_ratio=kv_ratio, window=window,
-                   weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp).with_requests()
+                   weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp)
     req = sim.read_trace(trace) if trace else sim.poisson_requests(rate, n_requests, prompt_len, gen_len, seed)
+    s = s.with_requests(int(req.prompt.min()))
     longest = int((req.prompt + req.gen).max())
     cap = sim.batch_cap(s, int(req.prompt.min()), max_batch)
     times = sim.StepTimes(s, cap, longest, chunk_tokens)
@@ -1064,7 +1065,7 @@ def report(model, gpus, engine, batch, seq, tp, out):
     Example: kfsim report --model llama-3-8b --gpus h100,h200 --out reports/llama-3-8b/
     """
     _need("report", "matplotlib")
-    from .inputs import make_setup, unfitted_prefill
+    from .inputs import make_setup
     from .report import build
     from .values import parse_list
 
@@ -1074,7 +1075,7 @@ def report(model, gpus, engine, batch, seq, tp, out):
     gpu_list = parse_list(gpus, "gpus", str)
     # resolve every name first: a bad one is a one-line error before any figure is drawn
     setups = [make_setup(gpu=g, model=model, engine=engine, tp=tp) for g in gpu_list]
-    say_notes(note for s in setups for note in s.caveats + unfitted_prefill(s.engine))  # report serves requests
+    say_notes(note for s in setups for note in s.caveats + s.request_notes(None))  # report serves requests
     path = build(model, gpu_list, engine, out, batch, seq, tp)
     click.echo(f"wrote {path} and report.md with 7 figures")
 

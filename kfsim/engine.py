@@ -85,14 +85,24 @@ class Caveat:
     sliding_window: bool | None = None
     #: the model names it covers; empty: every model
     models: tuple[str, ...] = ()
+    #: set: a miss of the time to first token alone, for prompts of at most this many tokens (said where whole
+    #: requests are priced); None: a miss of the decode step
+    max_prompt: int | None = None
 
     def __post_init__(self):
         if not self.note.strip():
             raise KfsimError("a caveat's note is empty: say what the engine misses")
         if bad := [p for p in self.policies if p not in POLICIES]:
             raise KfsimError(f"caveat policy {bad[0]!r} is not a policy; allowed: {', '.join(POLICIES)}")
+        if self.max_prompt is not None and (isinstance(self.max_prompt, bool) or not isinstance(self.max_prompt, int)
+                                            or self.max_prompt < 1):
+            raise KfsimError(f"caveat max_prompt {self.max_prompt!r} is not a token count; allowed: an integer >= 1")
 
-    def covers(self, workload, policy_kind: str) -> bool:
+    def covers(self, workload, policy_kind: str, prompt_len: int | None = None) -> bool:
+        """Whether the caveat covers a decode step (`prompt_len` None) or the first token of a `prompt_len` prompt
+        of `workload` under a `policy_kind` cache."""
+        if (self.max_prompt is None) != (prompt_len is None) or (prompt_len or 0) > (self.max_prompt or 0):
+            return False
         return ((not self.policies or policy_kind in self.policies)
                 and (self.sliding_window is None or self.sliding_window == bool(workload.sliding_window))
                 and (not self.models or workload.name in self.models))
@@ -103,6 +113,8 @@ class Caveat:
         out.update({k: list(v) for k, v in (("policies", self.policies), ("models", self.models)) if v})
         if self.sliding_window is not None:
             out["sliding_window"] = self.sliding_window
+        if self.max_prompt is not None:
+            out["max_prompt"] = self.max_prompt
         return out
 
 
@@ -237,9 +249,10 @@ class Engine:
         counted = self.fitted_on.rsplit("(", 1)[-1].rstrip(")") if self.fitted_on else ""
         return {part.split()[-1] for part in counted.split(",") if part.strip()} & {"decode", "prefill"}
 
-    def caveats_for(self, workload, policy_kind: str) -> list[str]:
-        """The notes of the caveats that cover `workload` under a `policy_kind` cache."""
-        return [c.note for c in self.caveats if c.covers(workload, policy_kind)]
+    def caveats_for(self, workload, policy_kind: str, prompt_len: int | None = None) -> list[str]:
+        """The notes of the caveats that cover `workload` under a `policy_kind` cache: its decode step, or with
+        `prompt_len` the first token of a prompt that long."""
+        return [c.note for c in self.caveats if c.covers(workload, policy_kind, prompt_len)]
 
     def __post_init__(self):
         for name in ("kernels_per_op", "matvec_kernels_per_op"):

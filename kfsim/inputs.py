@@ -33,9 +33,16 @@ class Setup:
     def with_policy(self, policy: Policy) -> "Setup":
         return dataclasses.replace(self, policy=policy)
 
-    def with_requests(self) -> "Setup":
-        """The setup pricing whole requests (prefill too), noting an engine whose prefill terms are not measured."""
-        return dataclasses.replace(self, notes=self.notes + tuple(unfitted_prefill(self.engine)))
+    def with_requests(self, prompt_len: int | None = None) -> "Setup":
+        """The setup pricing whole requests (prefill too), noting an engine whose prefill terms are not measured,
+        and its measured misses of the first token of a `prompt_len` prompt (the shortest where they vary)."""
+        return dataclasses.replace(self, notes=self.notes + tuple(self.request_notes(prompt_len)))
+
+    def request_notes(self, prompt_len: int | None) -> list[str]:
+        """What an engine's prefill terms are known to miss for a `prompt_len` prompt (None: any prompt length)."""
+        e = self.engine
+        return unfitted_prefill(e) + [f"engine {e.name}: {note}" for note in e.caveats_for(
+            self.workload, self.policy.kind, 1 if prompt_len is None else prompt_len)]
 
     @property
     def caveats(self) -> list[str]:

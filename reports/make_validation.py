@@ -23,7 +23,8 @@ then reports/validation-summary.json with every figure quoted in the README.
    H100 rows; reports/hf-eager-h100-slow-host/: on the H100's Keyformer rows of a slower host; and
    reports/hf-eager-h100-prefill/: on the H100's prefill rows (data/h100-sxm-hf-prefill), fitted beside the
    H200's decode rows with the prefill attention counted per model (data/hf-prefill-counts), and
-   reports/hf-eager-h100-prefill-holdout/ and -unseen-models/: the same two checks on them (`--only hf-eager`).
+   reports/hf-eager-h100-prefill-holdout/ and -unseen-models/: the same two checks on them; the shipped engine's
+   caveat quotes its measured miss on short Keyformer prompts (`--only hf-eager`).
    engines/hf-compiled.yaml: transformers' static cache under torch.compile (data/h200-hf-compiled), fitted with
    --kv-traffic on the rows whose steps replay CUDA graphs (reports/hf-compiled-GPU-rows/: all but Mistral-7B's
    full cache); reports/hf-compiled-h200-to-h100/: the H100's replayed rows (data/h100-sxm-hf-compiled, Keyformer
@@ -291,7 +292,52 @@ def hf_eager_engine() -> None:
           f"shipped engine")
     kfsim("validate", rel(prefill / "fit.csv"), "--engine", engine, "--out", rel(prefill), "--title",
           f"{what}: prefill on the H100, by the shipped engine (fitted on these rows beside the H200's decode rows)")
+    dataclasses.replace(get_engine(str(shipped)),
+                        caveats=(short_prompt_caveat(pd.read_csv(prefill / "rows.csv")),)).write(shipped)
     prefill_checks(rows, what)
+
+
+@dataclasses.dataclass(frozen=True)
+class Miss:
+    """A caveat's measured figures, from validated rows (step_ms, predicted_ms, error_pct, model, gpu)."""
+
+    rows: pd.DataFrame
+
+    @property
+    def took(self) -> str:
+        return f"{self.rows['step_ms'].min():.0f}-{self.rows['step_ms'].max():.0f} ms"
+
+    @property
+    def ratio(self) -> str:
+        r = self.rows["step_ms"] / self.rows["predicted_ms"]
+        return f"{r.min():.1f}-{r.max():.1f}x"
+
+    @property
+    def mape(self) -> str:
+        return f"MAPE {self.rows['error_pct'].abs().mean():.0f} %"
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def names(self, column: str) -> str:
+        return ", ".join(sorted(self.rows[column].unique()))
+
+
+#: the longest prompt of the measured short-prompt Keyformer prefills (data/h100-sxm-hf-prefill: 128 and 512)
+SHORT_PROMPT = 512
+
+
+def short_prompt_caveat(rows: pd.DataFrame) -> Caveat:
+    """hf-eager's measured miss on a Keyformer cache's short prefill (`rows`: the shipped engine's validated
+    prefill rows, with predicted_ms): up to twice the host time its counted operations price, for a reason not
+    yet found (lab/hf_prefill_host.py is written to find it), said beside every such time to first token."""
+    m = Miss(rows[(rows["policy"] == "keyformer") & (rows["context"] <= SHORT_PROMPT)])
+    return Caveat(
+        note=f"a Keyformer cache's prefill of a prompt of at most {SHORT_PROMPT} tokens took {m.took}, {m.ratio} "
+             f"this engine's time to first token ({m.mape}, {m.n} points of {m.names('model')} on {m.names('gpu')}; "
+             f"reports/hf-eager-h100-prefill/): the host spends more there than its counted operations",
+        policies=("keyformer",), max_prompt=SHORT_PROMPT)
 
 
 def prefill_checks(rows: pd.DataFrame, what: str) -> None:
@@ -361,14 +407,12 @@ def graphless_caveat(rows: pd.DataFrame) -> Caveat:
     """hf-compiled's measured miss on a sliding-window model's full cache (`rows`: validated, with predicted_ms),
     said beside every prediction it covers: its terms describe replayed CUDA graphs, and transformers 5.17 records
     none there."""
-    ratio = rows["step_ms"] / rows["predicted_ms"]
+    m = Miss(rows)
     return Caveat(
         note=f"transformers 5.17 records no CUDA graph for a sliding-window model's full static cache, and this "
-             f"engine describes replayed graphs: {', '.join(sorted(rows['model'].unique()))} took "
-             f"{rows['step_ms'].min():.0f}-{rows['step_ms'].max():.0f} ms a step there, unevenly, "
-             f"{ratio.min():.1f}-{ratio.max():.1f}x this engine's prediction (MAPE {rows['error_pct'].abs().mean():.0f} %, "
-             f"{len(rows)} points on "
-             f"{', '.join(sorted(rows['gpu'].unique()))}; reports/hf-compiled-*-sliding-window/)",
+             f"engine describes replayed graphs: {m.names('model')} took {m.took} a step there, unevenly, "
+             f"{m.ratio} this engine's prediction ({m.mape}, {m.n} points on {m.names('gpu')}; "
+             f"reports/hf-compiled-*-sliding-window/)",
         policies=("full",), sliding_window=True)
 
 

@@ -75,6 +75,29 @@ def test_a_measured_miss_is_said_beside_the_predictions_it_covers(model, policy,
     assert ("records no CUDA graph for a sliding-window model's full static cache" in notes) == warned
 
 
+@pytest.mark.parametrize("args, warned", [
+    (["--policy", "keyformer", "--kv-ratio", "0.5", "--prompt-len", "128", "--gen-len", "16"], True),
+    (["--policy", "keyformer", "--kv-ratio", "0.5", "--prompt-len", "2048", "--gen-len", "16"], False),
+    (["--policy", "keyformer", "--kv-ratio", "0.5", "--seq", "128"], False),
+    (["--prompt-len", "128", "--gen-len", "16"], False)])
+def test_a_measured_short_prompt_miss_is_said_beside_its_time_to_first_token(args, warned):
+    """hf-eager's Keyformer prefill of a short prompt took up to twice its prediction (measured, H100): said where
+    that time to first token is priced, and nowhere else."""
+    r = run("predict", "--gpu", "h100", "--model", "llama-3-8b", "--engine", "hf-eager", *args, "--json")
+    notes = " ".join(json.loads(r.output)["notes"])
+    assert ("a Keyformer cache's prefill of a prompt of at most 512 tokens" in notes) == warned
+
+
+def test_simulate_says_a_short_prompt_miss_for_its_shortest_prompt():
+    phrase = "prefill of a prompt of at most 512 tokens"
+    for prompt, warned in ((256, True), (4096, False)):
+        sim = CliRunner().invoke(cli, ["simulate", "--gpu", "h100", "--model", "llama-3-8b", "--engine", "hf-eager",
+                                       "--policy", "keyformer", "--kv-ratio", "0.5", "--rate", "1", "--requests", "10",
+                                       "--prompt-len", str(prompt), "--gen-len", "8", "--json"])
+        assert sim.exit_code == 0, sim.output
+        assert (phrase in " ".join(json.loads(sim.stdout)["notes"])) == warned
+
+
 def test_sweep_plan_and_simulate_say_the_caveats_that_cover_them():
     """The note reaches every command that prices a covered point, on stderr where stdout is a table or JSON."""
     runner = CliRunner()

@@ -197,6 +197,27 @@ def test_an_engine_file_s_caveats_are_checked_and_written_back(tmp_path):
     assert "caveats" not in get_engine("default").to_yaml()
 
 
+def test_a_short_prompt_caveat_covers_the_first_token_of_short_prompts_only(tmp_path):
+    """A caveat with max_prompt is a miss of the time to first token: said for prompts up to that length, never
+    beside a decode step; a bad length is named."""
+    from kfsim.engine import get_engine
+
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\ncaveats: [{note: slow prompt, policies: [keyformer], max_prompt: 512}]\n")
+    engine = get_engine(str(path))
+    engine.write(tmp_path / "again.yaml")
+    assert get_engine(str(tmp_path / "again.yaml")) == engine
+    w = get_workload("llama-3-8b")
+    assert engine.caveats_for(w, "keyformer") == []
+    assert engine.caveats_for(w, "keyformer", 512) == ["slow prompt"]
+    assert engine.caveats_for(w, "keyformer", 513) == []
+    assert engine.caveats_for(w, "full", 128) == []
+    for bad, said in (("0", "caveat max_prompt 0 is not a token count"), ("many", "expected a whole number")):
+        path.write_text(f"name: e\ncaveats: [{{note: slow, max_prompt: {bad}}}]\n")
+        with pytest.raises(KfsimError, match=said):
+            get_engine(str(path))
+
+
 @pytest.mark.parametrize("engine, policy, ratio", [("default", None, 1.0), ("hf-eager", "keyformer", 0.3),
                                                    ("compiled", "h2o", 0.1)])
 def test_a_long_generation_priced_from_sampled_steps_moves_by_under_a_thousandth(engine, policy, ratio):

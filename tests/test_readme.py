@@ -139,14 +139,31 @@ def test_trust_table_matches_the_reports():
 
 def test_the_shipped_caveat_is_what_the_reports_measure():
     """engines/hf-compiled.yaml's caveat quotes measured figures: they must be those of the committed reports."""
-    import importlib.util
-
     import pandas as pd
 
     from kfsim.engine import get_engine
 
+    script = _make_validation()
+    rows = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "reports").glob("hf-compiled-*-sliding-window/rows.csv"))])
+    assert get_engine("hf-compiled").caveats == (script.graphless_caveat(rows),)
+
+
+def test_the_short_prompt_caveat_is_what_the_prefill_report_measures():
+    """engines/hf-eager.yaml's short-prompt caveat quotes the committed prefill report's figures."""
+    import pandas as pd
+
+    from kfsim.engine import get_engine
+
+    script = _make_validation()
+    rows = pd.read_csv(ROOT / "reports" / "hf-eager-h100-prefill" / "rows.csv")
+    assert get_engine("hf-eager").caveats == (script.short_prompt_caveat(rows),)
+
+
+def _make_validation():
+    """reports/make_validation.py as a module (it is a script, not a package)."""
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("make_validation", ROOT / "reports" / "make_validation.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    rows = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "reports").glob("hf-compiled-*-sliding-window/rows.csv"))])
-    assert get_engine("hf-compiled").caveats == (script.graphless_caveat(rows),)
+    return script
