@@ -101,7 +101,10 @@ class Caveat:
     def covers(self, workload, policy_kind: str, prompt_len: int | None = None) -> bool:
         """Whether the caveat covers a decode step (`prompt_len` None) or the first token of a `prompt_len` prompt
         of `workload` under a `policy_kind` cache."""
-        if (self.max_prompt is None) != (prompt_len is None) or (prompt_len or 0) > (self.max_prompt or 0):
+        if self.max_prompt is None:
+            if prompt_len is not None:
+                return False
+        elif prompt_len is None or prompt_len > self.max_prompt:
             return False
         return ((not self.policies or policy_kind in self.policies)
                 and (self.sliding_window is None or self.sliding_window == bool(workload.sliding_window))

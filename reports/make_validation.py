@@ -297,7 +297,7 @@ def hf_eager_engine() -> None:
     prefill_checks(rows, what)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: a DataFrame has no truth value to compare by
 class Miss:
     """A caveat's measured figures, from validated rows (step_ms, predicted_ms, error_pct, model, gpu)."""
 
