@@ -172,7 +172,7 @@ def _fit_stage(groups: list[Group], base: Engine, table: dict, where: str, what:
             sol = least_squares(residuals, start, bounds=(to_x(lo), to_x(hi)),
                                 x_scale=np.where(logs, 1.0, np.maximum(np.abs(x0), 1e-2)), method="trf",
                                 max_nfev=500, ftol=1e-10, xtol=1e-10)
-            if best is None or sol.cost < best.cost * (1 - 1e-6):  # a near-tie keeps the earlier start
+            if best is None or sol.cost < best.cost * (1 - TIE):  # a near-tie keeps the earlier start
                 best = sol
     x = _snap(best.x, to_x(lo), to_x(hi))
     values = dict(zip(params, (float(v) for v in from_x(x))))
@@ -205,6 +205,10 @@ PULL = 1e-3
 #: more starting points, as fractions of each parameter's range (in search space): the step time is piecewise
 #: (max of memory and compute, split counts), so one start can stop in a valley that another start leaves
 EXTRA_STARTS = (0.25, 0.75)
+#: a start's fit replaces an earlier one only where its cost is lower by more than this fraction: two valleys within
+#: it fit the rows alike, and which is lower by less can change with the machine's rounding (hf-eager: 0.05 %
+#: between two starts that put 8 and 39 us in the fixed cost per step)
+TIE = 1e-3
 #: a parameter this close to a bound (fraction of its range in search space) ends exactly on it
 SNAP = 1e-6
 
