@@ -65,10 +65,15 @@ class _Counter(TorchDispatchMode):
 def count(step, every: bool = False) -> int:
     """Kernel-launching aten ops of one call of `step()`; `every`: every aten op it dispatched, views and
     metadata included (each costs the host a dispatch, whether or not it reaches a kernel)."""
+    return _both(step)[every]
+
+
+def _both(step) -> tuple[int, int]:
+    """(kernel-launching aten ops, every aten op dispatched) of one call of `step()`."""
     counter = _Counter()
     with counter:
         step()
-    return counter.dispatched if every else sum(counter.ops.values())
+    return sum(counter.ops.values()), counter.dispatched
 
 
 def tiny(w: Workload, n_layers: int, real_heads: bool = False) -> Workload:
@@ -117,10 +122,7 @@ def both_counts(model_name: str, policy: str, context: int = 64, batch: int = 2
             step, _, rewind = runner.steady_step(model, w, pt, device="cpu")
             step()  # first call: lazy initialisation
             rewind()
-            counter = _Counter()
-            with counter:
-                step()
-            counts[layers] = (sum(counter.ops.values()), counter.dispatched)
+            counts[layers] = _both(step)
             rewind()
 
     def split(i):
