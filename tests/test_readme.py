@@ -121,7 +121,8 @@ def test_trust_table_matches_the_reports():
         "hf-eager": f"H200 held-out half {_held_out_mape('hf-eager-h200-holdout'):.1f} %; Mistral-7B and MPT-7B "
                     f"(fitted on GPT-J-6B and Llama-3-8B) {_held_out_mape('hf-eager-h200-unseen-models'):.1f} %; "
                     f"all H100 rows {_held_out_mape('hf-eager-h200-to-h100'):.1f} %; the H100's Keyformer rows on a "
-                    f"slower host {_held_out_mape('hf-eager-h100-slow-host'):.1f} %; H100 prefill: held-out half "
+                    f"slower host {_held_out_mape('hf-eager-h100-slow-host'):.1f} %, on another host "
+                    f"{_held_out_mape('hf-eager-h100-keyformer'):.1f} %; H100 prefill: held-out half "
                     f"{_held_out_mape('hf-eager-h100-prefill-holdout'):.1f} %, Mistral-7B and MPT-7B "
                     f"{_held_out_mape('hf-eager-h100-prefill-unseen-models'):.1f} %",
         "hf-compiled": f"H100 GPT-J-6B rows {_model_mape('hf-compiled-h200-to-h100', 'h100-sxm', 'gpt-j-6b'):.1f} %, "
