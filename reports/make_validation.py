@@ -332,8 +332,9 @@ SHORT_PROMPT = 512
 
 def short_prompt_caveat(rows: pd.DataFrame) -> Caveat:
     """hf-eager's measured miss on a Keyformer cache's short prefill (`rows`: the shipped engine's validated
-    prefill rows, with predicted_ms): up to twice the host time its counted operations price, for a reason not
-    yet found (lab/hf_prefill_host.py is written to find it), said beside every such time to first token."""
+    prefill rows, with predicted_ms): up to twice the host time its counted operations price, since prefill's
+    operations cost the host more each than decode's (lab/data/hf/h100-prefill-host.txt), said beside every such
+    time to first token."""
     m = Miss(rows[(rows["policy"] == "keyformer") & (rows["context"] <= SHORT_PROMPT)])
     return Caveat(
         note=f"a Keyformer cache's prefill of a prompt of at most {SHORT_PROMPT} tokens took {m.took}, {m.ratio} "
